@@ -1,0 +1,586 @@
+//! The coordinator's context: the only door from coordinator code to the outside world.
+//!
+//! Every method that asks for something (an activity call, a timer, a signal, a child, a value
+//! from the clock or the random generator) issues a **command** with the next command position.
+//! Commands are issued when the method is *called*, not when its future is first polled, so their
+//! order is the program order, whatever order a `join!` or `select!` polls them in.
+//!
+//! # Determinism
+//! Coordinator code must reach the outside world only through the context: no `std::time`, no
+//! `rand`, no I/O, no `tokio::spawn`. Combine the context's futures with the `futures` crate's
+//! `join!`, `select!`, `join_all`, which are deterministic given the same wake-ups. The context
+//! makes wake-ups identical on replay.
+//!
+//! # Invariant
+//! The context holds no clock and no random source of its own: time and the random seed come in
+//! with each activation from the runtime, and are journaled as side effects.
+
+use crate::activity::Activity;
+use crate::coordinator::Coordinator;
+use crate::error::{Error, Nondeterminism};
+use crate::history::{Event, ParentRef};
+use crate::retry::RetryPolicy;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The outcome delivered for one command position.
+pub(crate) type Resolution = Result<Value, Error>;
+
+/// State shared by the context, its futures and the replay engine of one execution.
+pub(crate) struct Shared {
+    pub(crate) instance_id: String,
+    /// Whether the current activation replays recorded history (no new commands expected).
+    pub(crate) replaying: bool,
+    /// Commands known for this instance, indexed by command position: the recorded ones, then
+    /// the ones issued live.
+    pub(crate) recorded: Vec<Event>,
+    /// The next command position.
+    pub(crate) next_seq: u32,
+    /// Commands issued live in the current activation, not yet handed to the runtime.
+    pub(crate) issued: Vec<Event>,
+    /// Outcomes delivered but not yet taken by their future.
+    pub(crate) results: HashMap<u32, Resolution>,
+    /// Wakers of futures waiting on a command position.
+    pub(crate) wakers: HashMap<u32, Waker>,
+    /// Positions issued and not yet resolved.
+    pub(crate) pending: BTreeSet<u32>,
+    /// Signals that arrived before anybody waited for them, per name, in arrival order.
+    pub(crate) signal_buffer: HashMap<String, VecDeque<Value>>,
+    /// Signal waits not yet satisfied: position → name. Served lowest position first.
+    pub(crate) signal_waiters: BTreeMap<u32, String>,
+    pub(crate) cancel_reason: Option<String>,
+    pub(crate) now_ms: u64,
+    pub(crate) seed: u64,
+    pub(crate) nondeterminism: Option<Nondeterminism>,
+    pub(crate) custom_status: Option<Value>,
+    pub(crate) custom_status_changed: bool,
+    pub(crate) parent: Option<ParentRef>,
+}
+
+impl Shared {
+    pub(crate) fn new(instance_id: &str) -> Self {
+        Shared {
+            instance_id: instance_id.to_string(),
+            replaying: false,
+            recorded: Vec::new(),
+            next_seq: 0,
+            issued: Vec::new(),
+            results: HashMap::new(),
+            wakers: HashMap::new(),
+            pending: BTreeSet::new(),
+            signal_buffer: HashMap::new(),
+            signal_waiters: BTreeMap::new(),
+            cancel_reason: None,
+            now_ms: 0,
+            seed: 0,
+            nondeterminism: None,
+            custom_status: None,
+            custom_status_changed: false,
+            parent: None,
+        }
+    }
+
+    /// Issues a command built for the next position. Returns its position and, when the command
+    /// replays a recorded one, the recorded event (so that side effects return recorded values).
+    fn issue(&mut self, build: impl FnOnce(u32) -> Event) -> (u32, Option<Event>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let command = build(seq);
+        match self.recorded.get(seq as usize) {
+            Some(recorded) => {
+                let recorded_identity = recorded.command_identity().unwrap_or_default();
+                let requested_identity = command.command_identity().unwrap_or_default();
+                if recorded_identity != requested_identity && self.nondeterminism.is_none() {
+                    self.nondeterminism = Some(Nondeterminism {
+                        instance_id: self.instance_id.clone(),
+                        position: seq,
+                        recorded: recorded_identity,
+                        requested: requested_identity,
+                    });
+                }
+                (seq, Some(recorded.clone()))
+            }
+            None => {
+                self.recorded.push(command.clone());
+                self.issued.push(command);
+                (seq, None)
+            }
+        }
+    }
+
+    /// Delivers the outcome of `seq`. Outcomes for positions nobody waits for (already resolved,
+    /// cancelled, or duplicated deliveries) are ignored.
+    pub(crate) fn resolve(&mut self, seq: u32, outcome: Resolution) -> Option<Waker> {
+        if !self.pending.remove(&seq) {
+            return None;
+        }
+        self.results.insert(seq, outcome);
+        self.wakers.remove(&seq)
+    }
+
+    /// Delivers an inbound event (other than `InstanceStarted`). Returns wakers to wake once the
+    /// lock is released.
+    pub(crate) fn deliver(&mut self, event: &Event) -> Vec<Waker> {
+        let mut wake = Vec::new();
+        match event {
+            Event::ActivityCompleted { seq, output, .. } => {
+                wake.extend(self.resolve(*seq, Ok(output.clone())));
+            }
+            Event::ActivityFailed { seq, failure } => {
+                wake.extend(self.resolve(*seq, Err(Error::Activity(failure.clone()))));
+            }
+            Event::TimerFired { seq } => wake.extend(self.resolve(*seq, Ok(Value::Null))),
+            Event::ChildCompleted { seq, result } => {
+                let outcome = result.clone().map_err(|e| self.child_error(*seq, &e));
+                wake.extend(self.resolve(*seq, outcome));
+            }
+            Event::SignalReceived { name, payload } => {
+                let waiter =
+                    self.signal_waiters.iter().find(|(_, n)| *n == name).map(|(seq, _)| *seq);
+                match waiter {
+                    Some(seq) => {
+                        self.signal_waiters.remove(&seq);
+                        wake.extend(self.resolve(seq, Ok(payload.clone())));
+                    }
+                    None => {
+                        self.signal_buffer.entry(name.clone()).or_default().push_back(payload.clone())
+                    }
+                }
+            }
+            Event::CancelRequested { reason } => {
+                if self.cancel_reason.is_none() {
+                    self.cancel_reason = Some(reason.clone());
+                    let pending: Vec<u32> = self.pending.iter().copied().collect();
+                    for seq in pending {
+                        self.signal_waiters.remove(&seq);
+                        let cancelled = Err(Error::Cancelled { reason: reason.clone() });
+                        wake.extend(self.resolve(seq, cancelled));
+                    }
+                }
+            }
+            _ => {}
+        }
+        wake
+    }
+
+    fn child_error(&self, seq: u32, error: &Error) -> Error {
+        let instance_id = match self.recorded.get(seq as usize) {
+            Some(Event::ChildStarted { instance_id, .. }) => instance_id.clone(),
+            _ => format!("{}/child-{seq}", self.instance_id),
+        };
+        Error::Child { instance_id, message: error.to_string() }
+    }
+
+    /// splitmix64 over the activation seed and the position: deterministic, no global state.
+    fn random_bits(&self, seq: u32, lane: u64) -> u64 {
+        let mut z = self
+            .seed
+            .wrapping_add(u64::from(seq).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .wrapping_add(lane.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Locks the shared state. A poisoned lock means a panic inside a coordinator poll; the state is
+/// still structurally valid (every mutation is a single assignment), so it is used as is.
+pub(crate) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The coordinator's handle on its instance. Cheap to clone; every clone is the same context.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) shared: Arc<Mutex<Shared>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("instance_id", &self.instance_id()).finish()
+    }
+}
+
+impl Context {
+    pub(crate) fn new(shared: Arc<Mutex<Shared>>) -> Self {
+        Context { shared }
+    }
+
+    /// The instance id.
+    pub fn instance_id(&self) -> String {
+        lock(&self.shared).instance_id.clone()
+    }
+
+    /// Whether the code is re-running against recorded history (useful to mute logs).
+    pub fn is_replaying(&self) -> bool {
+        lock(&self.shared).replaying
+    }
+
+    /// Whether a cancellation has been delivered to this instance.
+    pub fn is_cancelled(&self) -> bool {
+        lock(&self.shared).cancel_reason.is_some()
+    }
+
+    /// Calls an activity with the retry policy of its definition. The call is journaled; on
+    /// replay its recorded outcome is returned and the activity does not run.
+    pub fn call<I: Serialize, O: DeserializeOwned>(
+        &self,
+        activity: &Activity<I, O>,
+        input: &I,
+    ) -> ActivityCall<O> {
+        self.call_with(activity, input, activity.retry())
+    }
+
+    /// Calls an activity with an explicit retry policy.
+    pub fn call_with<I: Serialize, O: DeserializeOwned>(
+        &self,
+        activity: &Activity<I, O>,
+        input: &I,
+        retry: RetryPolicy,
+    ) -> ActivityCall<O> {
+        let name = activity.name();
+        let input = match serde_json::to_value(input) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = Error::encode(format!("input of activity {name}"), &e);
+                return ActivityCall {
+                    op: Operation::failed(&self.shared, err),
+                    name,
+                    _type: PhantomData,
+                };
+            }
+        };
+        let op = self.wait_on(|seq| Event::ActivityScheduled {
+            seq,
+            name: name.to_string(),
+            input,
+            retry: retry.spec(),
+        });
+        ActivityCall { op, name, _type: PhantomData }
+    }
+
+    /// Sleeps on a durable timer. The instance holds no task while it sleeps.
+    pub fn sleep(&self, duration: Duration) -> Timer {
+        let now = lock(&self.shared).now_ms;
+        let ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        self.sleep_until_ms(now.saturating_add(ms))
+    }
+
+    /// Sleeps until a point in time on a durable timer.
+    pub fn sleep_until(&self, time: SystemTime) -> Timer {
+        let ms = time.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        self.sleep_until_ms(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    fn sleep_until_ms(&self, fire_at_ms: u64) -> Timer {
+        Timer { op: self.wait_on(|seq| Event::TimerStarted { seq, fire_at_ms }) }
+    }
+
+    /// Waits for the next signal named `name` (signals that arrived earlier are buffered and
+    /// served in arrival order).
+    pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalWait<T> {
+        let op = {
+            let mut shared = lock(&self.shared);
+            let (seq, _) =
+                shared.issue(|seq| Event::SignalAwaited { seq, name: name.to_string() });
+            let buffered = shared.signal_buffer.get_mut(name).and_then(|q| q.pop_front());
+            match (buffered, shared.cancel_reason.clone()) {
+                (Some(payload), _) => {
+                    shared.results.insert(seq, Ok(payload));
+                }
+                (None, Some(reason)) => {
+                    shared.results.insert(seq, Err(Error::Cancelled { reason }));
+                }
+                (None, None) => {
+                    shared.pending.insert(seq);
+                    shared.signal_waiters.insert(seq, name.to_string());
+                }
+            }
+            Operation { shared: Arc::clone(&self.shared), seq: Some(seq), early: None }
+        };
+        SignalWait { op, name: name.to_string(), _type: PhantomData }
+    }
+
+    /// Starts a child instance and returns a future of its result. The child has its own id
+    /// and history; the parent's history records the start and the outcome.
+    pub fn child<I: Serialize, O: DeserializeOwned>(
+        &self,
+        coordinator: &Coordinator<I, O>,
+        instance_id: &str,
+        input: &I,
+    ) -> ChildCall<O> {
+        let input = match serde_json::to_value(input) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = Error::encode(format!("input of child {instance_id}"), &e);
+                return ChildCall { op: Operation::failed(&self.shared, err), _type: PhantomData };
+            }
+        };
+        let op = self.wait_on(|seq| Event::ChildStarted {
+            seq,
+            instance_id: instance_id.to_string(),
+            coordinator: coordinator.name().to_string(),
+            input,
+        });
+        ChildCall { op, _type: PhantomData }
+    }
+
+    /// The current time, recorded once and identical on replay.
+    pub fn now(&self) -> SystemTime {
+        let ms = self.now_ms();
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    /// The current time in milliseconds since the Unix epoch, recorded once.
+    pub fn now_ms(&self) -> u64 {
+        let value = self.side_effect_value("now", |s, _| Value::from(s.now_ms));
+        value.as_u64().unwrap_or(0)
+    }
+
+    /// A random UUID (version 4 layout), recorded once.
+    pub fn uuid(&self) -> String {
+        let value = self.side_effect_value("uuid", |s, seq| {
+            let hi = s.random_bits(seq, 1);
+            let lo = s.random_bits(seq, 2);
+            let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+            let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+            Value::from(format!(
+                "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+                hi >> 32,
+                (hi >> 16) & 0xFFFF,
+                hi & 0xFFFF,
+                lo >> 48,
+                lo & 0xFFFF_FFFF_FFFF
+            ))
+        });
+        value.as_str().unwrap_or_default().to_string()
+    }
+
+    /// A random number in `[0, 1)`, recorded once.
+    pub fn random(&self) -> f64 {
+        let bits = self.random_u64();
+        (bits >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A random `u64`, recorded once.
+    pub fn random_u64(&self) -> u64 {
+        let value = self.side_effect_value("random", |s, seq| Value::from(s.random_bits(seq, 0)));
+        value.as_u64().unwrap_or(0)
+    }
+
+    /// Runs `f` once, the first time this point is reached, and records its value; on replay the
+    /// recorded value is returned and `f` does not run. For any other non-deterministic input.
+    ///
+    /// # Errors
+    /// [`Error::Payload`] when the value does not encode or the recorded value does not decode.
+    pub fn side_effect<T, F>(&self, name: &str, f: F) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> T,
+    {
+        let replaying = {
+            let shared = lock(&self.shared);
+            (shared.next_seq as usize) < shared.recorded.len()
+        };
+        let value = if replaying {
+            self.side_effect_value(name, |_, _| Value::Null)
+        } else {
+            let produced = serde_json::to_value(f())
+                .map_err(|e| Error::encode(format!("side effect {name}"), &e))?;
+            self.side_effect_value(name, move |_, _| produced)
+        };
+        serde_json::from_value(value)
+            .map_err(|e| Error::decode(format!("recorded side effect {name}"), &e))
+    }
+
+    fn side_effect_value(&self, name: &str, produce: impl FnOnce(&Shared, u32) -> Value) -> Value {
+        let mut shared = lock(&self.shared);
+        let seq = shared.next_seq;
+        let live_value = if (seq as usize) < shared.recorded.len() {
+            Value::Null
+        } else {
+            produce(&shared, seq)
+        };
+        let (_, recorded) = shared.issue(|seq| Event::SideEffect {
+            seq,
+            name: name.to_string(),
+            value: live_value.clone(),
+        });
+        match recorded {
+            Some(Event::SideEffect { value, .. }) => value,
+            _ => live_value,
+        }
+    }
+
+    /// Versioning: returns `true` when this execution takes the code path introduced by the patch
+    /// `patch`, `false` when it replays a history recorded before the patch reached this point.
+    ///
+    /// New executions record a marker and take the new path. Replays of histories that already
+    /// passed this point without the marker take the old path, so they stay deterministic. Once no
+    /// instance in flight predates the patch, replace the call with the new path.
+    pub fn patched(&self, patch: &str) -> bool {
+        let mut shared = lock(&self.shared);
+        let seq = shared.next_seq;
+        match shared.recorded.get(seq as usize) {
+            Some(Event::PatchMarker { patch: recorded, .. }) if recorded == patch => {
+                shared.next_seq += 1;
+                true
+            }
+            Some(_) => false,
+            None => {
+                shared.issue(|seq| Event::PatchMarker { seq, patch: patch.to_string() });
+                true
+            }
+        }
+    }
+
+    /// Publishes a small custom status (for example "waiting for payment") that the client's
+    /// `describe` returns without replaying.
+    ///
+    /// # Errors
+    /// [`Error::Payload`] when the status does not encode.
+    pub fn set_status<T: Serialize>(&self, status: &T) -> Result<(), Error> {
+        let value = serde_json::to_value(status)
+            .map_err(|e| Error::encode("custom status".to_string(), &e))?;
+        let mut shared = lock(&self.shared);
+        if shared.custom_status.as_ref() != Some(&value) {
+            shared.custom_status = Some(value);
+            shared.custom_status_changed = true;
+        }
+        Ok(())
+    }
+
+    /// Builds the value a coordinator returns to restart itself with `input` and an empty
+    /// history, keeping its id: `return Err(ctx.continue_as_new(&next)?)`.
+    ///
+    /// # Errors
+    /// [`Error::Payload`] when the input does not encode.
+    pub fn continue_as_new<I: Serialize>(&self, input: &I) -> Result<Error, Error> {
+        let input = serde_json::to_value(input)
+            .map_err(|e| Error::encode("continue-as-new input".to_string(), &e))?;
+        Ok(Error::ContinueAsNew { input })
+    }
+
+    /// Issues a command that waits for an inbound event at its position.
+    fn wait_on(&self, build: impl FnOnce(u32) -> Event) -> Operation {
+        let mut shared = lock(&self.shared);
+        let (seq, _) = shared.issue(build);
+        // After a cancellation has been delivered, new commands still wait normally: that is how
+        // compensations run after a cancel.
+        shared.pending.insert(seq);
+        Operation { shared: Arc::clone(&self.shared), seq: Some(seq), early: None }
+    }
+}
+
+/// The untyped future of one command position.
+struct Operation {
+    shared: Arc<Mutex<Shared>>,
+    seq: Option<u32>,
+    /// An error known before any command was issued (an input that does not encode).
+    early: Option<Error>,
+}
+
+impl Operation {
+    fn failed(shared: &Arc<Mutex<Shared>>, error: Error) -> Self {
+        Operation { shared: Arc::clone(shared), seq: None, early: Some(error) }
+    }
+
+    fn poll_resolution(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Resolution> {
+        if let Some(err) = self.early.take() {
+            return Poll::Ready(Err(err));
+        }
+        let Some(seq) = self.seq else {
+            return Poll::Pending;
+        };
+        let mut shared = lock(&self.shared);
+        if let Some(outcome) = shared.results.remove(&seq) {
+            self.seq = None;
+            return Poll::Ready(outcome);
+        }
+        if shared.nondeterminism.is_none() {
+            shared.wakers.insert(seq, cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+fn decode<O: DeserializeOwned>(value: Value, what: impl FnOnce() -> String) -> Result<O, Error> {
+    serde_json::from_value(value).map_err(|e| Error::decode(what(), &e))
+}
+
+/// The future of an activity call. Resolves to the activity's output or its final failure.
+#[must_use = "an activity call does nothing useful unless awaited"]
+pub struct ActivityCall<O> {
+    op: Operation,
+    name: &'static str,
+    _type: PhantomData<fn() -> O>,
+}
+
+impl<O: DeserializeOwned> Future for ActivityCall<O> {
+    type Output = Result<O, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let seq = self.op.seq;
+        let name = self.name;
+        self.op.poll_resolution(cx).map(|r| {
+            r.and_then(|v| {
+                decode(v, || format!("output of activity {name} at position {seq:?}"))
+            })
+        })
+    }
+}
+
+/// The future of a durable timer.
+#[must_use = "a timer does nothing useful unless awaited"]
+pub struct Timer {
+    op: Operation,
+}
+
+impl Future for Timer {
+    type Output = Result<(), Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        self.op.poll_resolution(cx).map(|r| r.map(|_| ()))
+    }
+}
+
+/// The future of a signal wait. Resolves to the signal's payload.
+#[must_use = "a signal wait does nothing useful unless awaited"]
+pub struct SignalWait<T> {
+    op: Operation,
+    name: String,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Future for SignalWait<T> {
+    type Output = Result<T, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let name = self.name.clone();
+        self.op
+            .poll_resolution(cx)
+            .map(|r| r.and_then(|v| decode(v, || format!("payload of signal {name}"))))
+    }
+}
+
+/// The future of a child instance's result.
+#[must_use = "a child call does nothing useful unless awaited"]
+pub struct ChildCall<O> {
+    op: Operation,
+    _type: PhantomData<fn() -> O>,
+}
+
+impl<O: DeserializeOwned> Future for ChildCall<O> {
+    type Output = Result<O, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let seq = self.op.seq;
+        self.op
+            .poll_resolution(cx)
+            .map(|r| r.and_then(|v| decode(v, || format!("output of child at position {seq:?}"))))
+    }
+}

@@ -1,0 +1,354 @@
+//! The history data model: the events journaled for one instance.
+//!
+//! A history is the only truth about an instance. It is a list of [`HistoryEvent`]s, numbered
+//! from 0 without gaps, grouped into **activations**: each activation holds the inbound events
+//! delivered to the coordinator in one batch (an activity result, a fired timer, a signal…)
+//! followed by the commands the coordinator issued in response. Replay re-delivers the inbound
+//! events in the same batches, in the same order.
+//!
+//! Events fall into three families (see [`EventFamily`]):
+//! - **commands** carry a `seq`, the position of the command in the order the coordinator issued
+//!   it; replay matches command *n* of the code against command *n* of the history;
+//! - **inbound** events resolve commands (`seq`) or arrive from outside (signals, cancellation);
+//! - **terminal** events end a run.
+//!
+//! `Serialize` is a compatibility promise: events written by older versions must keep decoding.
+//! New fields get `#[serde(default)]`; variants are never renamed.
+
+use crate::error::{ActivityFailure, Error};
+use crate::retry::RetrySpec;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of the event schema, written into exported histories.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// One journaled event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    // ----- inbound -----
+    /// The instance was started (or continued as new) with this input. Always event 0.
+    InstanceStarted {
+        /// The coordinator's registered name.
+        coordinator: String,
+        /// The input, as JSON.
+        input: Value,
+        /// The parent instance and the parent's call position, when started as a child.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<ParentRef>,
+    },
+    /// An activity call produced its result.
+    ActivityCompleted {
+        /// The call position.
+        seq: u32,
+        /// The result, as JSON.
+        output: Value,
+        /// The attempt that succeeded, counting from 1.
+        attempt: u32,
+    },
+    /// An activity call failed for good.
+    ActivityFailed {
+        /// The call position.
+        seq: u32,
+        /// Why, and on which attempt.
+        failure: ActivityFailure,
+    },
+    /// A durable timer fired.
+    TimerFired {
+        /// The timer's command position.
+        seq: u32,
+    },
+    /// A signal arrived. Signals are buffered per name, in arrival order, until awaited.
+    SignalReceived {
+        /// The signal's name.
+        name: String,
+        /// The payload, as JSON.
+        payload: Value,
+    },
+    /// A child instance ended.
+    ChildCompleted {
+        /// The parent's call position that started the child.
+        seq: u32,
+        /// The child's output, or its error.
+        result: Result<Value, Error>,
+    },
+    /// A client asked to cancel the instance.
+    CancelRequested {
+        /// Why.
+        reason: String,
+    },
+
+    // ----- commands -----
+    /// The coordinator called an activity.
+    ActivityScheduled {
+        /// The call position.
+        seq: u32,
+        /// The activity's registered name.
+        name: String,
+        /// The input, as JSON.
+        input: Value,
+        /// The retry policy of this call.
+        retry: RetrySpec,
+    },
+    /// The coordinator started a durable timer.
+    TimerStarted {
+        /// The command position.
+        seq: u32,
+        /// When it fires, in milliseconds since the Unix epoch.
+        fire_at_ms: u64,
+    },
+    /// The coordinator began waiting for the next signal of a name.
+    SignalAwaited {
+        /// The command position.
+        seq: u32,
+        /// The signal's name.
+        name: String,
+    },
+    /// The coordinator started a child instance.
+    ChildStarted {
+        /// The command position.
+        seq: u32,
+        /// The child's instance id.
+        instance_id: String,
+        /// The child's coordinator name.
+        coordinator: String,
+        /// The child's input.
+        input: Value,
+    },
+    /// A value the code obtained once (time, randomness, an id, any recorded side effect), so that
+    /// replay returns the same value.
+    SideEffect {
+        /// The command position.
+        seq: u32,
+        /// What kind of value (`now`, `uuid`, `random`, or a caller-chosen name).
+        name: String,
+        /// The value.
+        value: Value,
+    },
+    /// A versioning marker: the code took the patched path at this point.
+    PatchMarker {
+        /// The command position.
+        seq: u32,
+        /// The patch id.
+        patch: String,
+    },
+
+    // ----- terminal -----
+    /// The coordinator returned `Ok`.
+    InstanceCompleted {
+        /// The output, as JSON.
+        output: Value,
+    },
+    /// The coordinator returned an error.
+    InstanceFailed {
+        /// The error.
+        error: Error,
+    },
+    /// The coordinator ended after observing a cancellation.
+    InstanceCancelled {
+        /// Why it was cancelled.
+        reason: String,
+    },
+    /// A client terminated the instance; no code ran to end it.
+    InstanceTerminated {
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator restarted itself with new input; this history ends here.
+    ContinuedAsNew {
+        /// The input of the next run.
+        input: Value,
+    },
+}
+
+/// The parent of a child instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's instance id.
+    pub instance_id: String,
+    /// The parent's call position that started the child.
+    pub seq: u32,
+}
+
+/// Which family an event belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFamily {
+    /// Delivered to the coordinator.
+    Inbound,
+    /// Issued by the coordinator; carries a command position.
+    Command,
+    /// Ends a run.
+    Terminal,
+}
+
+impl Event {
+    /// The event's family.
+    pub fn family(&self) -> EventFamily {
+        match self {
+            Event::InstanceStarted { .. }
+            | Event::ActivityCompleted { .. }
+            | Event::ActivityFailed { .. }
+            | Event::TimerFired { .. }
+            | Event::SignalReceived { .. }
+            | Event::ChildCompleted { .. }
+            | Event::CancelRequested { .. } => EventFamily::Inbound,
+            Event::ActivityScheduled { .. }
+            | Event::TimerStarted { .. }
+            | Event::SignalAwaited { .. }
+            | Event::ChildStarted { .. }
+            | Event::SideEffect { .. }
+            | Event::PatchMarker { .. } => EventFamily::Command,
+            Event::InstanceCompleted { .. }
+            | Event::InstanceFailed { .. }
+            | Event::InstanceCancelled { .. }
+            | Event::InstanceTerminated { .. }
+            | Event::ContinuedAsNew { .. } => EventFamily::Terminal,
+        }
+    }
+
+    /// The command position of a command, or of the command an inbound event resolves.
+    pub fn seq(&self) -> Option<u32> {
+        match self {
+            Event::ActivityCompleted { seq, .. }
+            | Event::ActivityFailed { seq, .. }
+            | Event::TimerFired { seq }
+            | Event::ChildCompleted { seq, .. }
+            | Event::ActivityScheduled { seq, .. }
+            | Event::TimerStarted { seq, .. }
+            | Event::SignalAwaited { seq, .. }
+            | Event::ChildStarted { seq, .. }
+            | Event::SideEffect { seq, .. }
+            | Event::PatchMarker { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// The stable snake_case name of the event's kind, as stored in the `kind` column.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::InstanceStarted { .. } => "instance_started",
+            Event::ActivityCompleted { .. } => "activity_completed",
+            Event::ActivityFailed { .. } => "activity_failed",
+            Event::TimerFired { .. } => "timer_fired",
+            Event::SignalReceived { .. } => "signal_received",
+            Event::ChildCompleted { .. } => "child_completed",
+            Event::CancelRequested { .. } => "cancel_requested",
+            Event::ActivityScheduled { .. } => "activity_scheduled",
+            Event::TimerStarted { .. } => "timer_started",
+            Event::SignalAwaited { .. } => "signal_awaited",
+            Event::ChildStarted { .. } => "child_started",
+            Event::SideEffect { .. } => "side_effect",
+            Event::PatchMarker { .. } => "patch_marker",
+            Event::InstanceCompleted { .. } => "instance_completed",
+            Event::InstanceFailed { .. } => "instance_failed",
+            Event::InstanceCancelled { .. } => "instance_cancelled",
+            Event::InstanceTerminated { .. } => "instance_terminated",
+            Event::ContinuedAsNew { .. } => "continued_as_new",
+        }
+    }
+
+    /// For a command: a short description of what it asks for, used to match commands on replay
+    /// and in nondeterminism messages (`activity reserve_car`, `timer`, `signal payment`…).
+    pub fn command_identity(&self) -> Option<String> {
+        Some(match self {
+            Event::ActivityScheduled { name, .. } => format!("activity {name}"),
+            Event::TimerStarted { .. } => "timer".to_string(),
+            Event::SignalAwaited { name, .. } => format!("signal {name}"),
+            Event::ChildStarted { coordinator, instance_id, .. } => {
+                format!("child {coordinator} ({instance_id})")
+            }
+            Event::SideEffect { name, .. } => format!("side effect {name}"),
+            Event::PatchMarker { patch, .. } => format!("patch marker {patch}"),
+            _ => return None,
+        })
+    }
+}
+
+/// An event as stored: its position in the history, its activation, and when it was recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Index in the history, from 0, without gaps.
+    pub position: u64,
+    /// The activation (delivery batch) the event belongs to, from 0, non-decreasing.
+    pub activation: u32,
+    /// When the store recorded it, in milliseconds since the Unix epoch. Informational: replay
+    /// never reads it.
+    pub recorded_at_ms: u64,
+    /// The event.
+    pub event: Event,
+}
+
+/// Checks that `events` form a well-shaped history segment starting at `first_position`:
+/// positions contiguous, activations non-decreasing, every command seq in order.
+pub fn check_shape(
+    instance_id: &str,
+    first_position: u64,
+    events: &[HistoryEvent],
+) -> Result<(), crate::error::ReplayError> {
+    let mut last_activation = None;
+    for (i, e) in events.iter().enumerate() {
+        let expected = first_position + i as u64;
+        let corrupt = |message: String| crate::error::ReplayError::CorruptHistory {
+            instance_id: instance_id.to_string(),
+            position: e.position,
+            message,
+        };
+        if e.position != expected {
+            return Err(corrupt(format!("expected position {expected}, found {}", e.position)));
+        }
+        if let Some(prev) = last_activation {
+            if e.activation < prev {
+                return Err(corrupt(format!(
+                    "activation {} follows activation {prev}",
+                    e.activation
+                )));
+            }
+        }
+        last_activation = Some(e.activation);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let events = vec![
+            Event::InstanceStarted {
+                coordinator: "trip".into(),
+                input: serde_json::json!({"n": 1}),
+                parent: None,
+            },
+            Event::ActivityScheduled {
+                seq: 0,
+                name: "reserve_car".into(),
+                input: serde_json::json!(1),
+                retry: RetrySpec::default(),
+            },
+            Event::ChildCompleted {
+                seq: 3,
+                result: Err(Error::application("refused", "no seats")),
+            },
+        ];
+        for e in events {
+            let text = serde_json::to_string(&e).unwrap();
+            let back: Event = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, e);
+        }
+    }
+
+    #[test]
+    fn families_and_seqs() {
+        let e = Event::TimerFired { seq: 4 };
+        assert_eq!(e.family(), EventFamily::Inbound);
+        assert_eq!(e.seq(), Some(4));
+        assert_eq!(e.kind(), "timer_fired");
+        let c = Event::PatchMarker { seq: 2, patch: "p".into() };
+        assert_eq!(c.family(), EventFamily::Command);
+        assert_eq!(c.command_identity().as_deref(), Some("patch marker p"));
+    }
+}

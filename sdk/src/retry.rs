@@ -1,0 +1,168 @@
+//! Retry policies for activity calls.
+//!
+//! A policy is chosen by the caller when it schedules an activity and is journaled with the call
+//! (as a [`RetrySpec`]), so every attempt of one call, on any worker and after any restart, follows
+//! the same policy. Attempt counts and next-attempt times live in the store, not in memory.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How an activity call is retried. `Copy` and `const`-constructible, so that it can sit in a
+/// `const` [`crate::Activity`] definition.
+///
+/// ```
+/// use retrace_sdk::RetryPolicy;
+/// use std::time::Duration;
+/// const BOOKING: RetryPolicy = RetryPolicy::new()
+///     .max_attempts(5)
+///     .initial_interval(Duration::from_millis(100))
+///     .non_retryable(&["refused"]);
+/// assert_eq!(BOOKING.backoff(1), Duration::from_millis(100));
+/// assert_eq!(BOOKING.backoff(2), Duration::from_millis(200));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    initial_interval: Duration,
+    backoff_coefficient: f64,
+    max_interval: Duration,
+    non_retryable: &'static [&'static str],
+}
+
+impl RetryPolicy {
+    /// The default: 10 attempts, 100 ms initial interval, doubling, at most 10 s between attempts.
+    pub const fn new() -> Self {
+        RetryPolicy {
+            max_attempts: 10,
+            initial_interval: Duration::from_millis(100),
+            backoff_coefficient: 2.0,
+            max_interval: Duration::from_secs(10),
+            non_retryable: &[],
+        }
+    }
+
+    /// A single attempt, never retried.
+    pub const fn no_retry() -> Self {
+        RetryPolicy::new().max_attempts(1)
+    }
+
+    /// Total attempts allowed, counting the first (at least 1).
+    pub const fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = if attempts == 0 { 1 } else { attempts };
+        self
+    }
+
+    /// Wait before the second attempt.
+    pub const fn initial_interval(mut self, interval: Duration) -> Self {
+        self.initial_interval = interval;
+        self
+    }
+
+    /// Each wait is the previous one times this coefficient (at least 1.0).
+    pub const fn backoff_coefficient(mut self, coefficient: f64) -> Self {
+        self.backoff_coefficient = if coefficient < 1.0 { 1.0 } else { coefficient };
+        self
+    }
+
+    /// Upper bound of a single wait.
+    pub const fn max_interval(mut self, interval: Duration) -> Self {
+        self.max_interval = interval;
+        self
+    }
+
+    /// Error kinds that are never retried, whatever the activity says.
+    pub const fn non_retryable(mut self, kinds: &'static [&'static str]) -> Self {
+        self.non_retryable = kinds;
+        self
+    }
+
+    /// The wait after failed attempt `attempt` (counting from 1).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        self.spec().backoff(attempt)
+    }
+
+    /// The journaled form of this policy.
+    pub fn spec(&self) -> RetrySpec {
+        RetrySpec {
+            max_attempts: self.max_attempts,
+            initial_interval_ms: duration_ms(self.initial_interval),
+            backoff_coefficient: self.backoff_coefficient,
+            max_interval_ms: duration_ms(self.max_interval),
+            non_retryable: self.non_retryable.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy::new()
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The journaled form of a [`RetryPolicy`], recorded with each activity call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrySpec {
+    /// Total attempts allowed, counting the first.
+    pub max_attempts: u32,
+    /// Wait before the second attempt, in milliseconds.
+    pub initial_interval_ms: u64,
+    /// Growth factor of the wait.
+    pub backoff_coefficient: f64,
+    /// Upper bound of a wait, in milliseconds.
+    pub max_interval_ms: u64,
+    /// Error kinds never retried.
+    #[serde(default)]
+    pub non_retryable: Vec<String>,
+}
+
+impl RetrySpec {
+    /// The wait after failed attempt `attempt` (counting from 1).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(64) as i32;
+        let ms = self.initial_interval_ms as f64 * self.backoff_coefficient.powi(exponent);
+        let capped = ms.min(self.max_interval_ms as f64).max(0.0);
+        Duration::from_millis(capped as u64)
+    }
+
+    /// Whether a failure of `kind` (retryable per the activity) on `attempt` may be retried.
+    pub fn may_retry(&self, attempt: u32, kind: &str, retryable: bool) -> bool {
+        retryable && attempt < self.max_attempts && !self.non_retryable.iter().any(|k| k == kind)
+    }
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        RetryPolicy::new().spec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let p = RetryPolicy::new()
+            .initial_interval(Duration::from_millis(100))
+            .backoff_coefficient(3.0)
+            .max_interval(Duration::from_millis(500));
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(2), Duration::from_millis(300));
+        assert_eq!(p.backoff(3), Duration::from_millis(500));
+        assert_eq!(p.backoff(60), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn non_retryable_kinds_and_exhaustion_stop_retries() {
+        let s = RetryPolicy::new().max_attempts(3).non_retryable(&["refused"]).spec();
+        assert!(s.may_retry(1, "timeout", true));
+        assert!(s.may_retry(2, "timeout", true));
+        assert!(!s.may_retry(3, "timeout", true));
+        assert!(!s.may_retry(1, "refused", true));
+        assert!(!s.may_retry(1, "timeout", false));
+    }
+}

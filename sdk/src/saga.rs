@@ -1,0 +1,117 @@
+//! The saga helper: compensations registered step by step, run in reverse on failure.
+//!
+//! After each step that succeeded, register the activity call that undoes it. When a later step
+//! fails for good, or the instance is cancelled, [`Saga::compensate`] runs the registered
+//! compensations in reverse order, each a journaled activity call with its own retry policy.
+//!
+//! ```no_run
+//! # use retrace_sdk::{Activity, Context, Error, Saga};
+//! const RESERVE_CAR: Activity<String, String> = Activity::new("reserve_car");
+//! const CANCEL_CAR: Activity<String, ()> = Activity::new("cancel_car");
+//! const BOOK_FLIGHT: Activity<String, String> = Activity::new("book_flight");
+//! async fn trip(ctx: Context, who: String) -> Result<String, Error> {
+//!     let mut saga = Saga::new();
+//!     let car = ctx.call(&RESERVE_CAR, &who).await?;
+//!     saga.add(&CANCEL_CAR, &car)?;
+//!     match ctx.call(&BOOK_FLIGHT, &who).await {
+//!         Ok(flight) => Ok(flight),
+//!         Err(e) => Err(saga.fail(&ctx, e).await),
+//!     }
+//! }
+//! ```
+
+use crate::activity::Activity;
+use crate::context::Context;
+use crate::error::Error;
+use crate::retry::RetryPolicy;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+/// One registered compensation: an activity call to make if the saga unwinds.
+#[derive(Debug, Clone)]
+struct Compensation {
+    activity: &'static str,
+    input: Value,
+    retry: RetryPolicy,
+}
+
+/// Compensations registered so far, in registration order.
+#[derive(Debug, Clone, Default)]
+pub struct Saga {
+    compensations: Vec<Compensation>,
+}
+
+impl Saga {
+    /// An empty saga.
+    pub fn new() -> Self {
+        Saga::default()
+    }
+
+    /// Registers `activity(input)` as the compensation of the step that just succeeded.
+    ///
+    /// # Errors
+    /// [`Error::Payload`] when the input does not encode.
+    pub fn add<I: Serialize, O>(&mut self, activity: &Activity<I, O>, input: &I) -> Result<(), Error> {
+        let input = serde_json::to_value(input).map_err(|e| Error::Payload {
+            action: "encode".into(),
+            what: format!("compensation input of {}", activity.name()),
+            message: e.to_string(),
+        })?;
+        self.compensations.push(Compensation {
+            activity: activity.name(),
+            input,
+            retry: activity.retry(),
+        });
+        Ok(())
+    }
+
+    /// How many compensations are registered.
+    pub fn len(&self) -> usize {
+        self.compensations.len()
+    }
+
+    /// Whether no compensation is registered.
+    pub fn is_empty(&self) -> bool {
+        self.compensations.is_empty()
+    }
+
+    /// Runs every registered compensation in reverse order, one after another. A compensation
+    /// that fails for good does not stop the others.
+    ///
+    /// # Errors
+    /// The first compensation failure, after all compensations were tried.
+    pub async fn compensate(self, ctx: &Context) -> Result<(), Error> {
+        let mut first_error = None;
+        for c in self.compensations.into_iter().rev() {
+            let def: Activity<Value, IgnoredOutput> = Activity::new(c.activity);
+            if let Err(e) = ctx.call_with(&def, &c.input, c.retry).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Compensates and returns the error that caused it, for `Err(saga.fail(&ctx, e).await)`.
+    /// A compensation failure is reported in the returned error's place only when the cause was
+    /// not itself a failure worth keeping; the original cause always wins.
+    pub async fn fail(self, ctx: &Context, cause: Error) -> Error {
+        if let Err(compensation_error) = self.compensate(ctx).await {
+            tracing::warn!(%cause, %compensation_error, "compensation failed while unwinding saga");
+        }
+        cause
+    }
+}
+
+/// Accepts any activity output: compensations are called for their effect.
+#[derive(Debug)]
+struct IgnoredOutput;
+
+impl<'de> serde::Deserialize<'de> for IgnoredOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| IgnoredOutput)
+    }
+}
+
+fn _assert_deserialize_owned<T: DeserializeOwned>() {}
+const _: fn() = _assert_deserialize_owned::<IgnoredOutput>;

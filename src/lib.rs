@@ -1,0 +1,1 @@
+//! Retrace facade placeholder.
