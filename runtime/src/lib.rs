@@ -1,1 +1,21 @@
-//! x
+//! # retrace-runtime
+//!
+//! The durable side of Retrace: the [`Store`] trait and its SQLite implementation
+//! ([`SqliteStore`]: WAL, `synchronous=FULL`, group commit), [`Worker`]s that run coordinators
+//! and activities with leases, durable timers and stateful retries, and the [`Client`].
+//!
+//! Coordinator and activity code is written against `retrace-sdk` and knows nothing of this
+//! crate.
+
+pub mod client;
+mod clock;
+pub mod error;
+pub mod limits;
+pub mod store;
+pub mod worker;
+
+pub use client::{Client, InstanceHandle};
+pub use error::{ClientError, StoreError};
+pub use store::sqlite::{Durability, SqliteOptions, SqliteStore};
+pub use store::{InstanceInfo, InstanceStatus, ListFilter, SharedStore, Store};
+pub use worker::{CommitNotice, Worker, WorkerBuilder, CACHE_ENV};

@@ -34,12 +34,20 @@ pub struct Activity<I, O> {
 impl<I, O> Activity<I, O> {
     /// An activity named `name`, with the default retry policy.
     pub const fn new(name: &'static str) -> Self {
-        Activity { name, retry: RetryPolicy::new(), _types: PhantomData }
+        Activity {
+            name,
+            retry: RetryPolicy::new(),
+            _types: PhantomData,
+        }
     }
 
     /// The same activity with another default retry policy.
     pub const fn with_retry(self, retry: RetryPolicy) -> Self {
-        Activity { name: self.name, retry, _types: PhantomData }
+        Activity {
+            name: self.name,
+            retry,
+            _types: PhantomData,
+        }
     }
 
     /// The registered name.
@@ -62,7 +70,9 @@ impl<I, O> Copy for Activity<I, O> {}
 
 impl<I, O> std::fmt::Debug for Activity<I, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Activity").field("name", &self.name).finish()
+        f.debug_struct("Activity")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -140,8 +150,11 @@ impl std::fmt::Debug for ActivityContext {
 }
 
 /// A type-erased activity body, as the runtime stores it: JSON in, JSON out.
-pub type ActivityHandler =
-    Arc<dyn Fn(ActivityContext, Value) -> BoxFuture<'static, Result<Value, ActivityError>> + Send + Sync>;
+pub type ActivityHandler = Arc<
+    dyn Fn(ActivityContext, Value) -> BoxFuture<'static, Result<Value, ActivityError>>
+        + Send
+        + Sync,
+>;
 
 /// Erases a typed activity body into an [`ActivityHandler`]. An input that does not decode into
 /// `I` is a non-retryable `payload` error.

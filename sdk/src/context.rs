@@ -143,16 +143,21 @@ impl Shared {
                 wake.extend(self.resolve(*seq, outcome));
             }
             Event::SignalReceived { name, payload } => {
-                let waiter =
-                    self.signal_waiters.iter().find(|(_, n)| *n == name).map(|(seq, _)| *seq);
+                let waiter = self
+                    .signal_waiters
+                    .iter()
+                    .find(|(_, n)| *n == name)
+                    .map(|(seq, _)| *seq);
                 match waiter {
                     Some(seq) => {
                         self.signal_waiters.remove(&seq);
                         wake.extend(self.resolve(seq, Ok(payload.clone())));
                     }
-                    None => {
-                        self.signal_buffer.entry(name.clone()).or_default().push_back(payload.clone())
-                    }
+                    None => self
+                        .signal_buffer
+                        .entry(name.clone())
+                        .or_default()
+                        .push_back(payload.clone()),
                 }
             }
             Event::CancelRequested { reason } => {
@@ -161,7 +166,9 @@ impl Shared {
                     let pending: Vec<u32> = self.pending.iter().copied().collect();
                     for seq in pending {
                         self.signal_waiters.remove(&seq);
-                        let cancelled = Err(Error::Cancelled { reason: reason.clone() });
+                        let cancelled = Err(Error::Cancelled {
+                            reason: reason.clone(),
+                        });
                         wake.extend(self.resolve(seq, cancelled));
                     }
                 }
@@ -176,7 +183,10 @@ impl Shared {
             Some(Event::ChildStarted { instance_id, .. }) => instance_id.clone(),
             _ => format!("{}/child-{seq}", self.instance_id),
         };
-        Error::Child { instance_id, message: error.to_string() }
+        Error::Child {
+            instance_id,
+            message: error.to_string(),
+        }
     }
 
     /// splitmix64 over the activation seed and the position: deterministic, no global state.
@@ -194,7 +204,9 @@ impl Shared {
 /// Locks the shared state. A poisoned lock means a panic inside a coordinator poll; the state is
 /// still structurally valid (every mutation is a single assignment), so it is used as is.
 pub(crate) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The coordinator's handle on its instance. Cheap to clone; every clone is the same context.
@@ -205,7 +217,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("instance_id", &self.instance_id()).finish()
+        f.debug_struct("Context")
+            .field("instance_id", &self.instance_id())
+            .finish()
     }
 }
 
@@ -264,7 +278,11 @@ impl Context {
             input,
             retry: retry.spec(),
         });
-        ActivityCall { op, name, _type: PhantomData }
+        ActivityCall {
+            op,
+            name,
+            _type: PhantomData,
+        }
     }
 
     /// Sleeps on a durable timer. The instance holds no task while it sleeps.
@@ -276,12 +294,17 @@ impl Context {
 
     /// Sleeps until a point in time on a durable timer.
     pub fn sleep_until(&self, time: SystemTime) -> Timer {
-        let ms = time.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let ms = time
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         self.sleep_until_ms(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
     fn sleep_until_ms(&self, fire_at_ms: u64) -> Timer {
-        Timer { op: self.wait_on(|seq| Event::TimerStarted { seq, fire_at_ms }) }
+        Timer {
+            op: self.wait_on(|seq| Event::TimerStarted { seq, fire_at_ms }),
+        }
     }
 
     /// Waits for the next signal named `name` (signals that arrived earlier are buffered and
@@ -289,9 +312,14 @@ impl Context {
     pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalWait<T> {
         let op = {
             let mut shared = lock(&self.shared);
-            let (seq, _) =
-                shared.issue(|seq| Event::SignalAwaited { seq, name: name.to_string() });
-            let buffered = shared.signal_buffer.get_mut(name).and_then(|q| q.pop_front());
+            let (seq, _) = shared.issue(|seq| Event::SignalAwaited {
+                seq,
+                name: name.to_string(),
+            });
+            let buffered = shared
+                .signal_buffer
+                .get_mut(name)
+                .and_then(|q| q.pop_front());
             match (buffered, shared.cancel_reason.clone()) {
                 (Some(payload), _) => {
                     shared.results.insert(seq, Ok(payload));
@@ -304,9 +332,17 @@ impl Context {
                     shared.signal_waiters.insert(seq, name.to_string());
                 }
             }
-            Operation { shared: Arc::clone(&self.shared), seq: Some(seq), early: None }
+            Operation {
+                shared: Arc::clone(&self.shared),
+                seq: Some(seq),
+                early: None,
+            }
         };
-        SignalWait { op, name: name.to_string(), _type: PhantomData }
+        SignalWait {
+            op,
+            name: name.to_string(),
+            _type: PhantomData,
+        }
     }
 
     /// Starts a child instance and returns a future of its result. The child has its own id
@@ -321,7 +357,10 @@ impl Context {
             Ok(v) => v,
             Err(e) => {
                 let err = Error::encode(format!("input of child {instance_id}"), &e);
-                return ChildCall { op: Operation::failed(&self.shared, err), _type: PhantomData };
+                return ChildCall {
+                    op: Operation::failed(&self.shared, err),
+                    _type: PhantomData,
+                };
             }
         };
         let op = self.wait_on(|seq| Event::ChildStarted {
@@ -330,7 +369,10 @@ impl Context {
             coordinator: coordinator.name().to_string(),
             input,
         });
-        ChildCall { op, _type: PhantomData }
+        ChildCall {
+            op,
+            _type: PhantomData,
+        }
     }
 
     /// The current time, recorded once and identical on replay.
@@ -430,13 +472,18 @@ impl Context {
         let mut shared = lock(&self.shared);
         let seq = shared.next_seq;
         match shared.recorded.get(seq as usize) {
-            Some(Event::PatchMarker { patch: recorded, .. }) if recorded == patch => {
+            Some(Event::PatchMarker {
+                patch: recorded, ..
+            }) if recorded == patch => {
                 shared.next_seq += 1;
                 true
             }
             Some(_) => false,
             None => {
-                shared.issue(|seq| Event::PatchMarker { seq, patch: patch.to_string() });
+                shared.issue(|seq| Event::PatchMarker {
+                    seq,
+                    patch: patch.to_string(),
+                });
                 true
             }
         }
@@ -476,7 +523,11 @@ impl Context {
         // After a cancellation has been delivered, new commands still wait normally: that is how
         // compensations run after a cancel.
         shared.pending.insert(seq);
-        Operation { shared: Arc::clone(&self.shared), seq: Some(seq), early: None }
+        Operation {
+            shared: Arc::clone(&self.shared),
+            seq: Some(seq),
+            early: None,
+        }
     }
 }
 
@@ -490,7 +541,11 @@ struct Operation {
 
 impl Operation {
     fn failed(shared: &Arc<Mutex<Shared>>, error: Error) -> Self {
-        Operation { shared: Arc::clone(shared), seq: None, early: Some(error) }
+        Operation {
+            shared: Arc::clone(shared),
+            seq: None,
+            early: Some(error),
+        }
     }
 
     fn poll_resolution(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Resolution> {
@@ -531,7 +586,9 @@ impl<O: DeserializeOwned> Future for ActivityCall<O> {
         let name = self.name;
         self.op.poll_resolution(cx).map(|r| {
             r.and_then(|v| {
-                decode(v, || format!("output of activity {name} at position {seq:?}"))
+                decode(v, || {
+                    format!("output of activity {name} at position {seq:?}")
+                })
             })
         })
     }

@@ -29,7 +29,10 @@ pub struct Coordinator<I, O> {
 impl<I, O> Coordinator<I, O> {
     /// A coordinator named `name`.
     pub const fn new(name: &'static str) -> Self {
-        Coordinator { name, _types: PhantomData }
+        Coordinator {
+            name,
+            _types: PhantomData,
+        }
     }
 
     /// The registered name.
@@ -47,7 +50,9 @@ impl<I, O> Copy for Coordinator<I, O> {}
 
 impl<I, O> std::fmt::Debug for Coordinator<I, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator").field("name", &self.name).finish()
+        f.debug_struct("Coordinator")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

@@ -66,7 +66,10 @@ pub enum Error {
 impl Error {
     /// A business failure raised by coordinator code.
     pub fn application(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Application { kind: kind.into(), message: message.into() }
+        Error::Application {
+            kind: kind.into(),
+            message: message.into(),
+        }
     }
 
     /// Whether this error is a cancellation.
@@ -75,11 +78,19 @@ impl Error {
     }
 
     pub(crate) fn decode(what: impl Into<String>, err: &serde_json::Error) -> Self {
-        Error::Payload { action: "decode".into(), what: what.into(), message: err.to_string() }
+        Error::Payload {
+            action: "decode".into(),
+            what: what.into(),
+            message: err.to_string(),
+        }
     }
 
     pub(crate) fn encode(what: impl Into<String>, err: &serde_json::Error) -> Self {
-        Error::Payload { action: "encode".into(), what: what.into(), message: err.to_string() }
+        Error::Payload {
+            action: "encode".into(),
+            what: what.into(),
+            message: err.to_string(),
+        }
     }
 }
 
@@ -121,12 +132,20 @@ pub struct ActivityError {
 impl ActivityError {
     /// An error that a later attempt may not repeat (a timeout, an unavailable service).
     pub fn retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        ActivityError { kind: kind.into(), message: message.into(), retryable: true }
+        ActivityError {
+            kind: kind.into(),
+            message: message.into(),
+            retryable: true,
+        }
     }
 
     /// An error that no retry can fix (a business refusal).
     pub fn non_retryable(kind: impl Into<String>, message: impl Into<String>) -> Self {
-        ActivityError { kind: kind.into(), message: message.into(), retryable: false }
+        ActivityError {
+            kind: kind.into(),
+            message: message.into(),
+            retryable: false,
+        }
     }
 }
 

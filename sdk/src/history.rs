@@ -256,7 +256,11 @@ impl Event {
             Event::ActivityScheduled { name, .. } => format!("activity {name}"),
             Event::TimerStarted { .. } => "timer".to_string(),
             Event::SignalAwaited { name, .. } => format!("signal {name}"),
-            Event::ChildStarted { coordinator, instance_id, .. } => {
+            Event::ChildStarted {
+                coordinator,
+                instance_id,
+                ..
+            } => {
                 format!("child {coordinator} ({instance_id})")
             }
             Event::SideEffect { name, .. } => format!("side effect {name}"),
@@ -296,7 +300,10 @@ pub fn check_shape(
             message,
         };
         if e.position != expected {
-            return Err(corrupt(format!("expected position {expected}, found {}", e.position)));
+            return Err(corrupt(format!(
+                "expected position {expected}, found {}",
+                e.position
+            )));
         }
         if let Some(prev) = last_activation {
             if e.activation < prev {
@@ -347,7 +354,10 @@ mod tests {
         assert_eq!(e.family(), EventFamily::Inbound);
         assert_eq!(e.seq(), Some(4));
         assert_eq!(e.kind(), "timer_fired");
-        let c = Event::PatchMarker { seq: 2, patch: "p".into() };
+        let c = Event::PatchMarker {
+            seq: 2,
+            patch: "p".into(),
+        };
         assert_eq!(c.family(), EventFamily::Command);
         assert_eq!(c.command_identity().as_deref(), Some("patch marker p"));
     }

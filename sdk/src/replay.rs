@@ -56,7 +56,9 @@ pub struct Activation {
 impl Activation {
     /// The terminal event of this activation, if the coordinator returned.
     pub fn terminal(&self) -> Option<&Event> {
-        self.events.last().filter(|e| e.family() == EventFamily::Terminal)
+        self.events
+            .last()
+            .filter(|e| e.family() == EventFamily::Terminal)
     }
 }
 
@@ -192,8 +194,10 @@ impl Execution {
             shared.now_ms = now_ms;
             shared.seed = seed;
         }
-        let inbound: Vec<Event> =
-            inbound.into_iter().filter(|e| e.family() == EventFamily::Inbound).collect();
+        let inbound: Vec<Event> = inbound
+            .into_iter()
+            .filter(|e| e.family() == EventFamily::Inbound)
+            .collect();
         if !self.terminal_recorded {
             self.run(&inbound, u64::MAX)?;
         }
@@ -217,12 +221,19 @@ impl Execution {
         let activation = self.next_activation;
         self.next_activation += 1;
         self.next_position += events.len() as u64;
-        Ok(Activation { activation, events, custom_status })
+        Ok(Activation {
+            activation,
+            events,
+            custom_status,
+        })
     }
 
     fn register_recorded_commands(&mut self, events: &[HistoryEvent]) -> Result<(), ReplayError> {
         let mut shared = lock(&self.shared);
-        for e in events.iter().filter(|e| e.event.family() == EventFamily::Command) {
+        for e in events
+            .iter()
+            .filter(|e| e.event.family() == EventFamily::Command)
+        {
             let Some(seq) = e.event.seq() else { continue };
             let known = shared.recorded.len();
             match (seq as usize).cmp(&known) {
@@ -260,7 +271,9 @@ impl Execution {
             .filter(|e| e.event.family() == EventFamily::Command)
             .filter_map(|e| e.event.seq())
             .max();
-        let terminal = batch.iter().find(|e| e.event.family() == EventFamily::Terminal);
+        let terminal = batch
+            .iter()
+            .find(|e| e.event.family() == EventFamily::Terminal);
         let terminal_position = terminal.map(|t| t.position);
         if !self.terminal_recorded {
             self.run(&inbound, terminal_position.unwrap_or(u64::MAX))?;
@@ -327,7 +340,9 @@ impl Execution {
         }
         let Some(future) = self.future.as_mut() else {
             if self.returned.is_none() {
-                return Err(self.corrupt(position_hint, "history does not start the instance".into()));
+                return Err(
+                    self.corrupt(position_hint, "history does not start the instance".into())
+                );
             }
             return Ok(());
         };
@@ -356,10 +371,18 @@ impl Execution {
 
     fn terminal_event(&self, returned: &Result<Value, Error>) -> Event {
         match returned {
-            Ok(output) => Event::InstanceCompleted { output: output.clone() },
-            Err(Error::ContinueAsNew { input }) => Event::ContinuedAsNew { input: input.clone() },
-            Err(Error::Cancelled { reason }) => Event::InstanceCancelled { reason: reason.clone() },
-            Err(error) => Event::InstanceFailed { error: error.clone() },
+            Ok(output) => Event::InstanceCompleted {
+                output: output.clone(),
+            },
+            Err(Error::ContinueAsNew { input }) => Event::ContinuedAsNew {
+                input: input.clone(),
+            },
+            Err(Error::Cancelled { reason }) => Event::InstanceCancelled {
+                reason: reason.clone(),
+            },
+            Err(error) => Event::InstanceFailed {
+                error: error.clone(),
+            },
         }
     }
 
@@ -373,7 +396,11 @@ impl Execution {
     }
 
     fn corrupt(&self, position: u64, message: String) -> ReplayError {
-        ReplayError::CorruptHistory { instance_id: self.instance_id.clone(), position, message }
+        ReplayError::CorruptHistory {
+            instance_id: self.instance_id.clone(),
+            position,
+            message,
+        }
     }
 }
 

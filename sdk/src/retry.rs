@@ -158,7 +158,10 @@ mod tests {
 
     #[test]
     fn non_retryable_kinds_and_exhaustion_stop_retries() {
-        let s = RetryPolicy::new().max_attempts(3).non_retryable(&["refused"]).spec();
+        let s = RetryPolicy::new()
+            .max_attempts(3)
+            .non_retryable(&["refused"])
+            .spec();
         assert!(s.may_retry(1, "timeout", true));
         assert!(s.may_retry(2, "timeout", true));
         assert!(!s.may_retry(3, "timeout", true));

@@ -52,7 +52,11 @@ impl Saga {
     ///
     /// # Errors
     /// [`Error::Payload`] when the input does not encode.
-    pub fn add<I: Serialize, O>(&mut self, activity: &Activity<I, O>, input: &I) -> Result<(), Error> {
+    pub fn add<I: Serialize, O>(
+        &mut self,
+        activity: &Activity<I, O>,
+        input: &I,
+    ) -> Result<(), Error> {
         let input = serde_json::to_value(input).map_err(|e| Error::Payload {
             action: "encode".into(),
             what: format!("compensation input of {}", activity.name()),

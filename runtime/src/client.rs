@@ -1,0 +1,314 @@
+//! The client: start instances, wait for results, inspect, signal, cancel, terminate.
+
+use crate::error::{ClientError, StoreError};
+use crate::store::{
+    CreateOutcome, InstanceInfo, InstanceStatus, ListFilter, NewInstance, SharedStore,
+};
+use retrace_sdk::{Coordinator, Error, Event, HistoryEvent};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+/// How often a waiting client re-reads an instance when no change notification arrives (changes
+/// made by other processes are only seen this way).
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// A handle on a store for callers: cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    store: SharedStore,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client of `store`.
+    pub fn new(store: SharedStore) -> Self {
+        Client { store }
+    }
+
+    /// Starts an instance of `coordinator` named `id`. Idempotent: if `id` exists, nothing is
+    /// started and the existing instance's handle is returned.
+    ///
+    /// # Errors
+    /// [`ClientError::CoordinatorMismatch`] when `id` exists with another coordinator; payload
+    /// and store errors.
+    pub async fn start<I: Serialize, O>(
+        &self,
+        coordinator: &Coordinator<I, O>,
+        id: &str,
+        input: &I,
+    ) -> Result<InstanceHandle<O>, ClientError> {
+        let input = serde_json::to_value(input).map_err(|e| ClientError::Payload {
+            instance_id: id.to_string(),
+            message: format!("input does not encode: {e}"),
+        })?;
+        let new = NewInstance {
+            id: id.to_string(),
+            coordinator: coordinator.name().to_string(),
+            input,
+            parent: None,
+        };
+        let _span = tracing::debug_span!("start", instance_id = %id).entered();
+        match self.store.create_instance(new).await? {
+            CreateOutcome::Created => {}
+            CreateOutcome::Existing(info) if info.coordinator != coordinator.name() => {
+                return Err(ClientError::CoordinatorMismatch {
+                    instance_id: id.to_string(),
+                    expected: coordinator.name().to_string(),
+                    found: info.coordinator,
+                });
+            }
+            CreateOutcome::Existing(_) => {}
+        }
+        Ok(self.handle(coordinator, id))
+    }
+
+    /// A handle on an existing (or future) instance, without touching the store.
+    pub fn handle<I, O>(&self, _coordinator: &Coordinator<I, O>, id: &str) -> InstanceHandle<O> {
+        InstanceHandle {
+            client: self.clone(),
+            id: id.to_string(),
+            _output: PhantomData,
+        }
+    }
+
+    /// The instance's status, coordinator, timestamps, output or error, and custom status.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors.
+    pub async fn describe(&self, id: &str) -> Result<InstanceInfo, ClientError> {
+        self.store
+            .describe(id)
+            .await?
+            .ok_or_else(|| ClientError::NotFound {
+                instance_id: id.to_string(),
+            })
+    }
+
+    /// The instance's history, as typed events.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors (an undecodable event is
+    /// [`StoreError::Corrupt`] naming its position).
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>, ClientError> {
+        self.store.history(id).await.map_err(|e| not_found(id, e))
+    }
+
+    /// Instances matching `filter`, newest first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<InstanceInfo>, ClientError> {
+        Ok(self.store.list_instances(filter).await?)
+    }
+
+    /// Sends the signal `name` with `payload`. Signals that arrive before the coordinator waits
+    /// are buffered in arrival order.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], payload and store errors.
+    pub async fn signal<T: Serialize>(
+        &self,
+        id: &str,
+        name: &str,
+        payload: &T,
+    ) -> Result<(), ClientError> {
+        self.send_signal(id, name, payload, None).await.map(|_| ())
+    }
+
+    /// Sends a signal at most once per `signal_id`: a repeated delivery with the same id is
+    /// ignored. Returns whether this delivery was accepted.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], payload and store errors.
+    pub async fn signal_once<T: Serialize>(
+        &self,
+        id: &str,
+        name: &str,
+        payload: &T,
+        signal_id: &str,
+    ) -> Result<bool, ClientError> {
+        self.send_signal(id, name, payload, Some(signal_id)).await
+    }
+
+    async fn send_signal<T: Serialize>(
+        &self,
+        id: &str,
+        name: &str,
+        payload: &T,
+        signal_id: Option<&str>,
+    ) -> Result<bool, ClientError> {
+        let payload = serde_json::to_value(payload).map_err(|e| ClientError::Payload {
+            instance_id: id.to_string(),
+            message: format!("signal {name} does not encode: {e}"),
+        })?;
+        let event = Event::SignalReceived {
+            name: name.to_string(),
+            payload,
+        };
+        let dedupe = signal_id.map(|s| format!("signal:{s}"));
+        self.store
+            .deliver(id, event, dedupe.as_deref())
+            .await
+            .map_err(|e| not_found(id, e))
+    }
+
+    /// Asks the instance to cancel: its pending awaits fail with [`Error::Cancelled`], it may
+    /// run compensations, and it ends as cancelled when its coordinator returns that error.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<(), ClientError> {
+        let event = Event::CancelRequested {
+            reason: reason.to_string(),
+        };
+        self.store
+            .deliver(id, event, Some("cancel"))
+            .await
+            .map_err(|e| not_found(id, e))?;
+        Ok(())
+    }
+
+    /// Ends the instance at once, without running any more of its code, recording `reason`.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors.
+    pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ClientError> {
+        self.store
+            .terminate(id, reason)
+            .await
+            .map_err(|e| not_found(id, e))
+    }
+
+    /// Puts an instance stopped by a nondeterminism error back to running, after a code fix.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors.
+    pub async fn resume(&self, id: &str) -> Result<(), ClientError> {
+        self.store.resume(id).await.map_err(|e| not_found(id, e))
+    }
+
+    /// Waits until the instance has ended or stopped, and returns its description.
+    ///
+    /// # Errors
+    /// [`ClientError::NotFound`], store errors.
+    pub async fn wait(&self, id: &str) -> Result<InstanceInfo, ClientError> {
+        let mut changes = self.store.changes();
+        loop {
+            changes.borrow_and_update();
+            let info = self.describe(id).await?;
+            if info.status.is_final() || info.status == InstanceStatus::Stopped {
+                return Ok(info);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(WAIT_POLL) => {}
+            }
+        }
+    }
+
+    /// [`Client::wait`] with a deadline.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`], and those of [`Client::wait`].
+    pub async fn wait_for(&self, id: &str, timeout: Duration) -> Result<InstanceInfo, ClientError> {
+        tokio::time::timeout(timeout, self.wait(id))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                instance_id: id.to_string(),
+            })?
+    }
+}
+
+fn not_found(id: &str, e: StoreError) -> ClientError {
+    match e {
+        StoreError::NotFound { .. } => ClientError::NotFound {
+            instance_id: id.to_string(),
+        },
+        other => ClientError::Store(other),
+    }
+}
+
+/// A typed handle on one instance.
+pub struct InstanceHandle<O> {
+    client: Client,
+    id: String,
+    _output: PhantomData<fn() -> O>,
+}
+
+impl<O> Clone for InstanceHandle<O> {
+    fn clone(&self) -> Self {
+        InstanceHandle {
+            client: self.client.clone(),
+            id: self.id.clone(),
+            _output: PhantomData,
+        }
+    }
+}
+
+impl<O> std::fmt::Debug for InstanceHandle<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceHandle")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl<O: DeserializeOwned> InstanceHandle<O> {
+    /// The instance id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits for the instance to end and returns its output.
+    ///
+    /// # Errors
+    /// [`ClientError::Failed`] with the coordinator's error (a cancellation is
+    /// [`Error::Cancelled`]), [`ClientError::Terminated`], [`ClientError::Stopped`], payload and
+    /// store errors.
+    pub async fn result(&self) -> Result<O, ClientError> {
+        let info = self.client.wait(&self.id).await?;
+        outcome(info)
+    }
+
+    /// The instance's description.
+    ///
+    /// # Errors
+    /// As [`Client::describe`].
+    pub async fn describe(&self) -> Result<InstanceInfo, ClientError> {
+        self.client.describe(&self.id).await
+    }
+}
+
+fn outcome<O: DeserializeOwned>(info: InstanceInfo) -> Result<O, ClientError> {
+    let id = info.id.clone();
+    match info.status {
+        InstanceStatus::Completed => {
+            let output = info.output.unwrap_or(serde_json::Value::Null);
+            serde_json::from_value(output).map_err(|e| ClientError::Payload {
+                instance_id: id,
+                message: format!("output does not decode: {e}"),
+            })
+        }
+        InstanceStatus::Failed | InstanceStatus::Cancelled => Err(ClientError::Failed {
+            instance_id: id,
+            error: info
+                .error
+                .unwrap_or_else(|| Error::application("unknown", "ended without a recorded error")),
+        }),
+        InstanceStatus::Terminated => Err(ClientError::Terminated {
+            instance_id: id,
+            reason: info.reason.unwrap_or_default(),
+        }),
+        InstanceStatus::Stopped | InstanceStatus::Running => Err(ClientError::Stopped {
+            instance_id: id,
+            reason: info.reason.unwrap_or_default(),
+        }),
+    }
+}

@@ -1,0 +1,18 @@
+//! Every hard limit and default of the runtime, in one place.
+
+use std::time::Duration;
+
+/// How long a worker's claim on an instance or an activity task lasts without renewal.
+pub const LEASE_DEFAULT: Duration = Duration::from_secs(3);
+/// How often a worker looks for work it was not told about (other processes' writes).
+pub const POLL_INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
+/// Activity bodies running at once in one worker.
+pub const ACTIVITIES_CONCURRENT_MAX: usize = 1024;
+/// Executions kept in a worker's hot cache.
+pub const CACHE_CAPACITY_DEFAULT: usize = 10_000;
+/// Instances or tasks claimed by one poll.
+pub const CLAIM_BATCH_MAX: usize = 256;
+/// Store operations committed in one group-commit transaction.
+pub const GROUP_COMMIT_MAX: usize = 512;
+/// SQLite busy timeout.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

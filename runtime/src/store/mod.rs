@@ -1,0 +1,488 @@
+//! The `Store` trait: where histories, inboxes, activity tasks and timers live.
+//!
+//! A store keeps, per instance:
+//! - the **history**: events at contiguous positions, grouped into activations;
+//! - the **inbox**: inbound events (activity outcomes, fired timers, signals, cancel requests)
+//!   that have been durably accepted but not yet delivered to the coordinator. An activation
+//!   moves a batch from the inbox into the history in one transaction;
+//! - **activity tasks** with their attempt count and next-attempt time (a backoff is a durable
+//!   timer: the task is invisible until then);
+//! - **timers** by due time;
+//! - a **lease** (owner, expiry) that says which worker may extend the history.
+//!
+//! # Invariants every implementation keeps
+//! - An append happens only at the expected next position, in the same transaction that checks
+//!   it; otherwise [`StoreError::Conflict`] and nothing is written.
+//! - An activity call position gets at most one outcome in the inbox (deduplicated per position),
+//!   and the outcome is accepted only while the task still exists.
+//! - A call returns only after its transaction committed with the store's durability setting.
+//!
+//! The replay machinery knows nothing of this trait: a new store (PostgreSQL) implements it
+//! without touching `retrace-sdk`.
+
+pub mod sqlite;
+
+use crate::error::StoreError;
+use async_trait::async_trait;
+use retrace_sdk::{ActivityError, Error, Event, HistoryEvent, ParentRef, RetrySpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceStatus {
+    /// Running or waiting.
+    Running,
+    /// The coordinator returned `Ok`.
+    Completed,
+    /// The coordinator returned an error.
+    Failed,
+    /// The coordinator ended after a cancellation.
+    Cancelled,
+    /// Terminated by a client.
+    Terminated,
+    /// Stopped by a nondeterminism error or an unreadable history; resumable after a fix.
+    Stopped,
+}
+
+impl InstanceStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Running => "running",
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Cancelled => "cancelled",
+            InstanceStatus::Terminated => "terminated",
+            InstanceStatus::Stopped => "stopped",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => InstanceStatus::Running,
+            "completed" => InstanceStatus::Completed,
+            "failed" => InstanceStatus::Failed,
+            "cancelled" => InstanceStatus::Cancelled,
+            "terminated" => InstanceStatus::Terminated,
+            "stopped" => InstanceStatus::Stopped,
+            _ => return None,
+        })
+    }
+
+    /// Whether the instance has ended for good.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            InstanceStatus::Completed
+                | InstanceStatus::Failed
+                | InstanceStatus::Cancelled
+                | InstanceStatus::Terminated
+        )
+    }
+}
+
+impl std::fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a store knows about an instance, without its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InstanceInfo {
+    /// The instance id.
+    pub id: String,
+    /// The coordinator's registered name.
+    pub coordinator: String,
+    /// Lifecycle state.
+    pub status: InstanceStatus,
+    /// The input of the current run.
+    pub input: Value,
+    /// The output, once completed.
+    pub output: Option<Value>,
+    /// The error, once failed or cancelled.
+    pub error: Option<Error>,
+    /// Why the instance is stopped, terminated, or waiting for a worker that knows its code.
+    pub reason: Option<String>,
+    /// The last custom status published by the coordinator.
+    pub custom_status: Option<Value>,
+    /// The parent, for a child instance.
+    pub parent: Option<ParentRef>,
+    /// How many times the instance continued as new.
+    pub generation: u64,
+    /// The next history position (the history length of the current run).
+    pub next_position: u64,
+    /// The next activation number.
+    pub next_activation: u32,
+    /// When it was created, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When it last changed, ms since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// When it ended, ms since the Unix epoch.
+    pub ended_at_ms: Option<u64>,
+}
+
+/// A request to create an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInstance {
+    /// The caller-chosen id.
+    pub id: String,
+    /// The coordinator's registered name.
+    pub coordinator: String,
+    /// The input.
+    pub input: Value,
+    /// The parent, for a child instance.
+    pub parent: Option<ParentRef>,
+}
+
+/// The answer to [`Store::create_instance`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    /// A new instance was created.
+    Created,
+    /// An instance with that id already existed; nothing was changed.
+    Existing(InstanceInfo),
+}
+
+/// An inbox message: an inbound event accepted but not yet delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxMessage {
+    /// Store-assigned id, increasing in arrival order.
+    pub id: i64,
+    /// The event.
+    pub event: Event,
+}
+
+/// An instance loaded for an activation.
+#[derive(Debug, Clone)]
+pub struct LoadedInstance {
+    /// The instance row.
+    pub info: InstanceInfo,
+    /// History events from the requested position on.
+    pub events: Vec<HistoryEvent>,
+    /// Undelivered inbox messages, in arrival order.
+    pub inbox: Vec<InboxMessage>,
+}
+
+/// An activity task to create with an activation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// The call position.
+    pub seq: u32,
+    /// The activity's registered name.
+    pub name: String,
+    /// The input.
+    pub input: Value,
+    /// The retry policy.
+    pub retry: RetrySpec,
+    /// Whether the committing worker claims it at once (it runs that activity itself).
+    pub claim: bool,
+}
+
+/// How an instance's run ended, as committed with its last activation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// The coordinator returned `Ok`.
+    Completed(Value),
+    /// The coordinator returned an error.
+    Failed(Error),
+    /// The coordinator ended after a cancellation.
+    Cancelled(String),
+    /// The coordinator restarts with new input and an empty history.
+    ContinueAsNew(Value),
+}
+
+/// Everything one activation writes, in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationCommit {
+    /// The instance.
+    pub instance_id: String,
+    /// The committing worker (must hold the instance's lease).
+    pub owner: String,
+    /// The run the activation belongs to.
+    pub generation: u64,
+    /// The history position the first event goes to; the append fails with a conflict otherwise.
+    pub expected_position: u64,
+    /// The activation number of the events.
+    pub activation: u32,
+    /// The events to append.
+    pub events: Vec<Event>,
+    /// Inbox messages delivered by this activation, to delete.
+    pub consumed_inbox: Vec<i64>,
+    /// Activity tasks to create.
+    pub tasks: Vec<NewTask>,
+    /// Timers to create: (position, due time in ms).
+    pub timers: Vec<(u32, u64)>,
+    /// Child instances to create.
+    pub children: Vec<NewInstance>,
+    /// A new custom status.
+    pub custom_status: Option<Value>,
+    /// The end of the run, if the coordinator returned.
+    pub end: Option<RunEnd>,
+    /// The lease duration for claimed tasks and a kept instance lease, in ms.
+    pub lease_ms: u64,
+}
+
+impl ActivationCommit {
+    /// Derives the store effects of an activation's events: tasks for scheduled activities,
+    /// timers, children, and the end of the run. `claims` says which activity names the
+    /// committing worker runs itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plan(
+        instance_id: &str,
+        owner: &str,
+        generation: u64,
+        expected_position: u64,
+        activation: u32,
+        events: Vec<Event>,
+        consumed_inbox: Vec<i64>,
+        custom_status: Option<Value>,
+        claims: &dyn Fn(&str) -> bool,
+        lease_ms: u64,
+    ) -> Self {
+        let mut tasks = Vec::new();
+        let mut timers = Vec::new();
+        let mut children = Vec::new();
+        let mut end = None;
+        for event in &events {
+            match event {
+                Event::ActivityScheduled {
+                    seq,
+                    name,
+                    input,
+                    retry,
+                } => tasks.push(NewTask {
+                    seq: *seq,
+                    name: name.clone(),
+                    input: input.clone(),
+                    retry: retry.clone(),
+                    claim: claims(name),
+                }),
+                Event::TimerStarted { seq, fire_at_ms } => timers.push((*seq, *fire_at_ms)),
+                Event::ChildStarted {
+                    seq,
+                    instance_id: child,
+                    coordinator,
+                    input,
+                } => children.push(NewInstance {
+                    id: child.clone(),
+                    coordinator: coordinator.clone(),
+                    input: input.clone(),
+                    parent: Some(ParentRef {
+                        instance_id: instance_id.to_string(),
+                        seq: *seq,
+                    }),
+                }),
+                Event::InstanceCompleted { output } => {
+                    end = Some(RunEnd::Completed(output.clone()))
+                }
+                Event::InstanceFailed { error } => end = Some(RunEnd::Failed(error.clone())),
+                Event::InstanceCancelled { reason } => {
+                    end = Some(RunEnd::Cancelled(reason.clone()))
+                }
+                Event::ContinuedAsNew { input } => end = Some(RunEnd::ContinueAsNew(input.clone())),
+                _ => {}
+            }
+        }
+        ActivationCommit {
+            instance_id: instance_id.to_string(),
+            owner: owner.to_string(),
+            generation,
+            expected_position,
+            activation,
+            events,
+            consumed_inbox,
+            tasks,
+            timers,
+            children,
+            custom_status,
+            end,
+            lease_ms,
+        }
+    }
+}
+
+/// What an activation commit reports back.
+#[derive(Debug, Clone, Default)]
+pub struct CommitReceipt {
+    /// Inbox messages arrived meanwhile: the committing worker keeps the lease and should
+    /// activate again.
+    pub ready_again: bool,
+    /// Tasks the committing worker claimed (those with `claim: true`).
+    pub claimed_tasks: Vec<ActivityTask>,
+    /// Instances made ready by this commit (a parent notified of a child's end, new children),
+    /// so that a worker can pick them up without polling.
+    pub woken: Vec<String>,
+}
+
+/// An activity task claimed by a worker, for one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivityTask {
+    /// The calling instance.
+    pub instance_id: String,
+    /// The call position.
+    pub seq: u32,
+    /// The activity's registered name.
+    pub name: String,
+    /// The input.
+    pub input: Value,
+    /// The retry policy.
+    pub retry: RetrySpec,
+    /// The attempt this claim runs, from 1.
+    pub attempt: u32,
+    /// The caller's run.
+    pub generation: u64,
+}
+
+/// The result of one activity attempt, to record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    /// The call has its final outcome (success, or failure for good): an inbox event.
+    Final(Event),
+    /// The attempt failed and will be retried at `next_attempt_at_ms` (a durable timer).
+    Retry {
+        /// When the next attempt becomes visible.
+        next_attempt_at_ms: u64,
+        /// Why this attempt failed.
+        error: ActivityError,
+    },
+}
+
+/// What [`Store::finish_task`] reports back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FinishReceipt {
+    /// The outcome was recorded (false: the task was gone or no longer leased by this worker,
+    /// and the outcome was dropped — another attempt owns the position).
+    pub accepted: bool,
+    /// The finishing worker now holds the instance's lease and should activate it.
+    pub instance_claimed: bool,
+}
+
+/// A filter for [`Store::list_instances`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only instances in this state.
+    pub status: Option<InstanceStatus>,
+    /// Only instances of this coordinator.
+    pub coordinator: Option<String>,
+    /// At most this many (newest first).
+    pub limit: Option<usize>,
+}
+
+/// Where histories, inboxes, tasks and timers live. See the module docs for the invariants.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an instance and puts `InstanceStarted` in its inbox; if the id exists, changes
+    /// nothing and returns the existing instance.
+    async fn create_instance(&self, new: NewInstance) -> Result<CreateOutcome, StoreError>;
+
+    /// Claims up to `limit` instances that have undelivered inbox messages, run one of
+    /// `coordinators`, and are not leased by another worker.
+    async fn claim_ready(
+        &self,
+        owner: &str,
+        coordinators: &[String],
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Loads an instance row, its history from `from_position` on, and its inbox.
+    async fn load(
+        &self,
+        instance_id: &str,
+        from_position: u64,
+    ) -> Result<LoadedInstance, StoreError>;
+
+    /// Appends an activation and applies its effects atomically, if `expected_position` is still
+    /// the next position and `owner` holds the lease.
+    async fn commit_activation(
+        &self,
+        commit: ActivationCommit,
+    ) -> Result<CommitReceipt, StoreError>;
+
+    /// Stops an instance (nondeterminism, unreadable history) without touching its history.
+    async fn stop_instance(
+        &self,
+        instance_id: &str,
+        owner: &str,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Notes why a running instance cannot progress here (for example an unknown coordinator),
+    /// and hands back its lease. The instance stays running.
+    async fn note_waiting(
+        &self,
+        instance_id: &str,
+        owner: &str,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` visible activity tasks among `activities`, counting a new attempt
+    /// for each.
+    async fn claim_tasks(
+        &self,
+        owner: &str,
+        activities: &[String],
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<ActivityTask>, StoreError>;
+
+    /// Records the outcome of an attempt of a task this worker holds.
+    async fn finish_task(
+        &self,
+        owner: &str,
+        task: &ActivityTask,
+        outcome: AttemptOutcome,
+        lease_ms: u64,
+    ) -> Result<FinishReceipt, StoreError>;
+
+    /// Renews every lease `owner` holds; returns how many rows were renewed.
+    async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, StoreError>;
+
+    /// Hands back every lease `owner` holds (graceful shutdown).
+    async fn release_leases(&self, owner: &str) -> Result<(), StoreError>;
+
+    /// Moves due timers into their instances' inboxes; returns the instances made ready.
+    async fn fire_due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    /// The due time of the earliest pending timer or retry, if any.
+    async fn next_due(&self) -> Result<Option<u64>, StoreError>;
+
+    /// Puts an inbound event (a signal, a cancel request) in an instance's inbox. With a
+    /// `dedupe_key`, a second delivery with the same key is ignored; returns whether it was
+    /// accepted.
+    async fn deliver(
+        &self,
+        instance_id: &str,
+        event: Event,
+        dedupe_key: Option<&str>,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends an instance at once, recording why in its history.
+    async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError>;
+
+    /// Puts a stopped instance back to running.
+    async fn resume(&self, instance_id: &str) -> Result<(), StoreError>;
+
+    /// The instance row.
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, StoreError>;
+
+    /// The whole history of the current run.
+    async fn history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>, StoreError>;
+
+    /// Instances matching `filter`.
+    async fn list_instances(&self, filter: &ListFilter) -> Result<Vec<InstanceInfo>, StoreError>;
+
+    /// A channel that changes whenever an instance may have become ready or ended, for waiting
+    /// without polling inside one process.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// A shared, type-erased store.
+pub type SharedStore = Arc<dyn Store>;

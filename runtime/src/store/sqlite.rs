@@ -1,0 +1,1588 @@
+//! The SQLite store: one file, WAL, `synchronous=FULL` by default, group commit.
+//!
+//! # Commit protocol
+//! One dedicated thread owns the only writing connection. Store operations are closures sent to
+//! it over a channel; the thread takes every operation waiting (up to
+//! [`crate::limits::GROUP_COMMIT_MAX`]), runs each inside its own savepoint of one `BEGIN
+//! IMMEDIATE` transaction, commits once (one fsync for the whole batch), and only then answers
+//! each caller. An operation that fails rolls back to its savepoint without disturbing the
+//! others. Reads use separate connections (WAL lets them run beside the writer).
+//!
+//! # Schema
+//! Versioned with `PRAGMA user_version`, marked as ours with `PRAGMA application_id`; see
+//! `docs/storage-format.md`. Opening a file of a newer schema or a file that is not a Retrace
+//! store is an error that changes nothing in the file.
+
+use super::{
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, FinishReceipt,
+    InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd,
+    Store,
+};
+use crate::clock::now_ms;
+use crate::error::StoreError;
+use crate::limits::{BUSY_TIMEOUT, GROUP_COMMIT_MAX};
+use async_trait::async_trait;
+use retrace_sdk::{Error, Event, HistoryEvent, ParentRef, RetrySpec};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// `PRAGMA application_id` of a Retrace store ("RTRC").
+const APPLICATION_ID: i64 = 0x5254_5243;
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migrations, index `i` moves a store from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE instances (
+    id              TEXT PRIMARY KEY,
+    coordinator     TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    input           TEXT NOT NULL,
+    output          TEXT,
+    error           TEXT,
+    reason          TEXT,
+    custom_status   TEXT,
+    parent_id       TEXT,
+    parent_seq      INTEGER,
+    generation      INTEGER NOT NULL DEFAULT 0,
+    next_pos        INTEGER NOT NULL DEFAULT 0,
+    next_activation INTEGER NOT NULL DEFAULT 0,
+    ready           INTEGER NOT NULL DEFAULT 0,
+    lease_owner     TEXT,
+    lease_until     INTEGER NOT NULL DEFAULT 0,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    ended_at        INTEGER
+);
+CREATE INDEX instances_ready ON instances(lease_until) WHERE ready = 1 AND status = 'running';
+CREATE INDEX instances_status ON instances(status, created_at);
+CREATE TABLE events (
+    instance_id TEXT NOT NULL,
+    pos         INTEGER NOT NULL,
+    activation  INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    PRIMARY KEY (instance_id, pos)
+) WITHOUT ROWID;
+CREATE TABLE inbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id TEXT NOT NULL,
+    dedupe      TEXT,
+    body        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    UNIQUE (instance_id, dedupe)
+);
+CREATE TABLE tasks (
+    instance_id TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    generation  INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    input       TEXT NOT NULL,
+    retry       TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    due_at      INTEGER NOT NULL,
+    lease_owner TEXT,
+    last_error  TEXT,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE INDEX tasks_due ON tasks(due_at);
+CREATE TABLE timers (
+    instance_id TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    generation  INTEGER NOT NULL,
+    fire_at     INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE INDEX timers_due ON timers(fire_at);
+"#];
+
+/// How hard each commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit survives power loss once acknowledged. The default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: in WAL mode, the last commits before a power loss (not a process
+    /// crash) may be lost; a process crash loses nothing. Faster on slow disks.
+    Normal,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Options of [`SqliteStore::open_with`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// How hard each commit waits for the disk.
+    pub durability: Durability,
+    /// How long an operation waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// A cap on the file size in pages (`PRAGMA max_page_count`), to bound disk use.
+    pub max_page_count: Option<u64>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            durability: Durability::Full,
+            busy_timeout: BUSY_TIMEOUT,
+            max_page_count: None,
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: String,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    readers: Option<Arc<Mutex<Vec<Connection>>>>,
+    reader_path: PathBuf,
+    options: SqliteOptions,
+    changes: watch::Sender<u64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn map_err(operation: &str, path_or_instance: &str, e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(code, msg) = &e {
+        let detail = msg.clone().unwrap_or_else(|| code.to_string());
+        return match code.code {
+            ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => StoreError::Busy {
+                operation: operation.to_string(),
+                detail,
+            },
+            ErrorCode::DiskFull => StoreError::Full {
+                operation: operation.to_string(),
+                detail,
+            },
+            ErrorCode::NotADatabase => StoreError::NotARetraceStore {
+                path: path_or_instance.to_string(),
+                detail: "not an SQLite database".to_string(),
+            },
+            _ => StoreError::Database {
+                operation: operation.to_string(),
+                detail,
+            },
+        };
+    }
+    StoreError::Database {
+        operation: operation.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| map_err(operation, "", e)
+}
+
+fn configure(conn: &Connection, options: &SqliteOptions, path: &str) -> Result<(), StoreError> {
+    let err = |e| map_err("configure connection", path, e);
+    conn.busy_timeout(options.busy_timeout).map_err(err)?;
+    conn.pragma_update(None, "synchronous", options.durability.pragma())
+        .map_err(err)?;
+    if let Some(pages) = options.max_page_count {
+        conn.pragma_update(None, "max_page_count", pages as i64)
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Checks the file's identity and schema, creating or migrating it as needed.
+fn prepare_schema(conn: &Connection, path: &str) -> Result<(), StoreError> {
+    let err = |e| map_err("open store", path, e);
+    let app_id: i64 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(err)?;
+    if app_id != APPLICATION_ID {
+        if app_id != 0 || tables != 0 {
+            return Err(StoreError::NotARetraceStore {
+                path: path.to_string(),
+                detail: format!(
+                    "application_id {app_id:#x} and {tables} table(s) of another program"
+                ),
+            });
+        }
+    } else if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_string(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version < SCHEMA_VERSION {
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+        let migrate = || -> Result<(), rusqlite::Error> {
+            for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                conn.execute_batch(sql)?;
+                conn.pragma_update(None, "user_version", from as i64 + 1)?;
+            }
+            conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+            Ok(())
+        };
+        match migrate() {
+            Ok(()) => conn.execute_batch("COMMIT").map_err(err)?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(map_err("migrate schema", path, e));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` with default options.
+    ///
+    /// # Errors
+    /// [`StoreError::NotARetraceStore`], [`StoreError::NewerSchema`], or a database error.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotARetraceStore`], [`StoreError::NewerSchema`], or a database error.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path_ref = path.as_ref();
+        let display = path_ref.display().to_string();
+        let conn = Connection::open(path_ref).map_err(|e| map_err("open store", &display, e))?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(|e| map_err("open store", &display, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Database {
+                operation: "open store".into(),
+                detail: format!("{display}: could not enable WAL (journal_mode is {mode})"),
+            });
+        }
+        configure(&conn, &options, &display)?;
+        prepare_schema(&conn, &display)?;
+        Ok(Self::start(
+            display,
+            path_ref.to_path_buf(),
+            conn,
+            Some(Arc::default()),
+            options,
+        ))
+    }
+
+    /// An in-memory store (nothing is durable), for examples and tests. Reads and writes share
+    /// one connection.
+    ///
+    /// # Errors
+    /// A database error.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(db("open in-memory store"))?;
+        let options = SqliteOptions::default();
+        configure(&conn, &options, ":memory:")?;
+        prepare_schema(&conn, ":memory:")?;
+        Ok(Self::start(
+            ":memory:".into(),
+            PathBuf::new(),
+            conn,
+            None,
+            options,
+        ))
+    }
+
+    fn start(
+        path: String,
+        reader_path: PathBuf,
+        conn: Connection,
+        readers: Option<Arc<Mutex<Vec<Connection>>>>,
+        options: SqliteOptions,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer = std::thread::Builder::new()
+            .name("retrace-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .ok();
+        let (changes, _) = watch::channel(0);
+        SqliteStore {
+            path,
+            jobs: Mutex::new(Some(tx)),
+            readers,
+            reader_path,
+            options,
+            changes,
+            writer: Mutex::new(writer),
+        }
+    }
+
+    /// The file this store uses.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Runs `f` in the writer's next group-commit transaction; answers after the commit.
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, reply)
+        });
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(job).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a reader connection (or on the writer, for an in-memory store).
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let Some(pool) = &self.readers else {
+            return self.write(f).await;
+        };
+        let pool = Arc::clone(pool);
+        let path = self.reader_path.clone();
+        let options = self.options.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => {
+                    let display = path.display().to_string();
+                    let c =
+                        Connection::open(&path).map_err(|e| map_err("open reader", &display, e))?;
+                    configure(&c, &options, &display)?;
+                    c
+                }
+            };
+            let result = f(&conn);
+            // A reader left inside a transaction by an error would pin an old snapshot.
+            if conn.is_autocommit() {
+                pool.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Database {
+            operation: "read".into(),
+            detail: e.to_string(),
+        })?
+    }
+
+    /// Stops the writer thread after the operations already queued.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(GROUP_COMMIT_MAX);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < GROUP_COMMIT_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let _span = tracing::trace_span!("store_commit", operations = batch.len()).entered();
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let err = map_err("begin transaction", "", e);
+            for job in batch.drain(..) {
+                // The job must still run to build its reply; its writes are discarded.
+                let (_, reply) = job(&conn);
+                reply(Err(clone_error(&err)));
+            }
+            let _ = conn.execute_batch("ROLLBACK");
+            continue;
+        }
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            let savepoint = conn.execute_batch("SAVEPOINT op");
+            let (ok, reply) = job(&conn);
+            if savepoint.is_ok() {
+                if ok {
+                    let _ = conn.execute_batch("RELEASE op");
+                } else {
+                    let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                }
+            }
+            replies.push(reply);
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                for reply in replies {
+                    reply(Ok(()));
+                }
+            }
+            Err(e) => {
+                let err = map_err("commit", "", e);
+                tracing::error!(error = %err, "group commit failed; nothing of the batch was kept");
+                let _ = conn.execute_batch("ROLLBACK");
+                for reply in replies {
+                    reply(Err(clone_error(&err)));
+                }
+            }
+        }
+    }
+}
+
+fn clone_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Busy { operation, detail } => StoreError::Busy {
+            operation: operation.clone(),
+            detail: detail.clone(),
+        },
+        StoreError::Full { operation, detail } => StoreError::Full {
+            operation: operation.clone(),
+            detail: detail.clone(),
+        },
+        other => StoreError::Database {
+            operation: "commit".into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Database {
+        operation: "encode".into(),
+        detail: e.to_string(),
+    })
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(
+    instance_id: &str,
+    what: impl FnOnce() -> String,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        instance_id: instance_id.to_string(),
+        what: what(),
+        detail: e.to_string(),
+    })
+}
+
+const INSTANCE_COLUMNS: &str = "id, coordinator, status, input, output, error, reason, custom_status, \
+     parent_id, parent_seq, generation, next_pos, next_activation, created_at, updated_at, ended_at";
+
+fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<RawInstance> {
+    Ok(RawInstance {
+        id: row.get(0)?,
+        coordinator: row.get(1)?,
+        status: row.get(2)?,
+        input: row.get(3)?,
+        output: row.get(4)?,
+        error: row.get(5)?,
+        reason: row.get(6)?,
+        custom_status: row.get(7)?,
+        parent_id: row.get(8)?,
+        parent_seq: row.get(9)?,
+        generation: row.get(10)?,
+        next_pos: row.get(11)?,
+        next_activation: row.get(12)?,
+        created_at: row.get(13)?,
+        updated_at: row.get(14)?,
+        ended_at: row.get(15)?,
+    })
+}
+
+struct RawInstance {
+    id: String,
+    coordinator: String,
+    status: String,
+    input: String,
+    output: Option<String>,
+    error: Option<String>,
+    reason: Option<String>,
+    custom_status: Option<String>,
+    parent_id: Option<String>,
+    parent_seq: Option<i64>,
+    generation: i64,
+    next_pos: i64,
+    next_activation: i64,
+    created_at: i64,
+    updated_at: i64,
+    ended_at: Option<i64>,
+}
+
+impl RawInstance {
+    fn decode(self) -> Result<InstanceInfo, StoreError> {
+        let id = self.id;
+        let status = InstanceStatus::parse(&self.status).ok_or_else(|| StoreError::Corrupt {
+            instance_id: id.clone(),
+            what: "status".into(),
+            detail: format!("unknown status {:?}", self.status),
+        })?;
+        let input: Value = decode_json(&id, || "input".into(), &self.input)?;
+        let output = match self.output {
+            Some(t) => Some(decode_json(&id, || "output".into(), &t)?),
+            None => None,
+        };
+        let error: Option<Error> = match self.error {
+            Some(t) => Some(decode_json(&id, || "error".into(), &t)?),
+            None => None,
+        };
+        let custom_status = match self.custom_status {
+            Some(t) => Some(decode_json(&id, || "custom status".into(), &t)?),
+            None => None,
+        };
+        let parent = match (self.parent_id, self.parent_seq) {
+            (Some(instance_id), Some(seq)) => Some(ParentRef {
+                instance_id,
+                seq: seq as u32,
+            }),
+            _ => None,
+        };
+        Ok(InstanceInfo {
+            id,
+            coordinator: self.coordinator,
+            status,
+            input,
+            output,
+            error,
+            reason: self.reason,
+            custom_status,
+            parent,
+            generation: self.generation as u64,
+            next_position: self.next_pos as u64,
+            next_activation: self.next_activation as u32,
+            created_at_ms: self.created_at as u64,
+            updated_at_ms: self.updated_at as u64,
+            ended_at_ms: self.ended_at.map(|v| v as u64),
+        })
+    }
+}
+
+fn get_instance(conn: &Connection, id: &str) -> Result<Option<InstanceInfo>, StoreError> {
+    let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1");
+    let raw = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| s.query_row([id], instance_from_row).optional())
+        .map_err(db("read instance"))?;
+    raw.map(RawInstance::decode).transpose()
+}
+
+fn insert_inbox(
+    conn: &Connection,
+    instance_id: &str,
+    dedupe: Option<&str>,
+    event: &Event,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let body = to_json(event)?;
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO inbox (instance_id, dedupe, body, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (instance_id, dedupe) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![instance_id, dedupe, body, now as i64]))
+        .map_err(db("insert inbox message"))?;
+    Ok(n > 0)
+}
+
+fn mark_ready(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1 AND status = 'running'")
+        .and_then(|mut s| s.execute([instance_id]))
+        .map_err(db("mark instance ready"))?;
+    Ok(())
+}
+
+/// Creates an instance inside the current transaction.
+fn create_in_tx(
+    conn: &Connection,
+    new: &NewInstance,
+    now: u64,
+) -> Result<CreateOutcome, StoreError> {
+    let input = to_json(&new.input)?;
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq, ready,
+                                    created_at, updated_at)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?5, 1, ?6, ?6)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                new.id,
+                new.coordinator,
+                input,
+                new.parent.as_ref().map(|p| p.instance_id.clone()),
+                new.parent.as_ref().map(|p| p.seq),
+                now as i64
+            ])
+        })
+        .map_err(db("create instance"))?;
+    if n == 0 {
+        let existing = get_instance(conn, &new.id)?.ok_or_else(|| StoreError::NotFound {
+            instance_id: new.id.clone(),
+        })?;
+        return Ok(CreateOutcome::Existing(existing));
+    }
+    let start = Event::InstanceStarted {
+        coordinator: new.coordinator.clone(),
+        input: new.input.clone(),
+        parent: new.parent.clone(),
+    };
+    insert_inbox(conn, &new.id, Some("start:0"), &start, now)?;
+    Ok(CreateOutcome::Created)
+}
+
+/// Tells a parent that its child ended, inside the current transaction.
+fn notify_parent(
+    conn: &Connection,
+    parent: &ParentRef,
+    result: Result<Value, Error>,
+    now: u64,
+) -> Result<(), StoreError> {
+    let event = Event::ChildCompleted {
+        seq: parent.seq,
+        result,
+    };
+    let dedupe = format!("child:{}", parent.seq);
+    insert_inbox(conn, &parent.instance_id, Some(&dedupe), &event, now)?;
+    mark_ready(conn, &parent.instance_id)
+}
+
+fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> {
+    match info.status {
+        InstanceStatus::Completed => Some(Ok(info.output.clone().unwrap_or(Value::Null))),
+        InstanceStatus::Failed | InstanceStatus::Cancelled => Some(Err(info
+            .error
+            .clone()
+            .unwrap_or_else(|| Error::application("failed", "instance failed")))),
+        InstanceStatus::Terminated => Some(Err(Error::application(
+            "terminated",
+            info.reason.clone().unwrap_or_default(),
+        ))),
+        _ => None,
+    }
+}
+
+fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+    for sql in [
+        "DELETE FROM inbox WHERE instance_id = ?1",
+        "DELETE FROM tasks WHERE instance_id = ?1",
+        "DELETE FROM timers WHERE instance_id = ?1",
+    ] {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([instance_id]))
+            .map_err(db("delete pending work"))?;
+    }
+    Ok(())
+}
+
+fn append_events(
+    conn: &Connection,
+    instance_id: &str,
+    first_position: u64,
+    activation: u32,
+    events: &[Event],
+    now: u64,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .map_err(db("append events"))?;
+    for (i, event) in events.iter().enumerate() {
+        let body = to_json(event)?;
+        stmt.execute(params![
+            instance_id,
+            (first_position + i as u64) as i64,
+            activation,
+            event.kind(),
+            now as i64,
+            body
+        ])
+        .map_err(db("append events"))?;
+    }
+    Ok(())
+}
+
+fn commit_in_tx(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+) -> Result<CommitReceipt, StoreError> {
+    let row: Option<(i64, Option<String>, String, i64)> = conn
+        .prepare_cached(
+            "SELECT next_pos, lease_owner, status, generation FROM instances WHERE id = ?1",
+        )
+        .and_then(|mut s| {
+            s.query_row([&c.instance_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+        })
+        .map_err(db("commit activation"))?;
+    let Some((next_pos, lease_owner, status, generation)) = row else {
+        return Err(StoreError::NotFound {
+            instance_id: c.instance_id.clone(),
+        });
+    };
+    if status != "running"
+        || generation as u64 != c.generation
+        || next_pos as u64 != c.expected_position
+    {
+        return Err(StoreError::Conflict {
+            instance_id: c.instance_id.clone(),
+            expected: c.expected_position,
+            found: next_pos as u64,
+        });
+    }
+    if lease_owner.as_deref() != Some(c.owner.as_str()) {
+        return Err(StoreError::LeaseLost {
+            what: format!("instance {}", c.instance_id),
+            owner: c.owner.clone(),
+        });
+    }
+    append_events(
+        conn,
+        &c.instance_id,
+        c.expected_position,
+        c.activation,
+        &c.events,
+        now,
+    )?;
+    {
+        let mut del = conn
+            .prepare_cached("DELETE FROM inbox WHERE id = ?1")
+            .map_err(db("consume inbox"))?;
+        for id in &c.consumed_inbox {
+            del.execute([id]).map_err(db("consume inbox"))?;
+        }
+    }
+    let lease_until = now + c.lease_ms;
+    let mut receipt = CommitReceipt::default();
+    if !c.tasks.is_empty() {
+        let mut ins = conn
+            .prepare_cached(
+                "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
+                                    due_at, lease_owner, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (instance_id, seq) DO NOTHING",
+            )
+            .map_err(db("create activity task"))?;
+        for t in &c.tasks {
+            let (attempt, due, owner) = if t.claim {
+                (1u32, lease_until, Some(c.owner.as_str()))
+            } else {
+                (0u32, now, None)
+            };
+            ins.execute(params![
+                c.instance_id,
+                t.seq,
+                c.generation as i64,
+                t.name,
+                to_json(&t.input)?,
+                to_json(&t.retry)?,
+                attempt,
+                due as i64,
+                owner,
+                now as i64
+            ])
+            .map_err(db("create activity task"))?;
+            if t.claim {
+                receipt.claimed_tasks.push(ActivityTask {
+                    instance_id: c.instance_id.clone(),
+                    seq: t.seq,
+                    name: t.name.clone(),
+                    input: t.input.clone(),
+                    retry: t.retry.clone(),
+                    attempt: 1,
+                    generation: c.generation,
+                });
+            }
+        }
+    }
+    if !c.timers.is_empty() {
+        let mut ins = conn
+            .prepare_cached(
+                "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (instance_id, seq) DO NOTHING",
+            )
+            .map_err(db("create timer"))?;
+        for (seq, fire_at) in &c.timers {
+            ins.execute(params![
+                c.instance_id,
+                seq,
+                c.generation as i64,
+                *fire_at as i64
+            ])
+            .map_err(db("create timer"))?;
+        }
+    }
+    for child in &c.children {
+        match create_in_tx(conn, child, now)? {
+            CreateOutcome::Created => receipt.woken.push(child.id.clone()),
+            CreateOutcome::Existing(existing) => {
+                // Starting an existing id returns that instance: report its end if it has one.
+                if let (Some(result), Some(parent)) = (final_result(&existing), &child.parent) {
+                    notify_parent(conn, parent, result, now)?;
+                }
+            }
+        }
+    }
+    if let Some(status) = &c.custom_status {
+        let status = to_json(status)?;
+        conn.prepare_cached("UPDATE instances SET custom_status = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![c.instance_id, status]))
+            .map_err(db("set custom status"))?;
+    }
+    let next_pos = c.expected_position + c.events.len() as u64;
+    let next_activation = c.activation + 1;
+    match &c.end {
+        None => {
+            let ready: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)")
+                .and_then(|mut s| s.query_row([&c.instance_id], |r| r.get(0)))
+                .map_err(db("commit activation"))?;
+            let (owner, until) = if ready {
+                (Some(c.owner.as_str()), lease_until)
+            } else {
+                (None, 0)
+            };
+            conn.prepare_cached(
+                "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = ?4,
+                        lease_owner = ?5, lease_until = ?6, updated_at = ?7, reason = NULL
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.instance_id,
+                    next_pos as i64,
+                    next_activation,
+                    ready,
+                    owner,
+                    until as i64,
+                    now as i64
+                ])
+            })
+            .map_err(db("commit activation"))?;
+            receipt.ready_again = ready;
+        }
+        Some(RunEnd::ContinueAsNew(input)) => {
+            for sql in [
+                "DELETE FROM events WHERE instance_id = ?1",
+                "DELETE FROM tasks WHERE instance_id = ?1",
+                "DELETE FROM timers WHERE instance_id = ?1",
+            ] {
+                conn.prepare_cached(sql)
+                    .and_then(|mut s| s.execute([&c.instance_id]))
+                    .map_err(db("continue as new"))?;
+            }
+            let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
+                instance_id: c.instance_id.clone(),
+            })?;
+            let generation = c.generation + 1;
+            let input_json = to_json(input)?;
+            conn.prepare_cached(
+                "UPDATE instances SET generation = ?2, input = ?3, next_pos = 0, next_activation = 0,
+                        ready = 1, lease_owner = ?4, lease_until = ?5, updated_at = ?6,
+                        custom_status = custom_status
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.instance_id,
+                    generation as i64,
+                    input_json,
+                    c.owner,
+                    lease_until as i64,
+                    now as i64
+                ])
+            })
+            .map_err(db("continue as new"))?;
+            let start = Event::InstanceStarted {
+                coordinator: info.coordinator.clone(),
+                input: input.clone(),
+                parent: info.parent.clone(),
+            };
+            insert_inbox(
+                conn,
+                &c.instance_id,
+                Some(&format!("start:{generation}")),
+                &start,
+                now,
+            )?;
+            receipt.ready_again = true;
+        }
+        Some(end) => {
+            let (status, output, error): (&str, Option<String>, Option<String>) = match end {
+                RunEnd::Completed(v) => ("completed", Some(to_json(v)?), None),
+                RunEnd::Failed(e) => ("failed", None, Some(to_json(e)?)),
+                RunEnd::Cancelled(reason) => (
+                    "cancelled",
+                    None,
+                    Some(to_json(&Error::Cancelled {
+                        reason: reason.clone(),
+                    })?),
+                ),
+                RunEnd::ContinueAsNew(_) => ("running", None, None),
+            };
+            conn.prepare_cached(
+                "UPDATE instances SET status = ?2, output = ?3, error = ?4, next_pos = ?5,
+                        next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
+                        updated_at = ?7, ended_at = ?7, reason = NULL
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    c.instance_id,
+                    status,
+                    output,
+                    error,
+                    next_pos as i64,
+                    next_activation,
+                    now as i64
+                ])
+            })
+            .map_err(db("end instance"))?;
+            delete_pending_work(conn, &c.instance_id)?;
+            let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
+                instance_id: c.instance_id.clone(),
+            })?;
+            if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
+                notify_parent(conn, parent, result, now)?;
+                receipt.woken.push(parent.instance_id.clone());
+            }
+        }
+    }
+    Ok(receipt)
+}
+
+fn load_in_tx(conn: &Connection, id: &str, from: u64) -> Result<LoadedInstance, StoreError> {
+    let info = get_instance(conn, id)?.ok_or_else(|| StoreError::NotFound {
+        instance_id: id.into(),
+    })?;
+    let events = read_events(conn, id, from)?;
+    let mut inbox = Vec::new();
+    let mut stmt = conn
+        .prepare_cached("SELECT id, body FROM inbox WHERE instance_id = ?1 ORDER BY id")
+        .map_err(db("read inbox"))?;
+    let rows = stmt
+        .query_map([id], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db("read inbox"))?;
+    for row in rows {
+        let (msg_id, body) = row.map_err(db("read inbox"))?;
+        let event = decode_json(id, || format!("inbox message {msg_id}"), &body)?;
+        inbox.push(InboxMessage { id: msg_id, event });
+    }
+    Ok(LoadedInstance {
+        info,
+        events,
+        inbox,
+    })
+}
+
+fn read_events(conn: &Connection, id: &str, from: u64) -> Result<Vec<HistoryEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT pos, activation, recorded_at, body FROM events
+             WHERE instance_id = ?1 AND pos >= ?2 ORDER BY pos",
+        )
+        .map_err(db("read history"))?;
+    let rows = stmt
+        .query_map(params![id, from as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(db("read history"))?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (pos, activation, recorded_at, body) = row.map_err(db("read history"))?;
+        let event = decode_json(id, || format!("event at position {pos}"), &body)?;
+        events.push(HistoryEvent {
+            position: pos as u64,
+            activation: activation as u32,
+            recorded_at_ms: recorded_at as u64,
+            event,
+        });
+    }
+    Ok(events)
+}
+
+/// Runs `f` inside a read transaction, so that its queries see one snapshot.
+fn snapshot<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    if !conn.is_autocommit() {
+        // Already inside the writer's transaction (in-memory store).
+        return f(conn);
+    }
+    conn.execute_batch("BEGIN").map_err(db("begin read"))?;
+    let result = f(conn);
+    let _ = conn.execute_batch("COMMIT");
+    result
+}
+
+fn json_list(names: &[String]) -> Result<String, StoreError> {
+    to_json(&names)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_instance(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
+        let outcome = self
+            .write(move |conn| create_in_tx(conn, &new, now_ms()))
+            .await?;
+        if outcome == CreateOutcome::Created {
+            self.bump();
+        }
+        Ok(outcome)
+    }
+
+    async fn claim_ready(
+        &self,
+        owner: &str,
+        coordinators: &[String],
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let owner = owner.to_string();
+        let names = json_list(coordinators)?;
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE instances SET lease_owner = ?1, lease_until = ?2
+                     WHERE id IN (SELECT id FROM instances
+                                  WHERE ready = 1 AND status = 'running'
+                                    AND (lease_until < ?3 OR lease_owner = ?1)
+                                    AND coordinator IN (SELECT value FROM json_each(?4))
+                                  LIMIT ?5)
+                     RETURNING id",
+                )
+                .map_err(db("claim instances"))?;
+            let ids = stmt
+                .query_map(
+                    params![
+                        owner,
+                        (now + lease_ms) as i64,
+                        now as i64,
+                        names,
+                        limit as i64
+                    ],
+                    |r| r.get::<_, String>(0),
+                )
+                .map_err(db("claim instances"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db("claim instances"))?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn load(
+        &self,
+        instance_id: &str,
+        from_position: u64,
+    ) -> Result<LoadedInstance, StoreError> {
+        let id = instance_id.to_string();
+        self.read(move |conn| snapshot(conn, |conn| load_in_tx(conn, &id, from_position)))
+            .await
+    }
+
+    async fn commit_activation(
+        &self,
+        commit: ActivationCommit,
+    ) -> Result<CommitReceipt, StoreError> {
+        let ended = commit.end.is_some();
+        let receipt = self
+            .write(move |conn| commit_in_tx(conn, &commit, now_ms()))
+            .await?;
+        if ended || !receipt.woken.is_empty() {
+            self.bump();
+        }
+        Ok(receipt)
+    }
+
+    async fn stop_instance(
+        &self,
+        instance_id: &str,
+        owner: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let (id, owner, reason) = (
+            instance_id.to_string(),
+            owner.to_string(),
+            reason.to_string(),
+        );
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE instances SET status = 'stopped', reason = ?3, ready = 0, lease_owner = NULL,
+                        lease_until = 0, updated_at = ?4
+                 WHERE id = ?1 AND status = 'running' AND (lease_owner = ?2 OR lease_owner IS NULL)",
+            )
+            .and_then(|mut s| s.execute(params![id, owner, reason, now_ms() as i64]))
+            .map_err(db("stop instance"))?;
+            Ok(())
+        })
+        .await?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn note_waiting(
+        &self,
+        instance_id: &str,
+        owner: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let (id, owner, reason) = (
+            instance_id.to_string(),
+            owner.to_string(),
+            reason.to_string(),
+        );
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE instances SET reason = ?3, lease_owner = NULL, lease_until = 0
+                 WHERE id = ?1 AND lease_owner = ?2",
+            )
+            .and_then(|mut s| s.execute(params![id, owner, reason]))
+            .map_err(db("note waiting instance"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn claim_tasks(
+        &self,
+        owner: &str,
+        activities: &[String],
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<Vec<ActivityTask>, StoreError> {
+        let owner = owner.to_string();
+        let names = json_list(activities)?;
+        self.write(move |conn| {
+            let now = now_ms();
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE tasks SET lease_owner = ?1, due_at = ?2, attempt = attempt + 1
+                     WHERE rowid IN (SELECT rowid FROM tasks
+                                     WHERE due_at <= ?3
+                                       AND name IN (SELECT value FROM json_each(?4))
+                                     ORDER BY due_at LIMIT ?5)
+                     RETURNING instance_id, seq, name, input, retry, attempt, generation",
+                )
+                .map_err(db("claim activity tasks"))?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        owner,
+                        (now + lease_ms) as i64,
+                        now as i64,
+                        names,
+                        limit as i64
+                    ],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, u32>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, String>(4)?,
+                            r.get::<_, u32>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    },
+                )
+                .map_err(db("claim activity tasks"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db("claim activity tasks"))?;
+            let mut tasks = Vec::with_capacity(rows.len());
+            for (instance_id, seq, name, input, retry, attempt, generation) in rows {
+                let input: Value =
+                    decode_json(&instance_id, || format!("input of task {seq}"), &input)?;
+                let retry: RetrySpec = decode_json(
+                    &instance_id,
+                    || format!("retry policy of task {seq}"),
+                    &retry,
+                )?;
+                tasks.push(ActivityTask {
+                    instance_id,
+                    seq,
+                    name,
+                    input,
+                    retry,
+                    attempt,
+                    generation: generation as u64,
+                });
+            }
+            Ok(tasks)
+        })
+        .await
+    }
+
+    async fn finish_task(
+        &self,
+        owner: &str,
+        task: &ActivityTask,
+        outcome: AttemptOutcome,
+        lease_ms: u64,
+    ) -> Result<FinishReceipt, StoreError> {
+        let owner = owner.to_string();
+        let task = task.clone();
+        let receipt = self
+            .write(move |conn| {
+                let now = now_ms();
+                let row: Option<(u32, Option<String>, i64)> = conn
+                    .prepare_cached(
+                        "SELECT attempt, lease_owner, generation FROM tasks
+                         WHERE instance_id = ?1 AND seq = ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_row(params![task.instance_id, task.seq], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()
+                    })
+                    .map_err(db("finish activity task"))?;
+                let held = matches!(&row, Some((attempt, Some(o), generation))
+                    if *attempt == task.attempt && *o == owner && *generation as u64 == task.generation);
+                if !held {
+                    return Ok(FinishReceipt { accepted: false, instance_claimed: false });
+                }
+                match outcome {
+                    AttemptOutcome::Final(event) => {
+                        let dedupe = format!("seq:{}:{}", task.generation, task.seq);
+                        insert_inbox(conn, &task.instance_id, Some(&dedupe), &event, now)?;
+                        conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
+                            .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
+                            .map_err(db("finish activity task"))?;
+                        mark_ready(conn, &task.instance_id)?;
+                        let claimed = conn
+                            .prepare_cached(
+                                "UPDATE instances SET lease_owner = ?2, lease_until = ?3
+                                 WHERE id = ?1 AND status = 'running'
+                                   AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?4)",
+                            )
+                            .and_then(|mut s| {
+                                s.execute(params![task.instance_id, owner, (now + lease_ms) as i64, now as i64])
+                            })
+                            .map_err(db("finish activity task"))?;
+                        Ok(FinishReceipt { accepted: true, instance_claimed: claimed > 0 })
+                    }
+                    AttemptOutcome::Retry { next_attempt_at_ms, error } => {
+                        conn.prepare_cached(
+                            "UPDATE tasks SET lease_owner = NULL, due_at = ?3, last_error = ?4
+                             WHERE instance_id = ?1 AND seq = ?2",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                task.instance_id,
+                                task.seq,
+                                next_attempt_at_ms as i64,
+                                to_json(&error).unwrap_or_default()
+                            ])
+                        })
+                        .map_err(db("schedule activity retry"))?;
+                        Ok(FinishReceipt { accepted: true, instance_claimed: false })
+                    }
+                }
+            })
+            .await?;
+        if receipt.accepted && !receipt.instance_claimed {
+            self.bump();
+        }
+        Ok(receipt)
+    }
+
+    async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            let until = (now_ms() + lease_ms) as i64;
+            let a = conn
+                .prepare_cached("UPDATE tasks SET due_at = ?2 WHERE lease_owner = ?1")
+                .and_then(|mut s| s.execute(params![owner, until]))
+                .map_err(db("renew leases"))?;
+            let b = conn
+                .prepare_cached("UPDATE instances SET lease_until = ?2 WHERE lease_owner = ?1")
+                .and_then(|mut s| s.execute(params![owner, until]))
+                .map_err(db("renew leases"))?;
+            Ok((a + b) as u64)
+        })
+        .await
+    }
+
+    async fn release_leases(&self, owner: &str) -> Result<(), StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            let now = now_ms() as i64;
+            conn.prepare_cached(
+                "UPDATE tasks SET lease_owner = NULL, due_at = ?2 WHERE lease_owner = ?1",
+            )
+            .and_then(|mut s| s.execute(params![owner, now]))
+            .map_err(db("release leases"))?;
+            conn.prepare_cached(
+                "UPDATE instances SET lease_owner = NULL, lease_until = 0 WHERE lease_owner = ?1",
+            )
+            .and_then(|mut s| s.execute(params![owner]))
+            .map_err(db("release leases"))?;
+            Ok(())
+        })
+        .await?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn fire_due_timers(&self, now: u64, limit: usize) -> Result<Vec<String>, StoreError> {
+        let woken = self
+            .write(move |conn| {
+                let due: Vec<(String, u32, i64)> = conn
+                    .prepare_cached(
+                        "SELECT instance_id, seq, generation FROM timers WHERE fire_at <= ?1
+                         ORDER BY fire_at LIMIT ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![now as i64, limit as i64], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?
+                        .collect()
+                    })
+                    .map_err(db("fire timers"))?;
+                let mut woken = Vec::with_capacity(due.len());
+                for (instance_id, seq, generation) in due {
+                    let dedupe = format!("timer:{generation}:{seq}");
+                    insert_inbox(
+                        conn,
+                        &instance_id,
+                        Some(&dedupe),
+                        &Event::TimerFired { seq },
+                        now,
+                    )?;
+                    conn.prepare_cached("DELETE FROM timers WHERE instance_id = ?1 AND seq = ?2")
+                        .and_then(|mut s| s.execute(params![instance_id, seq]))
+                        .map_err(db("fire timers"))?;
+                    mark_ready(conn, &instance_id)?;
+                    woken.push(instance_id);
+                }
+                Ok(woken)
+            })
+            .await?;
+        if !woken.is_empty() {
+            self.bump();
+        }
+        Ok(woken)
+    }
+
+    async fn next_due(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|conn| {
+            let t: Option<i64> = conn
+                .prepare_cached("SELECT MIN(fire_at) FROM timers")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db("next due"))?;
+            let r: Option<i64> = conn
+                .prepare_cached("SELECT MIN(due_at) FROM tasks WHERE lease_owner IS NULL")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db("next due"))?;
+            Ok(match (t, r) {
+                (Some(a), Some(b)) => Some(a.min(b) as u64),
+                (a, b) => a.or(b).map(|v| v as u64),
+            })
+        })
+        .await
+    }
+
+    async fn deliver(
+        &self,
+        instance_id: &str,
+        event: Event,
+        dedupe_key: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let id = instance_id.to_string();
+        let dedupe = dedupe_key.map(str::to_string);
+        let accepted = self
+            .write(move |conn| {
+                let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
+                    instance_id: id.clone(),
+                })?;
+                if info.status.is_final() {
+                    return Ok(false);
+                }
+                let accepted = insert_inbox(conn, &id, dedupe.as_deref(), &event, now_ms())?;
+                mark_ready(conn, &id)?;
+                Ok(accepted)
+            })
+            .await?;
+        self.bump();
+        Ok(accepted)
+    }
+
+    async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {
+        let (id, reason) = (instance_id.to_string(), reason.to_string());
+        self.write(move |conn| {
+            let now = now_ms();
+            let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
+                instance_id: id.clone(),
+            })?;
+            if info.status.is_final() {
+                return Ok(());
+            }
+            let event = Event::InstanceTerminated {
+                reason: reason.clone(),
+            };
+            append_events(
+                conn,
+                &id,
+                info.next_position,
+                info.next_activation,
+                &[event],
+                now,
+            )?;
+            conn.prepare_cached(
+                "UPDATE instances SET status = 'terminated', reason = ?2, next_pos = next_pos + 1,
+                        next_activation = next_activation + 1, ready = 0, lease_owner = NULL,
+                        lease_until = 0, updated_at = ?3, ended_at = ?3
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id, reason, now as i64]))
+            .map_err(db("terminate instance"))?;
+            delete_pending_work(conn, &id)?;
+            if let Some(parent) = &info.parent {
+                let result = Err(Error::application("terminated", reason.clone()));
+                notify_parent(conn, parent, result, now)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
+        let id = instance_id.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE instances SET status = 'running', reason = NULL, ready = 1,
+                            lease_owner = NULL, lease_until = 0, updated_at = ?2
+                     WHERE id = ?1 AND status IN ('stopped', 'running')",
+                )
+                .and_then(|mut s| s.execute(params![id, now_ms() as i64]))
+                .map_err(db("resume instance"))?;
+            if n == 0 && get_instance(conn, &id)?.is_none() {
+                return Err(StoreError::NotFound {
+                    instance_id: id.clone(),
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        self.bump();
+        Ok(())
+    }
+
+    async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, StoreError> {
+        let id = instance_id.to_string();
+        self.read(move |conn| get_instance(conn, &id)).await
+    }
+
+    async fn history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
+        let id = instance_id.to_string();
+        self.read(move |conn| {
+            snapshot(conn, |conn| {
+                if get_instance(conn, &id)?.is_none() {
+                    return Err(StoreError::NotFound {
+                        instance_id: id.clone(),
+                    });
+                }
+                read_events(conn, &id, 0)
+            })
+        })
+        .await
+    }
+
+    async fn list_instances(&self, filter: &ListFilter) -> Result<Vec<InstanceInfo>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {INSTANCE_COLUMNS} FROM instances
+                 WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR coordinator = ?2)
+                 ORDER BY created_at DESC, id LIMIT ?3"
+            );
+            let limit = filter.limit.map_or(-1, |l| l as i64);
+            let raws = conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![
+                            filter.status.map(InstanceStatus::as_str),
+                            filter.coordinator,
+                            limit
+                        ],
+                        instance_from_row,
+                    )?
+                    .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(db("list instances"))?;
+            raws.into_iter().map(RawInstance::decode).collect()
+        })
+        .await
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}

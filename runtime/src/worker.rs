@@ -1,0 +1,678 @@
+//! Workers: run coordinators and activities from a store.
+//!
+//! A worker has four loops and two kinds of short-lived tasks:
+//! - the **dispatcher** claims instances whose inbox holds undelivered events (woken by the
+//!   store's change channel, or by polling for other processes' writes);
+//! - the **poller** fires due timers and claims visible activity tasks (new ones, retries whose
+//!   backoff has passed, and tasks whose lease expired on a dead worker);
+//! - the **renewer** keeps this worker's leases alive;
+//! - an **activation** task loads one instance, replays it (or takes it from the cache),
+//!   delivers its inbox batch, and commits the resulting events in one transaction;
+//! - an **activity** task runs one attempt of one activity call and records its outcome.
+//!
+//! Fast path: an activation that schedules an activity this worker runs claims the task in the
+//! same commit and starts it at once; an activity outcome that finds the instance free claims
+//! the instance in the same commit and activates it at once. Polling is only for work that
+//! other processes create.
+//!
+//! # Invariant
+//! Correctness never depends on the cache: a cached execution is used only when the stored
+//! history continues exactly where it stopped; otherwise it is rebuilt by replay.
+
+use crate::clock::now_ms;
+use crate::error::StoreError;
+use crate::limits::{
+    ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CLAIM_BATCH_MAX, LEASE_DEFAULT,
+    POLL_INTERVAL_DEFAULT,
+};
+use crate::store::{ActivationCommit, ActivityTask, AttemptOutcome, InstanceStatus, SharedStore};
+use futures::FutureExt;
+use retrace_sdk::{
+    activity_handler, coordinator_fn, Activity, ActivityContext, ActivityError, ActivityFailure,
+    ActivityHandler, Context, Coordinator, CoordinatorFn, Error, Event, Execution,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// Environment variable that turns the coordinator cache off (`off`, `0` or `false`) for every
+/// worker that does not set it explicitly. CI runs the test suite with it.
+pub const CACHE_ENV: &str = "RETRACE_COORDINATOR_CACHE";
+
+/// Something a worker committed, reported to an observer (see [`WorkerBuilder::on_commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitNotice {
+    /// An activation was committed.
+    Activation {
+        /// The instance.
+        instance_id: String,
+        /// The activation number.
+        activation: u32,
+        /// Whether the run ended with it.
+        ended: bool,
+    },
+    /// The outcome of an activity attempt was committed.
+    ActivityOutcome {
+        /// The calling instance.
+        instance_id: String,
+        /// The call position.
+        seq: u32,
+        /// The attempt.
+        attempt: u32,
+        /// Whether it was the call's final outcome (not a retry).
+        is_final: bool,
+    },
+}
+
+type Observer = Arc<dyn Fn(&CommitNotice) + Send + Sync>;
+
+/// Builds a [`Worker`]: register coordinators and activities, then [`WorkerBuilder::start`].
+pub struct WorkerBuilder {
+    store: SharedStore,
+    coordinators: HashMap<String, CoordinatorFn>,
+    activities: HashMap<String, ActivityHandler>,
+    cache: Option<bool>,
+    cache_capacity: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    max_concurrent_activities: usize,
+    id: Option<String>,
+    observer: Option<Observer>,
+}
+
+impl WorkerBuilder {
+    /// Registers a coordinator under its definition's name.
+    pub fn coordinator<I, O, F, Fut>(mut self, def: &Coordinator<I, O>, body: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Context, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, Error>> + Send + 'static,
+    {
+        self.coordinators
+            .insert(def.name().to_string(), coordinator_fn(def, body));
+        self
+    }
+
+    /// Registers an activity body under its definition's name.
+    pub fn activity<I, O, F, Fut>(mut self, def: &Activity<I, O>, body: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, ActivityError>> + Send + 'static,
+    {
+        self.activities
+            .insert(def.name().to_string(), activity_handler(def, body));
+        self
+    }
+
+    /// Keeps executions of waiting instances in memory between activations (default: on,
+    /// unless the `RETRACE_COORDINATOR_CACHE` environment variable says `off`). With it off,
+    /// every activation replays the instance's history from the store.
+    pub fn cache(mut self, enabled: bool) -> Self {
+        self.cache = Some(enabled);
+        self
+    }
+
+    /// At most this many executions in the cache.
+    pub fn cache_capacity(mut self, capacity: usize) -> Self {
+        self.cache_capacity = capacity.max(1);
+        self
+    }
+
+    /// How long a claim lasts without renewal; after a crash, another worker takes over the
+    /// crashed worker's work once this has passed.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(50));
+        self
+    }
+
+    /// How often to look for work written by other processes and for due timers.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// At most this many activity bodies running at once.
+    pub fn max_concurrent_activities(mut self, n: usize) -> Self {
+        self.max_concurrent_activities = n.max(1);
+        self
+    }
+
+    /// A fixed worker id (default: a random one).
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Calls `observer` after each commit this worker makes (for tests, metrics, crash
+    /// injection). It runs on the worker's tasks: keep it short.
+    pub fn on_commit(mut self, observer: impl Fn(&CommitNotice) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// Starts the worker's loops on the current tokio runtime.
+    ///
+    /// # Panics
+    /// When called outside a tokio runtime.
+    pub fn start(self) -> Worker {
+        let cache = self.cache.unwrap_or_else(|| {
+            !matches!(
+                std::env::var(CACHE_ENV)
+                    .ok()
+                    .as_deref()
+                    .map(str::to_ascii_lowercase)
+                    .as_deref(),
+                Some("off" | "0" | "false" | "no")
+            )
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut coordinator_names: Vec<String> = self.coordinators.keys().cloned().collect();
+        coordinator_names.sort();
+        let mut activity_names: Vec<String> = self.activities.keys().cloned().collect();
+        activity_names.sort();
+        let inner = Arc::new(Inner {
+            store: self.store,
+            owner: self
+                .id
+                .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4())),
+            coordinators: self.coordinators,
+            activities: self.activities,
+            coordinator_names,
+            activity_names,
+            cache_enabled: cache,
+            cache_capacity: self.cache_capacity,
+            lease: self.lease,
+            poll_interval: self.poll_interval,
+            cache: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            activity_slots: Arc::new(Semaphore::new(self.max_concurrent_activities)),
+            poller_wake: Notify::new(),
+            observer: self.observer,
+            shutdown: shutdown_rx,
+        });
+        let loops = vec![
+            tokio::spawn(Arc::clone(&inner).dispatcher()),
+            tokio::spawn(Arc::clone(&inner).poller()),
+            tokio::spawn(Arc::clone(&inner).renewer()),
+        ];
+        Worker {
+            inner,
+            loops,
+            shutdown: shutdown_tx,
+        }
+    }
+}
+
+/// A running worker. Dropping it stops its loops without handing back its leases; prefer
+/// [`Worker::shutdown`].
+pub struct Worker {
+    inner: Arc<Inner>,
+    loops: Vec<JoinHandle<()>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.inner.owner)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Starts building a worker on `store`.
+    pub fn builder(store: SharedStore) -> WorkerBuilder {
+        WorkerBuilder {
+            store,
+            coordinators: HashMap::new(),
+            activities: HashMap::new(),
+            cache: None,
+            cache_capacity: CACHE_CAPACITY_DEFAULT,
+            lease: LEASE_DEFAULT,
+            poll_interval: POLL_INTERVAL_DEFAULT,
+            max_concurrent_activities: ACTIVITIES_CONCURRENT_MAX,
+            id: None,
+            observer: None,
+        }
+    }
+
+    /// This worker's id, as written in the leases it holds.
+    pub fn id(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Whether the coordinator cache is on.
+    pub fn cache_enabled(&self) -> bool {
+        self.inner.cache_enabled
+    }
+
+    /// How many executions are cached now.
+    pub fn cached_executions(&self) -> usize {
+        lock(&self.inner.cache).len()
+    }
+
+    /// Stops the loops and hands back every lease at once, so that other workers can take over
+    /// without waiting for expiry. Activity attempts still running are abandoned; their calls
+    /// are retried elsewhere (activities run at least once).
+    ///
+    /// # Errors
+    /// The store error if the leases could not be released (they then expire).
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        let _ = self.shutdown.send(true);
+        for l in &self.loops {
+            l.abort();
+        }
+        self.inner.store.release_leases(&self.inner.owner).await
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for l in &self.loops {
+            l.abort();
+        }
+    }
+}
+
+struct Inner {
+    store: SharedStore,
+    owner: String,
+    coordinators: HashMap<String, CoordinatorFn>,
+    activities: HashMap<String, ActivityHandler>,
+    coordinator_names: Vec<String>,
+    activity_names: Vec<String>,
+    cache_enabled: bool,
+    cache_capacity: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    /// Cached executions by instance id, with the run (generation) they belong to.
+    cache: Mutex<HashMap<String, (u64, Execution)>>,
+    /// Instances with an activation task; `true` asks it to run once more.
+    running: Mutex<HashMap<String, bool>>,
+    activity_slots: Arc<Semaphore>,
+    poller_wake: Notify,
+    observer: Option<Observer>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Locks a worker map. A poisoned lock means a panic while holding it; the maps stay valid
+/// (single inserts and removes), so the data is used as is.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn notify(&self, notice: CommitNotice) {
+        if let Some(observer) = &self.observer {
+            observer(&notice);
+        }
+    }
+
+    /// Makes sure an activation task runs for `id` (this worker holds its lease).
+    fn schedule(self: &Arc<Self>, id: String) {
+        if self.stopping() {
+            return;
+        }
+        {
+            let mut running = lock(&self.running);
+            if let Some(again) = running.get_mut(&id) {
+                *again = true;
+                return;
+            }
+            running.insert(id.clone(), false);
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move { inner.run_instance(id).await });
+    }
+
+    async fn run_instance(self: Arc<Self>, id: String) {
+        loop {
+            let again = match self.activate_once(&id).await {
+                Ok(again) => again,
+                Err(e) => {
+                    tracing::warn!(instance_id = %id, error = %e, "activation failed; will retry after the lease expires");
+                    false
+                }
+            };
+            let mut running = lock(&self.running);
+            let requested = running.get(&id).copied().unwrap_or(false);
+            if (again || requested) && !self.stopping() {
+                running.insert(id.clone(), false);
+                continue;
+            }
+            running.remove(&id);
+            break;
+        }
+    }
+
+    /// One activation of `id`. Returns whether the instance has more inbox work.
+    async fn activate_once(self: &Arc<Self>, id: &str) -> Result<bool, StoreError> {
+        let span = tracing::debug_span!("activation", instance_id = %id, replaying = tracing::field::Empty, position = tracing::field::Empty);
+        self.activate_inner(id).instrument(span).await
+    }
+
+    async fn activate_inner(self: &Arc<Self>, id: &str) -> Result<bool, StoreError> {
+        let cached = if self.cache_enabled {
+            lock(&self.cache).remove(id)
+        } else {
+            None
+        };
+        let from = cached.as_ref().map_or(0, |(_, e)| e.next_position());
+        let mut loaded = self.store.load(id, from).await?;
+        let info = &loaded.info;
+        if info.status != InstanceStatus::Running {
+            return Ok(false);
+        }
+        let Some(coordinator) = self.coordinators.get(&info.coordinator).cloned() else {
+            let reason = format!("no worker here knows coordinator {}", info.coordinator);
+            self.store.note_waiting(id, &self.owner, &reason).await?;
+            return Ok(false);
+        };
+        let generation = info.generation;
+        let mut execution = match cached {
+            Some((g, e)) if g == generation && e.next_position() <= info.next_position => e,
+            _ => {
+                if from != 0 {
+                    loaded = self.store.load(id, 0).await?;
+                }
+                Execution::new(id, coordinator)
+            }
+        };
+        let info = loaded.info;
+        let replayed = loaded.events.len();
+        tracing::Span::current().record("replaying", replayed > 0);
+        tracing::Span::current().record("position", info.next_position);
+        if let Err(e) = execution.replay(&loaded.events) {
+            tracing::error!(error = %e, "replay failed; stopping instance with its history intact");
+            self.store
+                .stop_instance(id, &self.owner, &e.to_string())
+                .await?;
+            return Ok(false);
+        }
+        if execution.next_position() != info.next_position {
+            return Err(StoreError::Conflict {
+                instance_id: id.to_string(),
+                expected: execution.next_position(),
+                found: info.next_position,
+            });
+        }
+        // The start of a run is delivered first, even when signals for the new run arrived
+        // before it (continue-as-new keeps the inbox).
+        let mut inbox = loaded.inbox;
+        inbox.sort_by_key(|m| !matches!(m.event, Event::InstanceStarted { .. }));
+        let consumed: Vec<i64> = inbox.iter().map(|m| m.id).collect();
+        let inbound: Vec<Event> = inbox.into_iter().map(|m| m.event).collect();
+        let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+        let activation = match execution.activate(inbound, now_ms(), seed) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "activation diverged; stopping instance with its history intact");
+                self.store
+                    .stop_instance(id, &self.owner, &e.to_string())
+                    .await?;
+                return Ok(false);
+            }
+        };
+        let ended = activation.terminal().is_some();
+        let activation_number = activation.activation;
+        let commit = ActivationCommit::plan(
+            id,
+            &self.owner,
+            generation,
+            info.next_position,
+            activation.activation,
+            activation.events,
+            consumed,
+            activation.custom_status,
+            &|name| self.activities.contains_key(name),
+            self.lease_ms(),
+        );
+        let receipt = match self.store.commit_activation(commit).await {
+            Ok(r) => r,
+            Err(e @ (StoreError::Conflict { .. } | StoreError::LeaseLost { .. })) => {
+                tracing::info!(error = %e, "another worker moved this instance on; dropping our copy");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        self.notify(CommitNotice::Activation {
+            instance_id: id.to_string(),
+            activation: activation_number,
+            ended,
+        });
+        if self.cache_enabled && !execution.is_finished() {
+            let mut cache = lock(&self.cache);
+            if cache.len() >= self.cache_capacity {
+                if let Some(evict) = cache.keys().next().cloned() {
+                    cache.remove(&evict);
+                }
+            }
+            cache.insert(id.to_string(), (generation, execution));
+        }
+        for task in receipt.claimed_tasks {
+            self.spawn_task(task);
+        }
+        Ok(receipt.ready_again)
+    }
+
+    fn spawn_task(self: &Arc<Self>, task: ActivityTask) {
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let Ok(_permit) = Arc::clone(&inner.activity_slots).acquire_owned().await else {
+                return;
+            };
+            let span = tracing::debug_span!(
+                "activity",
+                instance_id = %task.instance_id,
+                position = task.seq,
+                activity = %task.name,
+                attempt = task.attempt
+            );
+            inner.run_task(task).instrument(span).await;
+        });
+    }
+
+    async fn run_task(self: Arc<Self>, task: ActivityTask) {
+        let Some(handler) = self.activities.get(&task.name).cloned() else {
+            tracing::warn!(
+                "claimed an activity this worker does not know; it will be retried elsewhere"
+            );
+            return;
+        };
+        let ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt);
+        let result = AssertUnwindSafe(handler(ctx, task.input.clone()))
+            .catch_unwind()
+            .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "activity panicked".to_string());
+                Err(ActivityError::retryable("panic", message))
+            }
+        };
+        let outcome = match result {
+            Ok(output) => AttemptOutcome::Final(Event::ActivityCompleted {
+                seq: task.seq,
+                output,
+                attempt: task.attempt,
+            }),
+            Err(error)
+                if task
+                    .retry
+                    .may_retry(task.attempt, &error.kind, error.retryable) =>
+            {
+                let delay = task.retry.backoff(task.attempt);
+                let next = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; retry scheduled");
+                AttemptOutcome::Retry {
+                    next_attempt_at_ms: next,
+                    error,
+                }
+            }
+            Err(error) => {
+                let non_retryable =
+                    !error.retryable || task.retry.non_retryable.iter().any(|k| *k == error.kind);
+                AttemptOutcome::Final(Event::ActivityFailed {
+                    seq: task.seq,
+                    failure: ActivityFailure {
+                        activity: task.name.clone(),
+                        position: task.seq,
+                        attempt: task.attempt,
+                        kind: error.kind,
+                        message: error.message,
+                        non_retryable,
+                    },
+                })
+            }
+        };
+        let retry_at = match &outcome {
+            AttemptOutcome::Retry {
+                next_attempt_at_ms, ..
+            } => Some(*next_attempt_at_ms),
+            AttemptOutcome::Final(_) => None,
+        };
+        match self
+            .store
+            .finish_task(&self.owner, &task, outcome, self.lease_ms())
+            .await
+        {
+            Ok(receipt) => {
+                if receipt.accepted {
+                    self.notify(CommitNotice::ActivityOutcome {
+                        instance_id: task.instance_id.clone(),
+                        seq: task.seq,
+                        attempt: task.attempt,
+                        is_final: retry_at.is_none(),
+                    });
+                }
+                if receipt.instance_claimed {
+                    self.schedule(task.instance_id.clone());
+                }
+                if let Some(at) = retry_at {
+                    self.wake_poller_at(at);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the activity outcome; the call will be retried after the lease expires");
+            }
+        }
+    }
+
+    /// Wakes the poller at `at_ms`, so that a short backoff does not wait for the next poll.
+    /// Only an optimisation: the retry time itself is in the store.
+    fn wake_poller_at(self: &Arc<Self>, at_ms: u64) {
+        let delay = Duration::from_millis(at_ms.saturating_sub(now_ms()));
+        if delay >= self.poll_interval {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            inner.poller_wake.notify_one();
+        });
+    }
+
+    async fn dispatcher(self: Arc<Self>) {
+        if self.coordinator_names.is_empty() {
+            return;
+        }
+        let mut changes = self.store.changes();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            changes.borrow_and_update();
+            match self
+                .store
+                .claim_ready(
+                    &self.owner,
+                    &self.coordinator_names,
+                    CLAIM_BATCH_MAX,
+                    self.lease_ms(),
+                )
+                .await
+            {
+                Ok(ids) => {
+                    let full = ids.len() == CLAIM_BATCH_MAX;
+                    for id in ids {
+                        self.schedule(id);
+                    }
+                    if full {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "claiming ready instances failed"),
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn poller(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            if let Err(e) = self.store.fire_due_timers(now_ms(), CLAIM_BATCH_MAX).await {
+                tracing::warn!(error = %e, "firing due timers failed");
+            }
+            let free = self.activity_slots.available_permits().min(CLAIM_BATCH_MAX);
+            if free > 0 && !self.activity_names.is_empty() {
+                match self
+                    .store
+                    .claim_tasks(&self.owner, &self.activity_names, free, self.lease_ms())
+                    .await
+                {
+                    Ok(tasks) => {
+                        for task in tasks {
+                            self.spawn_task(task);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claiming activity tasks failed"),
+                }
+            }
+            tokio::select! {
+                _ = self.poller_wake.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn renewer(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.clone();
+        let period = self.lease / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.store.renew_leases(&self.owner, self.lease_ms()).await {
+                tracing::warn!(error = %e, "renewing leases failed");
+            }
+        }
+    }
+}
