@@ -16,6 +16,11 @@ use serde_json::Value;
 /// The time of the first activation of every driver, in ms since the Unix epoch.
 pub const T0: u64 = 1_700_000_000_000;
 
+/// The random seed a [`Driver`] passes with activation number `activation`.
+pub fn seed_of(activation: u32) -> u64 {
+    0x5EED_0000_0000_0000 ^ u64::from(activation).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// Runs one coordinator live and records its history.
 pub struct Driver {
     /// The instance id.
@@ -25,10 +30,8 @@ pub struct Driver {
     pub execution: Execution,
     /// Everything appended so far.
     pub history: Vec<HistoryEvent>,
-    /// What `ctx.now()` sees in the next activation.
+    /// What `ctx.now()` sees in the next activation (recorded as the events' `recorded_at_ms`).
     pub now_ms: u64,
-    /// The random seed of the next activation (incremented after each activation).
-    pub seed: u64,
     /// Every live activation's result, in order.
     pub activations: Vec<Activation>,
 }
@@ -42,7 +45,6 @@ impl Driver {
             coordinator,
             history: Vec::new(),
             now_ms: T0,
-            seed: 7,
             activations: Vec::new(),
         }
     }
@@ -54,8 +56,8 @@ impl Driver {
 
     /// Delivers a batch of inbound events, records the activation's events in the history.
     pub fn try_activate(&mut self, inbound: Vec<Event>) -> Result<Activation, ReplayError> {
-        let activation = self.execution.activate(inbound, self.now_ms, self.seed)?;
-        self.seed = self.seed.wrapping_add(1);
+        let seed = seed_of(self.execution.next_activation());
+        let activation = self.execution.activate(inbound, self.now_ms, seed)?;
         append_activation(&mut self.history, activation.activation, self.now_ms, &activation.events);
         self.activations.push(activation.clone());
         Ok(activation)
@@ -283,8 +285,9 @@ pub fn replay_in_chunks(
 }
 
 /// Checks that every activation of `history` is reproduced by replaying the activations before
-/// it and activating its inbound events live: the same commands and terminal, in the same order.
-/// Returns a description of the first difference.
+/// it and activating its inbound events live (with the activation's recorded time and the
+/// [`seed_of`] its number): the same commands and terminal, in the same order. Returns a
+/// description of the first difference.
 pub fn check_every_activation_reproduces(
     instance_id: &str,
     coordinator: &CoordinatorFn,
@@ -295,8 +298,9 @@ pub fn check_every_activation_reproduces(
     for group in groups {
         let mut execution = replay_fresh(instance_id, coordinator, &history[..offset])
             .map_err(|e| format!("replay of the first {offset} events failed: {e}"))?;
+        let first = &group[0];
         let live = execution
-            .activate(inbound_of(group), T0 + 999_999, 0xDEAD_BEEF)
+            .activate(inbound_of(group), first.recorded_at_ms, seed_of(first.activation))
             .map_err(|e| format!("activation at position {offset} failed: {e}"))?;
         let recorded = events_of(group);
         if live.events != recorded {
