@@ -46,6 +46,9 @@ use tracing::Instrument;
 /// worker that does not set it explicitly. CI runs the test suite with it.
 pub const CACHE_ENV: &str = "RETRACE_COORDINATOR_CACHE";
 
+/// How often a worker looks for crashed workers whose work it can take over at once.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Something a worker committed, reported to an observer (see [`WorkerBuilder::on_commit`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -273,7 +276,8 @@ impl Worker {
         for l in &self.loops {
             l.abort();
         }
-        self.inner.store.release_leases(&self.inner.owner).await
+        self.inner.store.release_leases(&self.inner.owner).await?;
+        self.inner.store.unregister_worker(&self.inner.owner).await
     }
 }
 
@@ -635,7 +639,19 @@ impl Inner {
 
     async fn poller(self: Arc<Self>) {
         let mut shutdown = self.shutdown.clone();
+        if let Err(e) = self.store.register_worker(&self.owner).await {
+            tracing::warn!(error = %e, "could not register worker; crashed workers are detected by lease expiry only");
+        }
+        let mut next_reap = std::time::Instant::now();
         loop {
+            if std::time::Instant::now() >= next_reap {
+                next_reap = std::time::Instant::now() + REAP_INTERVAL;
+                match self.store.reap_dead_workers().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(dead_workers = n, "took over the work of dead workers"),
+                    Err(e) => tracing::warn!(error = %e, "looking for dead workers failed"),
+                }
+            }
             if let Err(e) = self.store.fire_due_timers(now_ms(), CLAIM_BATCH_MAX).await {
                 tracing::warn!(error = %e, "firing due timers failed");
             }

@@ -482,6 +482,24 @@ pub trait Store: Send + Sync + 'static {
     /// A channel that changes whenever an instance may have become ready or ended, for waiting
     /// without polling inside one process.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Announces a live worker, so that the store can tell when it dies. A store that can
+    /// detect dead workers (the SQLite store, through a lock held by the worker's process)
+    /// hands their work over at once instead of after lease expiry. Default: nothing.
+    async fn register_worker(&self, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Withdraws a worker announced with [`Store::register_worker`] (graceful shutdown).
+    async fn unregister_worker(&self, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Expires at once every lease held by a worker known to be dead; returns how many dead
+    /// workers were found. Default: none can be detected, leases expire on their own.
+    async fn reap_dead_workers(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
 /// A shared, type-erased store.

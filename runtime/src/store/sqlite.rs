@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use retrace_sdk::{Error, Event, HistoryEvent, ParentRef, RetrySpec};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -156,6 +157,8 @@ pub struct SqliteStore {
     options: SqliteOptions,
     changes: watch::Sender<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Lock files of the workers of this process, held (flock) for as long as they live.
+    worker_locks: Mutex<HashMap<String, std::fs::File>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -340,6 +343,7 @@ impl SqliteStore {
             options,
             changes,
             writer: Mutex::new(writer),
+            worker_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -411,6 +415,16 @@ impl SqliteStore {
             operation: "read".into(),
             detail: e.to_string(),
         })?
+    }
+
+    /// The folder of worker lock files, beside the database (`PATH.workers`); `None` in memory.
+    fn workers_dir(&self) -> Option<PathBuf> {
+        if self.readers.is_none() {
+            return None;
+        }
+        let mut dir = self.reader_path.clone().into_os_string();
+        dir.push(".workers");
+        Some(PathBuf::from(dir))
     }
 
     /// Stops the writer thread after the operations already queued.
@@ -1076,6 +1090,24 @@ fn snapshot<R>(
     result
 }
 
+/// Worker ids become file names: keep them to a safe alphabet.
+fn lock_file_name(owner: &str) -> String {
+    owner
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn json_list(names: &[String]) -> Result<String, StoreError> {
     to_json(&names)
 }
@@ -1584,5 +1616,102 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    async fn register_worker(&self, owner: &str) -> Result<(), StoreError> {
+        let Some(dir) = self.workers_dir() else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| StoreError::Database {
+            operation: "register worker".into(),
+            detail: format!("{}: {e}", dir.display()),
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        // Lock under a temporary name, then rename: a reaper never sees the final name unlocked.
+        let name = lock_file_name(owner);
+        let tmp = dir.join(format!("{name}.new"));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.try_lock().map_err(|e| StoreError::Database {
+            operation: "register worker".into(),
+            detail: format!("{}: {e}", tmp.display()),
+        })?;
+        // The reaper reads the exact owner id from the file (the name is sanitized).
+        std::io::Write::write_all(&mut file, owner.as_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, dir.join(format!("{name}.lock"))).map_err(io)?;
+        lock_map(&self.worker_locks).insert(owner.to_string(), file);
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, owner: &str) -> Result<(), StoreError> {
+        let Some(dir) = self.workers_dir() else {
+            return Ok(());
+        };
+        if lock_map(&self.worker_locks).remove(owner).is_some() {
+            let _ = std::fs::remove_file(dir.join(format!("{}.lock", lock_file_name(owner))));
+        }
+        Ok(())
+    }
+
+    async fn reap_dead_workers(&self) -> Result<u64, StoreError> {
+        let Some(dir) = self.workers_dir() else {
+            return Ok(0);
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let own: Vec<String> = lock_map(&self.worker_locks)
+            .keys()
+            .map(|o| lock_file_name(o))
+            .collect();
+        let mut dead = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(stem) = name.strip_suffix(".lock") else {
+                continue;
+            };
+            if own.iter().any(|o| o == stem) {
+                continue;
+            }
+            let Ok(file) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+            else {
+                continue;
+            };
+            // The kernel releases a dead process's lock, whatever killed it.
+            if file.try_lock().is_ok() {
+                let owner = std::fs::read_to_string(&path).unwrap_or_else(|_| stem.to_string());
+                dead.push((path, file, owner));
+            }
+        }
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let owners: Vec<String> = dead.iter().map(|(_, _, o)| o.clone()).collect();
+        self.write(move |conn| {
+            let now = now_ms() as i64;
+            for owner in &owners {
+                conn.prepare_cached("UPDATE instances SET lease_until = 0 WHERE lease_owner = ?1")
+                    .and_then(|mut s| s.execute([owner]))
+                    .map_err(db("reap dead worker"))?;
+                conn.prepare_cached(
+                    "UPDATE tasks SET lease_owner = NULL, due_at = ?2 WHERE lease_owner = ?1",
+                )
+                .and_then(|mut s| s.execute(params![owner, now]))
+                .map_err(db("reap dead worker"))?;
+            }
+            Ok(())
+        })
+        .await?;
+        for (path, _file, owner) in &dead {
+            tracing::info!(worker = %owner, "worker is dead; its work was handed over");
+            let _ = std::fs::remove_file(path);
+        }
+        self.bump();
+        Ok(dead.len() as u64)
     }
 }
