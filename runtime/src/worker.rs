@@ -29,13 +29,14 @@ use crate::store::{ActivationCommit, ActivityTask, AttemptOutcome, InstanceStatu
 use futures::FutureExt;
 use retrace_sdk::{
     activity_handler, coordinator_fn, Activity, ActivityContext, ActivityError, ActivityFailure,
-    ActivityHandler, Context, Coordinator, CoordinatorFn, Error, Event, Execution,
+    ActivityHandler, Context, Coordinator, CoordinatorFn, Error, Event, Execution, RetrySpec,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -45,6 +46,72 @@ use tracing::Instrument;
 /// Environment variable that turns the coordinator cache off (`off`, `0` or `false`) for every
 /// worker that does not set it explicitly. CI runs the test suite with it.
 pub const CACHE_ENV: &str = "RETRACE_COORDINATOR_CACHE";
+
+/// Runs one attempt within its start-to-close and heartbeat timeouts. A panic, an expired
+/// timeout or a missed heartbeat is a failed (retryable) attempt; the abandoned body is dropped.
+async fn bounded_attempt<F>(
+    body: F,
+    retry: &RetrySpec,
+    started: tokio::time::Instant,
+    last_beat_ms: &AtomicU64,
+) -> Result<serde_json::Value, ActivityError>
+where
+    F: Future<Output = std::thread::Result<Result<serde_json::Value, ActivityError>>>,
+{
+    let close_at = retry
+        .start_to_close_timeout_ms
+        .map(|ms| started + Duration::from_millis(ms));
+    let beat_deadline = || {
+        retry.heartbeat_timeout_ms.map(|ms| {
+            started + Duration::from_millis(last_beat_ms.load(Ordering::Relaxed).saturating_add(ms))
+        })
+    };
+    tokio::pin!(body);
+    loop {
+        let wake = match (close_at, beat_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timer = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => futures::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            outcome = &mut body => {
+                return outcome.unwrap_or_else(|panic| {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "activity panicked".to_string());
+                    Err(ActivityError::retryable("panic", message))
+                });
+            }
+            () = timer => {
+                let now = tokio::time::Instant::now();
+                if let (Some(at), Some(ms)) = (close_at, retry.start_to_close_timeout_ms) {
+                    if now >= at {
+                        return Err(ActivityError::retryable(
+                            "timeout",
+                            format!("attempt exceeded its start-to-close timeout of {ms} ms"),
+                        ));
+                    }
+                }
+                // A heartbeat may have moved the deadline while the timer slept.
+                if let (Some(at), Some(ms)) = (beat_deadline(), retry.heartbeat_timeout_ms) {
+                    if now >= at {
+                        return Err(ActivityError::retryable(
+                            "heartbeat_timeout",
+                            format!("no heartbeat for {ms} ms"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// How often a worker looks for crashed workers whose work it can take over at once.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
@@ -503,21 +570,16 @@ impl Inner {
             );
             return;
         };
-        let ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt);
-        let result = AssertUnwindSafe(handler(ctx, task.input.clone()))
-            .catch_unwind()
-            .await;
-        let result = match result {
-            Ok(r) => r,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "activity panicked".to_string());
-                Err(ActivityError::retryable("panic", message))
-            }
-        };
+        let started = tokio::time::Instant::now();
+        let last_beat_ms = Arc::new(AtomicU64::new(0));
+        let beat = Arc::clone(&last_beat_ms);
+        let ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt)
+            .with_heartbeat(Arc::new(move |_details| {
+                let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                beat.store(elapsed, Ordering::Relaxed);
+            }));
+        let body = AssertUnwindSafe(handler(ctx, task.input.clone())).catch_unwind();
+        let result = bounded_attempt(body, &task.retry, started, &last_beat_ms).await;
         let outcome = match result {
             Ok(output) => AttemptOutcome::Final(Event::ActivityCompleted {
                 seq: task.seq,

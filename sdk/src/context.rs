@@ -8,8 +8,10 @@
 //! # Determinism
 //! Coordinator code must reach the outside world only through the context: no `std::time`, no
 //! `rand`, no I/O, no `tokio::spawn`. Combine the context's futures with the `futures` crate's
-//! `join!`, `select!`, `join_all`, which are deterministic given the same wake-ups. The context
-//! makes wake-ups identical on replay.
+//! `join!`, `select_biased!`, `join_all`, which are deterministic given the same wake-ups. The
+//! context makes wake-ups identical on replay. Prefer `select_biased!` to `futures::select!`: when
+//! several branches are ready in the same poll (two events delivered in one activation),
+//! `select!` picks one at random, so a replay could take another branch than the first run.
 //!
 //! # Invariant
 //! The context holds no clock and no random source of its own: time and the random seed come in
@@ -368,11 +370,36 @@ impl Context {
             instance_id: instance_id.to_string(),
             coordinator: coordinator.name().to_string(),
             input,
+            detached: false,
         });
         ChildCall {
             op,
             _type: PhantomData,
         }
+    }
+
+    /// Starts a child instance without waiting for it: the child runs on its own (it outlives
+    /// this instance if need be), and its end is not reported back. The start is journaled and
+    /// takes effect when the current activation commits.
+    ///
+    /// # Errors
+    /// [`Error::Payload`] when the input does not encode.
+    pub fn start_child<I: Serialize, O>(
+        &self,
+        coordinator: &Coordinator<I, O>,
+        instance_id: &str,
+        input: &I,
+    ) -> Result<(), Error> {
+        let input = serde_json::to_value(input)
+            .map_err(|e| Error::encode(format!("input of child {instance_id}"), &e))?;
+        lock(&self.shared).issue(|seq| Event::ChildStarted {
+            seq,
+            instance_id: instance_id.to_string(),
+            coordinator: coordinator.name().to_string(),
+            input,
+            detached: true,
+        });
+        Ok(())
     }
 
     /// The current time, recorded once and identical on replay.
@@ -479,6 +506,9 @@ impl Context {
                 true
             }
             Some(_) => false,
+            // Replaying a recorded activation that issued nothing at this position: the recorded
+            // run went past this point on the old path, so the replay must too.
+            None if shared.replaying => false,
             None => {
                 shared.issue(|seq| Event::PatchMarker {
                     seq,
@@ -564,6 +594,29 @@ impl Operation {
             shared.wakers.insert(seq, cx.waker().clone());
         }
         Poll::Pending
+    }
+}
+
+impl Drop for Operation {
+    /// A future dropped before taking its outcome (the loser of a `select!`) stops waiting: a
+    /// later outcome for its position is ignored, and a signal it was handed but never returned
+    /// goes back to the front of its buffer, for the next wait of that name.
+    fn drop(&mut self) {
+        let Some(seq) = self.seq.take() else { return };
+        let mut shared = lock(&self.shared);
+        shared.pending.remove(&seq);
+        shared.wakers.remove(&seq);
+        shared.signal_waiters.remove(&seq);
+        if let Some(Ok(payload)) = shared.results.remove(&seq) {
+            if let Some(Event::SignalAwaited { name, .. }) = shared.recorded.get(seq as usize) {
+                let name = name.clone();
+                shared
+                    .signal_buffer
+                    .entry(name)
+                    .or_default()
+                    .push_front(payload);
+            }
+        }
     }
 }
 

@@ -116,6 +116,10 @@ pub enum Event {
         coordinator: String,
         /// The child's input.
         input: Value,
+        /// Started without waiting for its result: the child has no parent link and its end is
+        /// not reported back.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        detached: bool,
     },
     /// A value the code obtained once (time, randomness, an id, any recorded side effect), so that
     /// replay returns the same value.

@@ -168,7 +168,12 @@ impl Execution {
                 .position(|e| e.activation != activation)
                 .map_or(events.len(), |offset| start + offset);
             self.replay_activation(&events[start..end])?;
-            self.next_activation = activation + 1;
+            self.next_activation = activation.checked_add(1).ok_or_else(|| {
+                self.corrupt(
+                    events[start].position,
+                    format!("activation number {activation} is out of range"),
+                )
+            })?;
             start = end;
         }
         self.next_position += events.len() as u64;
@@ -219,7 +224,7 @@ impl Execution {
             }
         }
         let activation = self.next_activation;
-        self.next_activation += 1;
+        self.next_activation = self.next_activation.saturating_add(1);
         self.next_position += events.len() as u64;
         Ok(Activation {
             activation,
@@ -275,8 +280,29 @@ impl Execution {
             .iter()
             .find(|e| e.event.family() == EventFamily::Terminal);
         let terminal_position = terminal.map(|t| t.position);
+        let first_seq = lock(&self.shared).next_seq;
         if !self.terminal_recorded {
             self.run(&inbound, terminal_position.unwrap_or(u64::MAX))?;
+        }
+        // The code must not request more commands in this activation than the recorded run did:
+        // neither new ones nor ones the recorded run only issued in a later activation.
+        let allowed = max_seq.map_or(first_seq, |m| first_seq.max(m.saturating_add(1)));
+        let extra = {
+            let shared = lock(&self.shared);
+            (shared.next_seq > allowed).then(|| {
+                shared
+                    .recorded
+                    .get(allowed as usize)
+                    .and_then(Event::command_identity)
+                    .unwrap_or_default()
+            })
+        };
+        if let Some(requested) = extra {
+            let recorded = terminal.map_or_else(
+                || "nothing".to_string(),
+                |t| format!("the end of the run ({})", t.event.kind()),
+            );
+            return Err(self.nondeterminism(allowed, recorded, requested));
         }
         // Every command recorded in this activation must have been requested again.
         if let Some(max_seq) = max_seq {

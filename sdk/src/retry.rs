@@ -1,4 +1,4 @@
-//! Retry policies for activity calls.
+//! Retry policies for activity calls: how each attempt is bounded and how it is retried.
 //!
 //! A policy is chosen by the caller when it schedules an activity and is journaled with the call
 //! (as a [`RetrySpec`]), so every attempt of one call, on any worker and after any restart, follows
@@ -27,6 +27,8 @@ pub struct RetryPolicy {
     backoff_coefficient: f64,
     max_interval: Duration,
     non_retryable: &'static [&'static str],
+    start_to_close_timeout: Option<Duration>,
+    heartbeat_timeout: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -38,6 +40,8 @@ impl RetryPolicy {
             backoff_coefficient: 2.0,
             max_interval: Duration::from_secs(10),
             non_retryable: &[],
+            start_to_close_timeout: None,
+            heartbeat_timeout: None,
         }
     }
 
@@ -76,6 +80,22 @@ impl RetryPolicy {
         self
     }
 
+    /// Bounds each attempt: an attempt still running after `timeout` is abandoned and counts as
+    /// a failed attempt of kind `timeout`, retried under this policy. The remote side may have
+    /// acted; the idempotency key makes the retry safe.
+    pub const fn start_to_close_timeout(mut self, timeout: Duration) -> Self {
+        self.start_to_close_timeout = Some(timeout);
+        self
+    }
+
+    /// For long activities: an attempt that has not called
+    /// [`crate::ActivityContext::heartbeat`] for `timeout` is abandoned and counts as a failed
+    /// attempt of kind `heartbeat_timeout`.
+    pub const fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
     /// The wait after failed attempt `attempt` (counting from 1).
     pub fn backoff(&self, attempt: u32) -> Duration {
         self.spec().backoff(attempt)
@@ -89,6 +109,8 @@ impl RetryPolicy {
             backoff_coefficient: self.backoff_coefficient,
             max_interval_ms: duration_ms(self.max_interval),
             non_retryable: self.non_retryable.iter().map(|k| k.to_string()).collect(),
+            start_to_close_timeout_ms: self.start_to_close_timeout.map(duration_ms),
+            heartbeat_timeout_ms: self.heartbeat_timeout.map(duration_ms),
         }
     }
 }
@@ -117,6 +139,12 @@ pub struct RetrySpec {
     /// Error kinds never retried.
     #[serde(default)]
     pub non_retryable: Vec<String>,
+    /// Upper bound of one attempt, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_to_close_timeout_ms: Option<u64>,
+    /// Longest silence between heartbeats of one attempt, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
 }
 
 impl RetrySpec {

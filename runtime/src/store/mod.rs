@@ -270,11 +270,12 @@ impl ActivationCommit {
                     instance_id: child,
                     coordinator,
                     input,
+                    detached,
                 } => children.push(NewInstance {
                     id: child.clone(),
                     coordinator: coordinator.clone(),
                     input: input.clone(),
-                    parent: Some(ParentRef {
+                    parent: (!detached).then(|| ParentRef {
                         instance_id: instance_id.to_string(),
                         seq: *seq,
                     }),

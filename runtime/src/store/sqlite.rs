@@ -702,6 +702,16 @@ fn notify_parent(
     result: Result<Value, Error>,
     now: u64,
 ) -> Result<(), StoreError> {
+    // A parent that has ended (or moved to a new run) no longer waits for anything.
+    let running: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM instances WHERE id = ?1 AND status = 'running')",
+        )
+        .and_then(|mut s| s.query_row([&parent.instance_id], |r| r.get(0)))
+        .map_err(db("notify parent"))?;
+    if !running {
+        return Ok(());
+    }
     let event = Event::ChildCompleted {
         seq: parent.seq,
         result,
