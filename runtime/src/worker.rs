@@ -147,7 +147,7 @@ type Observer = Arc<dyn Fn(&CommitNotice) + Send + Sync>;
 /// Builds a [`Worker`]: register coordinators and activities, then [`WorkerBuilder::start`].
 pub struct WorkerBuilder {
     store: SharedStore,
-    coordinators: HashMap<String, CoordinatorFn>,
+    coordinators: HashMap<String, (CoordinatorFn, &'static [&'static str])>,
     activities: HashMap<String, ActivityHandler>,
     cache: Option<bool>,
     cache_capacity: usize,
@@ -167,8 +167,10 @@ impl WorkerBuilder {
         F: Fn(Context, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, Error>> + Send + 'static,
     {
-        self.coordinators
-            .insert(def.name().to_string(), coordinator_fn(def, body));
+        self.coordinators.insert(
+            def.name().to_string(),
+            (coordinator_fn(def, body), def.patches()),
+        );
         self
     }
 
@@ -360,7 +362,7 @@ impl Drop for Worker {
 struct Inner {
     store: SharedStore,
     owner: String,
-    coordinators: HashMap<String, CoordinatorFn>,
+    coordinators: HashMap<String, (CoordinatorFn, &'static [&'static str])>,
     activities: HashMap<String, ActivityHandler>,
     coordinator_names: Vec<String>,
     activity_names: Vec<String>,
@@ -466,7 +468,7 @@ impl Inner {
                 if from != 0 {
                     loaded = self.store.load(id, 0).await?;
                 }
-                Execution::new(id, coordinator)
+                Execution::new(id, coordinator.0).with_patches(coordinator.1)
             }
         };
         let info = loaded.info;
@@ -574,6 +576,7 @@ impl Inner {
         let last_beat_ms = Arc::new(AtomicU64::new(0));
         let beat = Arc::clone(&last_beat_ms);
         let ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt)
+            .with_generation(task.generation)
             .with_heartbeat(Arc::new(move |_details| {
                 let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 beat.store(elapsed, Ordering::Relaxed);

@@ -83,6 +83,7 @@ pub struct ActivityContext {
     activity: Arc<str>,
     position: u32,
     attempt: u32,
+    generation: u64,
     heartbeat: Option<Arc<dyn Fn(Option<Value>) + Send + Sync>>,
 }
 
@@ -94,8 +95,15 @@ impl ActivityContext {
             activity: activity.into(),
             position,
             attempt,
+            generation: 0,
             heartbeat: None,
         }
+    }
+
+    /// Sets the caller's run number (how many times it continued as new; set by the runtime).
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
+        self
     }
 
     /// Attaches the function that records heartbeats (set by the runtime).
@@ -124,10 +132,15 @@ impl ActivityContext {
         self.attempt
     }
 
-    /// A key stable across retries, replays, crashes and workers: `"{instance_id}/{position}"`.
-    /// Pass it to external systems that dedupe requests.
+    /// A key stable across retries, replays, crashes and workers: `"{instance_id}/{position}"`,
+    /// or `"{instance_id}@{run}/{position}"` in the runs after a continue-as-new (where positions
+    /// start again from 0). Pass it to external systems that dedupe requests.
     pub fn idempotency_key(&self) -> String {
-        format!("{}/{}", self.instance_id, self.position)
+        if self.generation == 0 {
+            format!("{}/{}", self.instance_id, self.position)
+        } else {
+            format!("{}@{}/{}", self.instance_id, self.generation, self.position)
+        }
     }
 
     /// Reports progress of a long activity, renewing its heartbeat deadline.

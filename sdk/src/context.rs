@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) custom_status: Option<Value>,
     pub(crate) custom_status_changed: bool,
     pub(crate) parent: Option<ParentRef>,
+    /// The patches pinned when this run started; `None` for runs started before pinning existed.
+    pub(crate) pinned_patches: Option<Vec<String>>,
 }
 
 impl Shared {
@@ -87,6 +89,7 @@ impl Shared {
             custom_status: None,
             custom_status_changed: false,
             parent: None,
+            pinned_patches: None,
         }
     }
 
@@ -162,6 +165,7 @@ impl Shared {
                         .push_back(payload.clone()),
                 }
             }
+            Event::PatchesPinned { patches } => self.pinned_patches = Some(patches.clone()),
             Event::CancelRequested { reason } => {
                 if self.cancel_reason.is_none() {
                     self.cancel_reason = Some(reason.clone());
@@ -489,12 +493,26 @@ impl Context {
         }
     }
 
-    /// Versioning: returns `true` when this execution takes the code path introduced by the patch
-    /// `patch`, `false` when it replays a history recorded before the patch reached this point.
+    /// Versioning: whether this run takes the code path introduced by the patch `patch`.
     ///
-    /// New executions record a marker and take the new path. Replays of histories that already
-    /// passed this point without the marker take the old path, so they stay deterministic. Once no
-    /// instance in flight predates the patch, replace the call with the new path.
+    /// Declare the patch on the coordinator's definition
+    /// ([`Coordinator::with_patches`]); each run pins the patches its code declared when it
+    /// started. So a run started before the change finishes on the old path, even if it reaches
+    /// this point only after the deploy, and every run started after it takes the new path.
+    /// The first time a run takes the new path, a marker is journaled at this position, so that
+    /// replays see the same decision.
+    ///
+    /// ```no_run
+    /// # use retrace_sdk::{Context, Coordinator};
+    /// const BOOK_TRIP: Coordinator<u32, ()> =
+    ///     Coordinator::new("book_trip").with_patches(&["cancel-car-first"]);
+    /// # fn f(ctx: Context) {
+    /// if ctx.patched("cancel-car-first") { /* new order */ } else { /* old order */ }
+    /// # }
+    /// ```
+    ///
+    /// Once no run started before the patch is in flight, delete the old path and the check
+    /// (keep the id declared as long as histories with its markers must replay).
     pub fn patched(&self, patch: &str) -> bool {
         let mut shared = lock(&self.shared);
         let seq = shared.next_seq;
@@ -510,11 +528,19 @@ impl Context {
             // run went past this point on the old path, so the replay must too.
             None if shared.replaying => false,
             None => {
-                shared.issue(|seq| Event::PatchMarker {
-                    seq,
-                    patch: patch.to_string(),
-                });
-                true
+                let pinned = shared
+                    .pinned_patches
+                    .as_ref()
+                    .is_some_and(|p| p.iter().any(|id| id == patch));
+                if pinned {
+                    shared.issue(|seq| Event::PatchMarker {
+                        seq,
+                        patch: patch.to_string(),
+                    });
+                } else {
+                    tracing::debug!(patch, "patch not pinned by this run: old path");
+                }
+                pinned
             }
         }
     }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 /// ```
 pub struct Coordinator<I, O> {
     name: &'static str,
+    patches: &'static [&'static str],
     _types: PhantomData<fn(I) -> O>,
 }
 
@@ -31,8 +32,24 @@ impl<I, O> Coordinator<I, O> {
     pub const fn new(name: &'static str) -> Self {
         Coordinator {
             name,
+            patches: &[],
             _types: PhantomData,
         }
+    }
+
+    /// The same coordinator with the patches its code knows (see [`Context::patched`]). Each
+    /// run pins this list when it starts and follows it to its end.
+    pub const fn with_patches(self, patches: &'static [&'static str]) -> Self {
+        Coordinator {
+            name: self.name,
+            patches,
+            _types: PhantomData,
+        }
+    }
+
+    /// The patches declared for new runs.
+    pub const fn patches(&self) -> &'static [&'static str] {
+        self.patches
     }
 
     /// The registered name.

@@ -79,6 +79,13 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The patches the code declared when this run started (see
+    /// [`crate::Coordinator::with_patches`]). Written by the engine right after
+    /// `InstanceStarted`; the run follows these patches to its end, whatever code replays it.
+    PatchesPinned {
+        /// The declared patch ids.
+        patches: Vec<String>,
+    },
 
     // ----- commands -----
     /// The coordinator called an activity.
@@ -197,7 +204,8 @@ impl Event {
             | Event::TimerFired { .. }
             | Event::SignalReceived { .. }
             | Event::ChildCompleted { .. }
-            | Event::CancelRequested { .. } => EventFamily::Inbound,
+            | Event::CancelRequested { .. }
+            | Event::PatchesPinned { .. } => EventFamily::Inbound,
             Event::ActivityScheduled { .. }
             | Event::TimerStarted { .. }
             | Event::SignalAwaited { .. }
@@ -239,6 +247,7 @@ impl Event {
             Event::SignalReceived { .. } => "signal_received",
             Event::ChildCompleted { .. } => "child_completed",
             Event::CancelRequested { .. } => "cancel_requested",
+            Event::PatchesPinned { .. } => "patches_pinned",
             Event::ActivityScheduled { .. } => "activity_scheduled",
             Event::TimerStarted { .. } => "timer_started",
             Event::SignalAwaited { .. } => "signal_awaited",

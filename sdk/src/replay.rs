@@ -73,6 +73,8 @@ pub struct Execution {
     waker: Waker,
     /// The coordinator's return value, once it returned.
     returned: Option<Result<Value, Error>>,
+    /// The patches this code declares, pinned by runs that start live here.
+    patches: Vec<String>,
     /// Whether a terminal event is in history (recorded or emitted).
     terminal_recorded: bool,
     next_position: u64,
@@ -104,10 +106,18 @@ impl Execution {
             waker: Waker::from(Arc::clone(&flag)),
             flag,
             returned: None,
+            patches: Vec::new(),
             terminal_recorded: false,
             next_position: 0,
             next_activation: 0,
         }
+    }
+
+    /// Declares the patches of this code (see `Coordinator::with_patches`): a run that starts
+    /// live in this execution pins them.
+    pub fn with_patches(mut self, patches: &[&str]) -> Self {
+        self.patches = patches.iter().map(|p| p.to_string()).collect();
+        self
     }
 
     /// The instance id.
@@ -199,10 +209,21 @@ impl Execution {
             shared.now_ms = now_ms;
             shared.seed = seed;
         }
-        let inbound: Vec<Event> = inbound
+        let mut inbound: Vec<Event> = inbound
             .into_iter()
             .filter(|e| e.family() == EventFamily::Inbound)
+            .filter(|e| !matches!(e, Event::PatchesPinned { .. }))
             .collect();
+        // A run starting live pins the patches of the code that starts it.
+        if let Some(i) = inbound
+            .iter()
+            .position(|e| matches!(e, Event::InstanceStarted { .. }))
+        {
+            let pinned = Event::PatchesPinned {
+                patches: self.patches.clone(),
+            };
+            inbound.insert(i + 1, pinned);
+        }
         if !self.terminal_recorded {
             self.run(&inbound, u64::MAX)?;
         }
@@ -266,6 +287,18 @@ impl Execution {
     }
 
     fn replay_activation(&mut self, batch: &[HistoryEvent]) -> Result<(), ReplayError> {
+        if self.terminal_recorded {
+            // The run ended in an earlier activation: late inbound events are recorded and
+            // ignored, as `activate` does; nothing else can follow the end of a run.
+            if let Some(e) = batch
+                .iter()
+                .find(|e| e.event.family() != EventFamily::Inbound)
+            {
+                let message = format!("{} after the end of the run", e.event.kind());
+                return Err(self.corrupt(e.position, message));
+            }
+            return Ok(());
+        }
         let inbound: Vec<Event> = batch
             .iter()
             .filter(|e| e.event.family() == EventFamily::Inbound)

@@ -70,6 +70,18 @@ impl Saga {
         Ok(())
     }
 
+    /// Moves the compensations that call `activity` to the front of the unwinding order (for
+    /// example "cancel the car first: it is free within the hour"); the others keep their
+    /// reverse order.
+    pub fn run_first<I, O>(&mut self, activity: &Activity<I, O>) {
+        // Unwinding pops from the end: move the chosen ones to the end, keeping their order.
+        let (first, rest): (Vec<_>, Vec<_>) = self
+            .compensations
+            .drain(..)
+            .partition(|c| c.activity == activity.name());
+        self.compensations = rest.into_iter().chain(first).collect();
+    }
+
     /// How many compensations are registered.
     pub fn len(&self) -> usize {
         self.compensations.len()

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example trip_booking -- [--db PATH] [--trips N] [--fail-every K]
-//!     [--flaky P] [--crash-after S]
+//!     [--flaky P] [--crash-after S] [--payment-timeout SECS] [--unpaid-every K]
 //! ```
 //!
 //! The three remote services are simulated in their own SQLite file beside the store
@@ -16,6 +16,10 @@
 //!   (a timeout), to exercise retries.
 //! - `--crash-after S`: abort the process (no cleanup) right after the S-th activity outcome
 //!   is committed. Run the same command without it to resume every unfinished trip.
+//! - `--payment-timeout SECS` (default 2): after the flight, a trip waits this long for the
+//!   customer's `payment` signal; unpaid, it is undone (flight, hotel and car cancelled).
+//! - `--unpaid-every K`: the simulated customers pay every trip after a short random delay,
+//!   except trips whose number is divisible by K. Unpaid trips count as compensated.
 //!
 //! The last line is the summary:
 //! `summary trips=N booked=b compensated=c live_car=x live_hotel=y live_flight=z service_calls=k`.
@@ -23,74 +27,14 @@
 use retrace::prelude::*;
 use retrace::{ClientError, CommitNotice};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-// ----- the coordinator -------------------------------------------------------------------------
+// ----- the coordinator: coordinator.rs, shared with tests/golden_trip.rs and tests/cli.rs ----
 
-/// What the customer asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TripRequest {
-    trip: u64,
-    traveller: String,
-}
+mod coordinator;
 
-/// A reservation at one of the services.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Reservation {
-    service: String,
-    id: String,
-}
-
-/// A booked trip.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Itinerary {
-    car: Reservation,
-    hotel: Reservation,
-    flight: Reservation,
-}
-
-const BOOKING_RETRY: RetryPolicy = RetryPolicy::new()
-    .max_attempts(30)
-    .initial_interval(Duration::from_millis(5))
-    .backoff_coefficient(2.0)
-    .max_interval(Duration::from_millis(200))
-    .non_retryable(&["refused"]);
-const CANCEL_RETRY: RetryPolicy = RetryPolicy::new()
-    .max_attempts(1000)
-    .initial_interval(Duration::from_millis(5))
-    .max_interval(Duration::from_millis(200));
-
-const RESERVE_CAR: Activity<TripRequest, Reservation> =
-    Activity::new("reserve_car").with_retry(BOOKING_RETRY);
-const BOOK_HOTEL: Activity<TripRequest, Reservation> =
-    Activity::new("book_hotel").with_retry(BOOKING_RETRY);
-const BOOK_FLIGHT: Activity<TripRequest, Reservation> =
-    Activity::new("book_flight").with_retry(BOOKING_RETRY);
-const CANCEL_CAR: Activity<Reservation, ()> = Activity::new("cancel_car").with_retry(CANCEL_RETRY);
-const CANCEL_HOTEL: Activity<Reservation, ()> =
-    Activity::new("cancel_hotel").with_retry(CANCEL_RETRY);
-
-const BOOK_TRIP: Coordinator<TripRequest, Itinerary> = Coordinator::new("book_trip");
-
-/// The saga. Every `await` on `ctx` is journaled; after a crash this code replays against the
-/// journal and continues where it stopped.
-async fn book_trip(ctx: Context, req: TripRequest) -> Result<Itinerary, Error> {
-    let mut saga = Saga::new();
-    let car = ctx.call(&RESERVE_CAR, &req).await?;
-    saga.add(&CANCEL_CAR, &car)?;
-    let hotel = match ctx.call(&BOOK_HOTEL, &req).await {
-        Ok(hotel) => hotel,
-        Err(e) => return Err(saga.fail(&ctx, e).await),
-    };
-    saga.add(&CANCEL_HOTEL, &hotel)?;
-    match ctx.call(&BOOK_FLIGHT, &req).await {
-        Ok(flight) => Ok(Itinerary { car, hotel, flight }),
-        Err(e) => Err(saga.fail(&ctx, e).await),
-    }
-}
+use coordinator::*;
 
 // ----- the simulated services ------------------------------------------------------------------
 
@@ -247,6 +191,8 @@ struct Args {
     fail_every: u64,
     flaky: f64,
     crash_after: Option<u64>,
+    payment_timeout_secs: f64,
+    unpaid_every: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -256,6 +202,8 @@ fn parse_args() -> Result<Args, String> {
         fail_every: 0,
         flaky: 0.0,
         crash_after: None,
+        payment_timeout_secs: 2.0,
+        unpaid_every: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -274,20 +222,47 @@ fn parse_args() -> Result<Args, String> {
                         .map_err(|e| format!("--crash-after: {e}"))?,
                 )
             }
+            "--payment-timeout" => {
+                args.payment_timeout_secs = value()?
+                    .parse()
+                    .map_err(|e| format!("--payment-timeout: {e}"))?
+            }
+            "--unpaid-every" => {
+                args.unpaid_every = value()?
+                    .parse()
+                    .map_err(|e| format!("--unpaid-every: {e}"))?
+            }
             "--help" | "-h" => {
                 return Err(
                     "usage: trip_booking [--db PATH] [--trips N] [--fail-every K] \
-                            [--flaky P] [--crash-after S]"
+                            [--flaky P] [--crash-after S] [--payment-timeout SECS] \
+                     [--unpaid-every K]"
                         .to_string(),
                 )
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    if !(args.payment_timeout_secs >= 0.0 && args.payment_timeout_secs.is_finite()) {
+        return Err("--payment-timeout must be a number of seconds".to_string());
+    }
     if !(0.0..1.0).contains(&args.flaky) {
         return Err("--flaky must be in [0, 1)".to_string());
     }
     Ok(args)
+}
+
+/// A customer who pays after a short delay, through the client's signal API. The signal id makes
+/// the payment count once, however often a resumed run sends it again.
+async fn pay_later(client: Client, trip_id: String, delay_secs: f64) -> Result<(), ClientError> {
+    tokio::time::sleep(std::time::Duration::from_secs_f64(delay_secs)).await;
+    let payment = Payment {
+        amount_cents: 120_000,
+    };
+    client
+        .signal_once(&trip_id, "payment", &payment, &format!("payment-{trip_id}"))
+        .await
+        .map(|_| ())
 }
 
 #[tokio::main]
@@ -336,7 +311,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             async move { s.book(service, &ctx.idempotency_key(), &req) }
         });
     }
-    for def in [&CANCEL_CAR, &CANCEL_HOTEL] {
+    for def in [&CANCEL_CAR, &CANCEL_HOTEL, &CANCEL_FLIGHT] {
         let s = Arc::clone(&services);
         builder = builder.activity(def, move |_ctx: ActivityContext, r: Reservation| {
             let s = Arc::clone(&s);
@@ -346,17 +321,24 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let worker = builder.start();
     let client = Client::new(store.clone());
 
+    let payment_timeout_ms = (args.payment_timeout_secs * 1000.0) as u64;
     let mut handles = Vec::new();
+    let mut customers = Vec::new();
     for trip in 1..=args.trips {
         let req = TripRequest {
             trip,
             traveller: format!("traveller-{trip}"),
+            payment_timeout_ms,
         };
-        handles.push(
-            client
-                .start(&BOOK_TRIP, &format!("trip-{trip}"), &req)
-                .await?,
-        );
+        let id = format!("trip-{trip}");
+        handles.push(client.start(&BOOK_TRIP, &id, &req).await?);
+        if args.unpaid_every == 0 || trip % args.unpaid_every != 0 {
+            customers.push(tokio::spawn(pay_later(
+                client.clone(),
+                id,
+                services.random() * 0.05,
+            )));
+        }
     }
     let (mut booked, mut compensated) = (0u64, 0u64);
     for handle in handles {
@@ -365,6 +347,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             Err(ClientError::Failed { .. }) => compensated += 1,
             Err(e) => return Err(format!("{}: {e}", handle.id()).into()),
         }
+    }
+    for customer in customers {
+        customer.await??;
     }
     worker.shutdown().await?;
     println!(

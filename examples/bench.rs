@@ -1,0 +1,861 @@
+//! The standard benchmark of `shared/BENCH.md`: every workload against a fresh SQLite file.
+//!
+//! ```text
+//! cargo run --release --example bench -- <W1|W2|W3|W4|W5|W6|baseline|all> [--db PATH]
+//!     [--durability full|normal]
+//! ```
+//!
+//! - `--db PATH`: the database file of a single workload, or the prefix of one file per workload
+//!   (`PATH.W1`, `PATH.W2`…) with `all`. Any file already there is **replaced** (with its `-wal`
+//!   and `-shm`). Without it, files go to a temporary directory removed at the end.
+//! - `--durability`: `full` (the default: WAL, `synchronous=FULL`) or `normal`. Every workload
+//!   prints the setting it used on the line before its result line.
+//!
+//! Each workload prints its result line last, in exactly the form `BENCH.md` gives; `all` runs
+//! `baseline` first, then W1 to W6, in one invocation, and writes a ratio summary to stderr.
+//!
+//! Activities are no-ops returning their input plus one, run by the same process. W4 and W5 run
+//! their workers in child processes (this binary re-executed with a hidden subcommand): W4
+//! because it kills one with SIGKILL, W5 so that its resident memory is that of a process that
+//! ran nothing else.
+
+use futures::future::join_all;
+use retrace::prelude::*;
+use retrace::sdk::{coordinator_fn, Execution};
+use retrace::{CommitNotice, Durability, SqliteOptions, Store};
+use rusqlite::Connection;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+// ----- the coordinators and the activity -------------------------------------------------------
+
+const ADD_ONE: Activity<u64, u64> = Activity::new("add_one");
+/// `n` activities one after another, each fed the previous output.
+const STEPS: Coordinator<u32, u64> = Coordinator::new("steps");
+/// `n` activities at once, joined.
+const FAN_OUT: Coordinator<u32, u64> = Coordinator::new("fan_out");
+/// Waits for the signal `go`, which never comes.
+const WAITER: Coordinator<(), u64> = Coordinator::new("waiter");
+
+async fn add_one(_ctx: ActivityContext, n: u64) -> Result<u64, ActivityError> {
+    Ok(n + 1)
+}
+
+async fn steps(ctx: Context, n: u32) -> Result<u64, Error> {
+    let mut value = 0u64;
+    for _ in 0..n {
+        value = ctx.call(&ADD_ONE, &value).await?;
+    }
+    Ok(value)
+}
+
+async fn fan_out(ctx: Context, n: u32) -> Result<u64, Error> {
+    let calls = (0..u64::from(n)).map(|i| ctx.call(&ADD_ONE, &i));
+    let mut sum = 0u64;
+    for result in join_all(calls).await {
+        sum += result?;
+    }
+    Ok(sum)
+}
+
+async fn waiter(ctx: Context, _input: ()) -> Result<u64, Error> {
+    ctx.signal::<u64>("go").await
+}
+
+// ----- options ---------------------------------------------------------------------------------
+
+const USAGE: &str = "usage: bench <W1|W2|W3|W4|W5|W6|baseline|all> [--db PATH] \
+                     [--durability full|normal]";
+
+#[derive(Clone)]
+struct Options {
+    workload: String,
+    /// The `--db` argument, if any.
+    db: Option<PathBuf>,
+    /// Where files go without `--db`.
+    scratch: PathBuf,
+    durability: Durability,
+}
+
+impl Options {
+    fn parse() -> Res<Options> {
+        let mut args = std::env::args().skip(1);
+        let mut workload = None;
+        let mut db = None;
+        let mut durability = Durability::Full;
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--db" => db = Some(PathBuf::from(args.next().ok_or(USAGE)?)),
+                "--durability" => {
+                    durability = match args.next().as_deref() {
+                        Some("full" | "FULL") => Durability::Full,
+                        Some("normal" | "NORMAL") => Durability::Normal,
+                        _ => return Err(USAGE.into()),
+                    }
+                }
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other if workload.is_none() => workload = Some(other.to_string()),
+                _ => return Err(USAGE.into()),
+            }
+        }
+        let workload = workload.ok_or(USAGE)?;
+        let scratch = std::env::temp_dir().join(format!("retrace-bench-{}", std::process::id()));
+        Ok(Options {
+            workload,
+            db,
+            scratch,
+            durability,
+        })
+    }
+
+    /// A fresh database file for `workload`: nothing of an earlier run is left at that path.
+    fn fresh_db(&self, workload: &str, all: bool) -> Res<PathBuf> {
+        let path = match &self.db {
+            Some(p) if all => PathBuf::from(format!("{}.{workload}", p.display())),
+            Some(p) => p.clone(),
+            None => {
+                std::fs::create_dir_all(&self.scratch)?;
+                self.scratch.join(format!("{workload}.sqlite"))
+            }
+        };
+        remove_db(&path)?;
+        Ok(path)
+    }
+
+    fn durability_name(&self) -> &'static str {
+        match self.durability {
+            Durability::Full => "FULL",
+            _ => "NORMAL",
+        }
+    }
+
+    fn durability_arg(&self) -> &'static str {
+        match self.durability {
+            Durability::Full => "full",
+            _ => "normal",
+        }
+    }
+
+    fn open_store(&self, path: &Path) -> Res<Arc<SqliteStore>> {
+        let mut options = SqliteOptions::default();
+        options.durability = self.durability;
+        Ok(Arc::new(SqliteStore::open_with(path, options)?))
+    }
+
+    fn print_setting(&self, path: &Path) {
+        println!(
+            "durability={} (WAL, synchronous={}) db={}",
+            self.durability_name(),
+            self.durability_name(),
+            path.display()
+        );
+    }
+}
+
+fn remove_db(path: &Path) -> Res<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", p.display()).into()),
+        }
+    }
+    Ok(())
+}
+
+// ----- helpers ---------------------------------------------------------------------------------
+
+/// Counts ended activations, so that a workload can wait for N instances without polling.
+#[derive(Default)]
+struct Ended {
+    count: AtomicUsize,
+    activations: AtomicUsize,
+    notify: Notify,
+}
+
+impl Ended {
+    fn observe(self: &Arc<Self>) -> impl Fn(&CommitNotice) + Send + Sync + 'static {
+        let me = Arc::clone(self);
+        move |notice| {
+            if let CommitNotice::Activation { ended, .. } = notice {
+                me.activations.fetch_add(1, Ordering::Relaxed);
+                if *ended {
+                    me.count.fetch_add(1, Ordering::Relaxed);
+                }
+                me.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// Waits until `pick(self)` reaches `target`.
+    async fn wait(&self, target: usize, pick: fn(&Ended) -> usize) {
+        loop {
+            let notified = self.notify.notified();
+            if pick(self) >= target {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+}
+
+fn worker(store: Arc<SqliteStore>, ended: &Arc<Ended>) -> Worker {
+    Worker::builder(store)
+        .coordinator(&STEPS, steps)
+        .coordinator(&FAN_OUT, fan_out)
+        .coordinator(&WAITER, waiter)
+        .activity(&ADD_ONE, add_one)
+        .on_commit(ended.observe())
+        .start()
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn sort(samples: &mut [f64]) {
+    samples.sort_by(|a, b| a.total_cmp(b));
+}
+
+fn rss_mib() -> Res<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS in /proc/self/status")?;
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or("malformed VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn file_mib(path: &Path) -> f64 {
+    let mut bytes = 0u64;
+    for suffix in ["", "-wal"] {
+        let p = PathBuf::from(format!("{}{suffix}", path.display()));
+        bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+    }
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn count(conn: &Connection, sql: &str) -> Res<u64> {
+    Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+}
+
+// ----- results ---------------------------------------------------------------------------------
+
+/// The figures of one invocation, for the summary of `all`.
+#[derive(Default)]
+struct Figures {
+    commit_per_s: Option<f64>,
+    batched_rows_per_s: Option<f64>,
+    w1_steps_per_s: Option<f64>,
+    w2_p50_ms: Option<f64>,
+    w3_wall_s: Option<f64>,
+    w4: Option<(f64, u64, u64)>,
+    w5: Option<(f64, f64, f64)>,
+    w6_replay_ms_p50: Option<f64>,
+}
+
+// ----- baseline --------------------------------------------------------------------------------
+
+/// An event-sized row (the `events` table holds JSON bodies of about this size).
+const BASELINE_BODY: &str = r#"{"type":"activity_completed","seq":7,"output":8,"attempt":1,"pad":"0123456789abcdef0123456789abcdef"}"#;
+
+fn baseline(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("baseline", all)?;
+    let conn = Connection::open(&path)?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("journal_mode is {mode}, not WAL").into());
+    }
+    conn.pragma_update(None, "synchronous", opts.durability_name())?;
+    // Appends at the end of one B-tree, the cheapest way SQLite can store a row: the limit.
+    conn.execute_batch("CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL);")?;
+    let mut insert = conn.prepare("INSERT INTO rows (id, body) VALUES (?1, ?2)")?;
+
+    // (a) one committed transaction per row.
+    let singles = 10_000u64;
+    let started = Instant::now();
+    for i in 0..singles {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        insert.execute(rusqlite::params![i as i64, BASELINE_BODY])?;
+        conn.execute_batch("COMMIT")?;
+    }
+    let commit_per_s = singles as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "baseline (a) {singles} single-row commits in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // (b) 1,000,000 rows in transactions of 1,000.
+    let rows = 1_000_000u64;
+    let per_tx = 1_000u64;
+    let started = Instant::now();
+    for tx in 0..rows / per_tx {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        for i in 0..per_tx {
+            let id = singles + tx * per_tx + i;
+            insert.execute(rusqlite::params![id as i64, BASELINE_BODY])?;
+        }
+        conn.execute_batch("COMMIT")?;
+    }
+    let batched_rows_per_s = rows as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "baseline (b) {rows} rows in {} transactions in {:.3} s",
+        rows / per_tx,
+        started.elapsed().as_secs_f64()
+    );
+    drop(insert);
+    drop(conn);
+    if opts.db.is_none() {
+        remove_db(&path)?;
+    }
+    figures.commit_per_s = Some(commit_per_s);
+    figures.batched_rows_per_s = Some(batched_rows_per_s);
+    opts.print_setting(&path);
+    println!("baseline commit_per_s={commit_per_s:.1} batched_rows_per_s={batched_rows_per_s:.1}");
+    Ok(())
+}
+
+// ----- W1: throughput --------------------------------------------------------------------------
+
+async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W1", all)?;
+    let store = opts.open_store(&path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    let instances = 1_000usize;
+    let steps_each = 10u32;
+
+    let started = Instant::now();
+    let ids: Vec<String> = (0..instances).map(|i| format!("w1-{i}")).collect();
+    let starts = ids.iter().map(|id| client.start(&STEPS, id, &steps_each));
+    for r in join_all(starts).await {
+        r?;
+    }
+    let created = started.elapsed();
+    ended
+        .wait(instances, |e| e.count.load(Ordering::Relaxed))
+        .await;
+    let wall = started.elapsed().as_secs_f64();
+    worker.shutdown().await?;
+
+    let conn = Connection::open(&path)?;
+    let completed = count(
+        &conn,
+        "SELECT count(*) FROM instances WHERE status = 'completed' AND output = '10'",
+    )?;
+    if completed != instances as u64 {
+        return Err(format!("W1: {completed} of {instances} instances completed with 10").into());
+    }
+    let steps_total = (instances as u64 * u64::from(steps_each)) as f64;
+    println!(
+        "W1 created {instances} instances in {:.3} s",
+        created.as_secs_f64()
+    );
+    finish_db(opts, store, &path)?;
+    let steps_per_s = steps_total / wall;
+    figures.w1_steps_per_s = Some(steps_per_s);
+    opts.print_setting(&path);
+    println!(
+        "W1 wall_s={wall:.4} workflows_per_s={:.1} steps_per_s={steps_per_s:.1}",
+        instances as f64 / wall
+    );
+    Ok(())
+}
+
+/// Closes the store and removes a scratch file.
+fn finish_db(opts: &Options, store: Arc<SqliteStore>, path: &Path) -> Res<()> {
+    store.close();
+    drop(store);
+    if opts.db.is_none() {
+        remove_db(path)?;
+    }
+    Ok(())
+}
+
+// ----- W2: latency -----------------------------------------------------------------------------
+
+async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W2", all)?;
+    let store = opts.open_store(&path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    let mut samples = Vec::with_capacity(50);
+    for i in 0..50 {
+        let started = Instant::now();
+        let handle = client.start(&STEPS, &format!("w2-{i}"), &10).await?;
+        let out = handle.result().await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        if out != 10 {
+            return Err(format!("W2: instance {i} returned {out}").into());
+        }
+    }
+    worker.shutdown().await?;
+    finish_db(opts, store, &path)?;
+    sort(&mut samples);
+    let p50 = percentile(&samples, 0.50);
+    let p99 = percentile(&samples, 0.99);
+    println!(
+        "W2 min_ms={:.3} max_ms={:.3}",
+        samples[0],
+        samples[samples.len() - 1]
+    );
+    figures.w2_p50_ms = Some(p50);
+    opts.print_setting(&path);
+    println!("W2 p50_ms={p50:.3} p99_ms={p99:.3}");
+    Ok(())
+}
+
+// ----- W3: fan-out -----------------------------------------------------------------------------
+
+async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W3", all)?;
+    let store = opts.open_store(&path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    let n = 1_000u32;
+    let started = Instant::now();
+    let handle = client.start(&FAN_OUT, "w3", &n).await?;
+    let sum = handle.result().await?;
+    let wall = started.elapsed().as_secs_f64();
+    let expected: u64 = (1..=u64::from(n)).sum();
+    if sum != expected {
+        return Err(format!("W3: sum {sum}, expected {expected}").into());
+    }
+    println!(
+        "W3 activations={}",
+        ended.activations.load(Ordering::Relaxed)
+    );
+    worker.shutdown().await?;
+    finish_db(opts, store, &path)?;
+    figures.w3_wall_s = Some(wall);
+    opts.print_setting(&path);
+    println!("W3 wall_s={wall:.4}");
+    Ok(())
+}
+
+// ----- W4: recovery ----------------------------------------------------------------------------
+
+const W4_INSTANCES: u64 = 1_000;
+const W4_STEPS: u32 = 10;
+const W4_KILL_AT: u64 = 5_000;
+
+fn child(opts: &Options, sub: &str, path: &Path) -> Res<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg(sub)
+        .arg("--db")
+        .arg(path)
+        .arg("--durability")
+        .arg(opts.durability_arg());
+    Ok(cmd)
+}
+
+async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W4", all)?;
+
+    // First process: starts everything, and is killed half-way.
+    let mut crash = child(opts, "__w4-crash", &path)?
+        .stdout(Stdio::null())
+        .spawn()?;
+    let poll_started = Instant::now();
+    let mut conn: Option<Connection> = None;
+    let journaled = loop {
+        if poll_started.elapsed() > Duration::from_secs(120) {
+            let _ = crash.kill();
+            return Err("W4: the first process did not journal 5,000 steps in 120 s".into());
+        }
+        if let Some(status) = crash.try_wait()? {
+            return Err(format!("W4: the first process exited early ({status})").into());
+        }
+        if conn.is_none() && path.exists() {
+            conn = Connection::open(&path).ok();
+        }
+        // The schema may not exist yet: an error just means "not yet".
+        let n = conn.as_ref().and_then(|c| {
+            count(
+                c,
+                "SELECT count(*) FROM events WHERE kind = 'activity_completed'",
+            )
+            .ok()
+        });
+        if n.unwrap_or(0) >= W4_KILL_AT {
+            // Child::kill is SIGKILL on unix: no destructor, no lease handed back.
+            crash.kill()?;
+            crash.wait()?;
+            break n.unwrap_or(0);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    drop(conn);
+    let conn = Connection::open(&path)?;
+    let after_kill = count(
+        &conn,
+        "SELECT count(*) FROM events WHERE kind = 'activity_completed'",
+    )?;
+    println!(
+        "W4 killed the first process with SIGKILL at {journaled} journaled steps \
+         ({after_kill} in the file after the kill)"
+    );
+
+    // Second process: finishes them.
+    let started = Instant::now();
+    let mut recover = child(opts, "__w4-recover", &path)?
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = recover
+        .stdout
+        .take()
+        .ok_or("no stdout of the second process")?;
+    let mut recover_s = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line.starts_with("recovered") && recover_s.is_none() {
+            recover_s = Some(started.elapsed().as_secs_f64());
+        }
+        println!("W4 second process: {line}");
+    }
+    let status = recover.wait()?;
+    let recover_s = recover_s.ok_or(format!("W4: the second process failed ({status})"))?;
+
+    // Verdict from the file alone.
+    let completed = count(
+        &conn,
+        "SELECT count(*) FROM instances WHERE status = 'completed' AND output = '10'",
+    )?;
+    let outcomes = count(
+        &conn,
+        "SELECT count(*) FROM (SELECT DISTINCT instance_id, json_extract(body, '$.seq')
+                               FROM events
+                               WHERE kind IN ('activity_completed', 'activity_failed'))",
+    )?;
+    let duplicated = count(
+        &conn,
+        "SELECT count(*) FROM (SELECT instance_id, json_extract(body, '$.seq') AS seq
+                               FROM events
+                               WHERE kind IN ('activity_completed', 'activity_failed')
+                               GROUP BY instance_id, seq HAVING count(*) > 1)",
+    )?;
+    let lost_instances = W4_INSTANCES.saturating_sub(completed);
+    let lost_steps = (W4_INSTANCES * u64::from(W4_STEPS)).saturating_sub(outcomes);
+    let lost = lost_instances + lost_steps;
+    println!(
+        "W4 lost_instances={lost_instances} lost_steps={lost_steps} (lease default {} ms)",
+        retrace::runtime::limits::LEASE_DEFAULT.as_millis()
+    );
+    drop(conn);
+    if opts.db.is_none() {
+        remove_db(&path)?;
+    }
+    figures.w4 = Some((recover_s, lost, duplicated));
+    opts.print_setting(&path);
+    println!("W4 recover_s={recover_s:.4} lost={lost} duplicated={duplicated}");
+    Ok(())
+}
+
+/// The first W4 process: starts every instance, works until killed.
+async fn w4_crash(opts: &Options, path: &Path) -> Res<()> {
+    let store = opts.open_store(path)?;
+    let ended = Arc::new(Ended::default());
+    let _worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    let starts: Vec<_> = (0..W4_INSTANCES)
+        .map(|i| format!("w4-{i}"))
+        .collect::<Vec<_>>();
+    for r in join_all(starts.iter().map(|id| client.start(&STEPS, id, &W4_STEPS))).await {
+        r?;
+    }
+    // The parent kills this process; should it not, it ends on its own.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    Ok(())
+}
+
+/// The second W4 process: a new worker on the same file, until every instance completed.
+async fn w4_recover(opts: &Options, path: &Path) -> Res<()> {
+    let started = Instant::now();
+    let store = opts.open_store(path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let conn = Connection::open(path)?;
+    loop {
+        let done = count(
+            &conn,
+            "SELECT count(*) FROM instances WHERE status <> 'running'",
+        )?;
+        if done >= W4_INSTANCES {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(format!("W4 recovery: only {done} instances ended in 120 s").into());
+        }
+        // Wake on this worker's commits, or poll (instances ended before the kill).
+        let _ = tokio::time::timeout(Duration::from_millis(5), ended.notify.notified()).await;
+    }
+    println!(
+        "recovered in_process_s={:.4} activations_here={}",
+        started.elapsed().as_secs_f64(),
+        ended.activations.load(Ordering::Relaxed)
+    );
+    worker.shutdown().await?;
+    store.close();
+    Ok(())
+}
+
+// ----- W5: suspension --------------------------------------------------------------------------
+
+async fn w5(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W5", all)?;
+    let out = child(opts, "__w5", &path)?
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("W5: the worker process failed ({})", out.status).into());
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let mut result = None;
+    for line in text.lines() {
+        if line.starts_with("W5 rss_mib=") {
+            result = Some(line.to_string());
+        } else {
+            println!("{line}");
+        }
+    }
+    let result = result.ok_or("W5: no result line from the worker process")?;
+    let field = |name: &str| -> Option<f64> {
+        result
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    if let (Some(r), Some(b), Some(d)) =
+        (field("rss_mib"), field("baseline_rss_mib"), field("db_mib"))
+    {
+        figures.w5 = Some((r, b, d));
+    }
+    if opts.db.is_none() {
+        remove_db(&path)?;
+    }
+    opts.print_setting(&path);
+    println!("{result}");
+    Ok(())
+}
+
+/// The W5 worker process.
+async fn w5_child(opts: &Options, path: &Path) -> Res<()> {
+    let instances = 10_000usize;
+    let store = opts.open_store(path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let baseline = rss_mib()?;
+    let started = Instant::now();
+    let ids: Vec<String> = (0..instances).map(|i| format!("w5-{i}")).collect();
+    for r in join_all(ids.iter().map(|id| client.start(&WAITER, id, &()))).await {
+        r?;
+    }
+    // Every instance is waiting once its first activation (signal awaited) committed.
+    ended
+        .wait(instances, |e| e.activations.load(Ordering::Relaxed))
+        .await;
+    let waiting_s = started.elapsed().as_secs_f64();
+    // Let activation tasks that just committed finish dropping their state.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rss = rss_mib()?;
+    let db = file_mib(path);
+    println!(
+        "W5 all {instances} waiting after {waiting_s:.3} s; cached_executions={} \
+         rss_delta_mib={:.1} per_instance_kib={:.2}",
+        worker.cached_executions(),
+        rss - baseline,
+        (rss - baseline) * 1024.0 / instances as f64
+    );
+    println!("W5 rss_mib={rss:.1} baseline_rss_mib={baseline:.1} db_mib={db:.2}");
+    worker.shutdown().await?;
+    store.close();
+    Ok(())
+}
+
+// ----- W6: replay ------------------------------------------------------------------------------
+
+async fn w6(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    let path = opts.fresh_db("W6", all)?;
+    let store = opts.open_store(&path)?;
+    let ended = Arc::new(Ended::default());
+    let worker = worker(store.clone(), &ended);
+    let client = Client::new(store.clone());
+    let n = 10_000u32;
+    let started = Instant::now();
+    let out = client.start(&STEPS, "w6", &n).await?.result().await?;
+    if out != u64::from(n) {
+        return Err(format!("W6: returned {out}, expected {n}").into());
+    }
+    println!(
+        "W6 ran {n} sequential activities in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
+    worker.shutdown().await?;
+
+    // A fresh execution each time: nothing cached, history loaded from the store.
+    let mut samples = Vec::with_capacity(20);
+    let mut load_ms = Vec::with_capacity(20);
+    let mut events = 0usize;
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let loaded = store.load("w6", 0).await?;
+        let t1 = Instant::now();
+        let mut execution = Execution::new("w6", coordinator_fn(&STEPS, steps));
+        execution.replay(&loaded.events)?;
+        let done = t0.elapsed().as_secs_f64() * 1000.0;
+        if !execution.is_finished() || execution.next_position() != loaded.events.len() as u64 {
+            return Err("W6: replay did not reach the end of the history".into());
+        }
+        events = loaded.events.len();
+        load_ms.push((t1 - t0).as_secs_f64() * 1000.0);
+        samples.push(done);
+    }
+    finish_db(opts, store, &path)?;
+    sort(&mut samples);
+    sort(&mut load_ms);
+    let p50 = percentile(&samples, 0.5);
+    println!(
+        "W6 load_ms_p50={:.3} (store read + decode), replay_only_ms_p50~={:.3}",
+        percentile(&load_ms, 0.5),
+        p50 - percentile(&load_ms, 0.5)
+    );
+    figures.w6_replay_ms_p50 = Some(p50);
+    opts.print_setting(&path);
+    println!("W6 events={events} replay_ms_p50={p50:.3}");
+    Ok(())
+}
+
+// ----- main ------------------------------------------------------------------------------------
+
+fn summary(f: &Figures) {
+    let pass = |ok: bool| if ok { "met" } else { "MISSED" };
+    eprintln!("--- targets (issue 4), ratios from this run ---");
+    if let (Some(s), Some(b)) = (f.w1_steps_per_s, f.batched_rows_per_s) {
+        eprintln!(
+            "W1 steps_per_s={s:.0}: {} of 100000 [{}], {:.3} x batched_rows_per_s (target 0.2) [{}]",
+            s / 100_000.0,
+            pass(s >= 100_000.0),
+            s / b,
+            pass(s >= 0.2 * b)
+        );
+    }
+    if let (Some(p), Some(c)) = (f.w2_p50_ms, f.commit_per_s) {
+        let ten = 10.0 * 1000.0 / c;
+        eprintln!(
+            "W2 p50_ms={p:.3}: ten commits take {ten:.3} ms, ratio {:.2} (target <= 1.5) [{}]",
+            p / ten,
+            pass(p <= 1.5 * ten)
+        );
+    }
+    if let Some(w) = f.w3_wall_s {
+        eprintln!(
+            "W3 wall_s={w:.4}: {:.2} x target 0.05 [{}]",
+            w / 0.05,
+            pass(w <= 0.05)
+        );
+    }
+    if let Some((r, l, d)) = f.w4 {
+        eprintln!(
+            "W4 recover_s={r:.3} lost={l} duplicated={d}: {:.2} x target 1.0 [{}]",
+            r,
+            pass(r <= 1.0 && l == 0 && d == 0)
+        );
+    }
+    if let Some((r, b, d)) = f.w5 {
+        eprintln!(
+            "W5 rss delta {:.1} MiB (target <= 32) [{}], db {d:.2} MiB (target <= 16) [{}]",
+            r - b,
+            pass(r - b <= 32.0),
+            pass(d <= 16.0)
+        );
+    }
+    if let Some(p) = f.w6_replay_ms_p50 {
+        eprintln!(
+            "W6 replay_ms_p50={p:.3}: {:.2} x target 20 [{}]",
+            p / 20.0,
+            pass(p <= 20.0)
+        );
+    }
+}
+
+async fn run(opts: Options) -> Res<()> {
+    let mut figures = Figures::default();
+    let workload = opts.workload.clone();
+    // Hidden subcommands: the child processes of W4 and W5.
+    let child_db = || -> Res<PathBuf> { opts.db.clone().ok_or_else(|| "--db is required".into()) };
+    match workload.as_str() {
+        "__w4-crash" => return w4_crash(&opts, &child_db()?).await,
+        "__w4-recover" => return w4_recover(&opts, &child_db()?).await,
+        "__w5" => return w5_child(&opts, &child_db()?).await,
+        _ => {}
+    }
+    let all = workload == "all";
+    let result = async {
+        match workload.as_str() {
+            "baseline" => baseline(&opts, all, &mut figures),
+            "W1" => w1(&opts, all, &mut figures).await,
+            "W2" => w2(&opts, all, &mut figures).await,
+            "W3" => w3(&opts, all, &mut figures).await,
+            "W4" => w4(&opts, all, &mut figures).await,
+            "W5" => w5(&opts, all, &mut figures).await,
+            "W6" => w6(&opts, all, &mut figures).await,
+            "all" => {
+                baseline(&opts, all, &mut figures)?;
+                w1(&opts, all, &mut figures).await?;
+                w2(&opts, all, &mut figures).await?;
+                w3(&opts, all, &mut figures).await?;
+                w4(&opts, all, &mut figures).await?;
+                w5(&opts, all, &mut figures).await?;
+                w6(&opts, all, &mut figures).await?;
+                summary(&figures);
+                Ok(())
+            }
+            _ => Err(USAGE.into()),
+        }
+    }
+    .await;
+    if opts.db.is_none() {
+        let _ = std::fs::remove_dir_all(&opts.scratch);
+    }
+    result
+}
+
+fn main() -> Result<(), BoxError> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let opts = Options::parse()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(opts))
+}
