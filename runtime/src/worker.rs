@@ -520,6 +520,7 @@ impl Inner {
             &|name| self.activities.contains_key(name),
             self.lease_ms(),
         );
+        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
         let receipt = match self.store.commit_activation(commit).await {
             Ok(r) => r,
             Err(e @ (StoreError::Conflict { .. } | StoreError::LeaseLost { .. })) => {
@@ -544,6 +545,9 @@ impl Inner {
         }
         for task in receipt.claimed_tasks {
             self.spawn_task(task);
+        }
+        for at in timers_due {
+            self.wake_poller_at(at);
         }
         Ok(receipt.ready_again)
     }
@@ -651,11 +655,12 @@ impl Inner {
         }
     }
 
-    /// Wakes the poller at `at_ms`, so that a short backoff does not wait for the next poll.
-    /// Only an optimisation: the retry time itself is in the store.
+    /// Wakes the poller at `at_ms`, so that a short backoff or timer does not wait for the next
+    /// poll. Only an optimisation: the due time itself is in the store.
     fn wake_poller_at(self: &Arc<Self>, at_ms: u64) {
         let delay = Duration::from_millis(at_ms.saturating_sub(now_ms()));
-        if delay >= self.poll_interval {
+        if delay >= self.poll_interval.saturating_mul(10) {
+            // Far enough out that the regular polls will see it within a poll interval.
             return;
         }
         let inner = Arc::clone(self);
