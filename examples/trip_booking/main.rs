@@ -111,7 +111,7 @@ impl Services {
                 format!("{service} is unavailable"),
             ));
         }
-        if service == "flight" && self.fail_every > 0 && req.trip % self.fail_every == 0 {
+        if service == "flight" && self.fail_every > 0 && req.trip.is_multiple_of(self.fail_every) {
             return Err(ActivityError::non_retryable(
                 "refused",
                 format!("no seats for trip {}", req.trip),
@@ -332,7 +332,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         };
         let id = format!("trip-{trip}");
         handles.push(client.start(&BOOK_TRIP, &id, &req).await?);
-        if args.unpaid_every == 0 || trip % args.unpaid_every != 0 {
+        if args.unpaid_every == 0 || !trip.is_multiple_of(args.unpaid_every) {
             customers.push(tokio::spawn(pay_later(
                 client.clone(),
                 id,

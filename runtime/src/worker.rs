@@ -608,7 +608,7 @@ impl Inner {
             }
             Err(error) => {
                 let non_retryable =
-                    !error.retryable || task.retry.non_retryable.iter().any(|k| *k == error.kind);
+                    !error.retryable || task.retry.non_retryable.contains(&error.kind);
                 AttemptOutcome::Final(Event::ActivityFailed {
                     seq: task.seq,
                     failure: ActivityFailure {

@@ -166,17 +166,15 @@ impl Shared {
                 }
             }
             Event::PatchesPinned { patches } => self.pinned_patches = Some(patches.clone()),
-            Event::CancelRequested { reason } => {
-                if self.cancel_reason.is_none() {
-                    self.cancel_reason = Some(reason.clone());
-                    let pending: Vec<u32> = self.pending.iter().copied().collect();
-                    for seq in pending {
-                        self.signal_waiters.remove(&seq);
-                        let cancelled = Err(Error::Cancelled {
-                            reason: reason.clone(),
-                        });
-                        wake.extend(self.resolve(seq, cancelled));
-                    }
+            Event::CancelRequested { reason } if self.cancel_reason.is_none() => {
+                self.cancel_reason = Some(reason.clone());
+                let pending: Vec<u32> = self.pending.iter().copied().collect();
+                for seq in pending {
+                    self.signal_waiters.remove(&seq);
+                    let cancelled = Err(Error::Cancelled {
+                        reason: reason.clone(),
+                    });
+                    wake.extend(self.resolve(seq, cancelled));
                 }
             }
             _ => {}

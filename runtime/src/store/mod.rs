@@ -20,7 +20,12 @@
 //! The replay machinery knows nothing of this trait: a new store (PostgreSQL) implements it
 //! without touching `retrace-sdk`.
 
+pub mod postgres;
 pub mod sqlite;
+pub mod transfer;
+pub mod url;
+
+pub use transfer::{ForkOutcome, ImportedInstance};
 
 use crate::error::StoreError;
 use async_trait::async_trait;
@@ -142,6 +147,8 @@ pub struct NewInstance {
 }
 
 /// The answer to [`Store::create_instance`].
+// Returned once per start, never stored in bulk: boxing would cost more than the size.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateOutcome {
     /// A new instance was created.
@@ -500,6 +507,71 @@ pub trait Store: Send + Sync + 'static {
     /// workers were found. Default: none can be detected, leases expire on their own.
     async fn reap_dead_workers(&self) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    /// Creates an instance from a recorded history (`retrace import`, and
+    /// [`Store::fork_instance`]), in one transaction. Build `instance` with
+    /// [`ImportedInstance::from_export`] or [`ImportedInstance::fork`], which validate the
+    /// history and derive the pending work; the store writes exactly what it is given:
+    /// - if an instance `instance.id` exists, nothing changes and the existing instance is
+    ///   returned as [`CreateOutcome::Existing`];
+    /// - the row: `status`, `coordinator`, `input`, `output`, `error`, `reason`,
+    ///   `custom_status` as given, no parent, generation 0, next position `events.len()`, next
+    ///   activation one past the last event's (0 without events), `created_at_ms`,
+    ///   `ended_at_ms`, no lease, ready flag `ready`;
+    /// - the events verbatim: their positions, activations and `recorded_at_ms` are kept;
+    /// - `tasks` as unclaimed activity tasks at attempt 0, visible at once, generation 0;
+    /// - `timers` due at their times, generation 0;
+    /// - when `start_in_inbox`, an `InstanceStarted { coordinator, input, parent: None }` inbox
+    ///   message with dedupe key `start:0`; no other inbox message.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidHistory`] when the events are not contiguous from position 0 (a
+    /// store re-checks this), and store errors.
+    async fn import_instance(
+        &self,
+        instance: ImportedInstance,
+    ) -> Result<CreateOutcome, StoreError>;
+
+    /// Creates `new_id` from the first events of `source_id`'s current run, so that a run can be
+    /// re-run from a step after a fix. The fork keeps the longest prefix of **whole
+    /// activations** with at most `position` events that does not contain the end of the run
+    /// (see [`transfer`]), is `running` and ready, has no parent, and gets tasks and timers
+    /// re-created for every command of the prefix without an outcome in the prefix. The source
+    /// is only read. Provided on top of [`Store::history`] and [`Store::import_instance`]: a
+    /// history prefix never changes, so the two need not share a transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for a missing source, [`StoreError::InvalidHistory`] for a
+    /// position past the end or a prefix that waits on a child instance, and store errors.
+    async fn fork_instance(
+        &self,
+        source_id: &str,
+        position: u64,
+        new_id: &str,
+    ) -> Result<ForkOutcome, StoreError> {
+        let source = self
+            .describe(source_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                instance_id: source_id.to_string(),
+            })?;
+        let history = self.history(source_id).await?;
+        let fork =
+            ImportedInstance::fork(&source, &history, position, new_id, crate::clock::now_ms())?;
+        let (kept_events, tasks, timers) = (
+            fork.events.len() as u64,
+            fork.tasks.len(),
+            fork.timers.len(),
+        );
+        Ok(match self.import_instance(fork).await? {
+            CreateOutcome::Created => ForkOutcome::Forked {
+                kept_events,
+                tasks,
+                timers,
+            },
+            CreateOutcome::Existing(info) => ForkOutcome::Existing(Box::new(info)),
+        })
     }
 }
 

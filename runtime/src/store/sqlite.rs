@@ -15,8 +15,8 @@
 
 use super::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, FinishReceipt,
-    InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd,
-    Store,
+    ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance,
+    NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -419,9 +419,7 @@ impl SqliteStore {
 
     /// The folder of worker lock files, beside the database (`PATH.workers`); `None` in memory.
     fn workers_dir(&self) -> Option<PathBuf> {
-        if self.readers.is_none() {
-            return None;
-        }
+        self.readers.as_ref()?;
         let mut dir = self.reader_path.clone().into_os_string();
         dir.push(".workers");
         Some(PathBuf::from(dir))
@@ -1723,5 +1721,172 @@ impl Store for SqliteStore {
         }
         self.bump();
         Ok(dead.len() as u64)
+    }
+
+    async fn import_instance(
+        &self,
+        instance: ImportedInstance,
+    ) -> Result<CreateOutcome, StoreError> {
+        let outcome = self
+            .write(move |conn| import_in_tx(conn, &instance, now_ms()))
+            .await?;
+        if outcome == CreateOutcome::Created {
+            self.bump();
+        }
+        Ok(outcome)
+    }
+}
+
+/// Writes an imported or forked instance inside the current transaction; see
+/// [`Store::import_instance`] for exactly what is written.
+fn import_in_tx(
+    conn: &Connection,
+    i: &ImportedInstance,
+    now: u64,
+) -> Result<CreateOutcome, StoreError> {
+    if let Some(existing) = get_instance(conn, &i.id)? {
+        return Ok(CreateOutcome::Existing(existing));
+    }
+    retrace_sdk::history::check_shape(&i.id, 0, &i.events).map_err(|e| {
+        StoreError::InvalidHistory {
+            instance_id: i.id.clone(),
+            detail: e.to_string(),
+        }
+    })?;
+    let next_activation = match i.events.last() {
+        Some(last) => last
+            .activation
+            .checked_add(1)
+            .ok_or_else(|| StoreError::InvalidHistory {
+                instance_id: i.id.clone(),
+                detail: format!("activation number {} is out of range", last.activation),
+            })?,
+        None => 0,
+    };
+    let output = i.output.as_ref().map(to_json).transpose()?;
+    let error = i.error.as_ref().map(to_json).transpose()?;
+    let custom_status = i.custom_status.as_ref().map(to_json).transpose()?;
+    let input = to_json(&i.input)?;
+    conn.prepare_cached(
+        "INSERT INTO instances (id, coordinator, status, input, output, error, reason,
+                                custom_status, generation, next_pos, next_activation, ready,
+                                created_at, updated_at, ended_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            i.id,
+            i.coordinator,
+            i.status.as_str(),
+            input,
+            output,
+            error,
+            i.reason,
+            custom_status,
+            i.events.len() as i64,
+            next_activation,
+            i.ready,
+            i.created_at_ms as i64,
+            now as i64,
+            i.ended_at_ms.map(|t| t as i64)
+        ])
+    })
+    .map_err(db("import instance"))?;
+    {
+        let mut ins = conn
+            .prepare_cached(
+                "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(db("import history"))?;
+        for e in &i.events {
+            ins.execute(params![
+                i.id,
+                e.position as i64,
+                e.activation,
+                e.event.kind(),
+                e.recorded_at_ms as i64,
+                to_json(&e.event)?
+            ])
+            .map_err(db("import history"))?;
+        }
+    }
+    for t in &i.tasks {
+        let (input, retry) = (to_json(&t.input)?, to_json(&t.retry)?);
+        conn.prepare_cached(
+            "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt, due_at,
+                                lease_owner, created_at)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, 0, ?6, NULL, ?6)",
+        )
+        .and_then(|mut s| s.execute(params![i.id, t.seq, t.name, input, retry, now as i64]))
+        .map_err(db("re-create activity task"))?;
+    }
+    for (seq, fire_at) in &i.timers {
+        conn.prepare_cached(
+            "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES (?1, ?2, 0, ?3)",
+        )
+        .and_then(|mut s| s.execute(params![i.id, seq, *fire_at as i64]))
+        .map_err(db("re-create timer"))?;
+    }
+    if i.start_in_inbox {
+        let start = Event::InstanceStarted {
+            coordinator: i.coordinator.clone(),
+            input: i.input.clone(),
+            parent: None,
+        };
+        insert_inbox(conn, &i.id, Some("start:0"), &start, now)?;
+    }
+    // Pair the shape check above with one on what was written.
+    let written: i64 = conn
+        .prepare_cached("SELECT count(*) FROM events WHERE instance_id = ?1")
+        .and_then(|mut s| s.query_row([&i.id], |r| r.get(0)))
+        .map_err(db("import history"))?;
+    assert_eq!(written as usize, i.events.len(), "imported history length");
+    Ok(CreateOutcome::Created)
+}
+
+impl SqliteStore {
+    /// Opens an existing store, for tools that inspect one (the `retrace` command-line tool).
+    /// Unlike [`SqliteStore::open`], it never creates a file, and never turns a file of another
+    /// program (an empty file, an SQLite database without Retrace's application id) into a
+    /// store. An older schema is migrated as by [`SqliteStore::open`].
+    ///
+    /// # Errors
+    /// [`StoreError::NotARetraceStore`] when the file does not exist, is empty or is not a
+    /// Retrace store; [`StoreError::NewerSchema`]; database errors.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path_ref = path.as_ref();
+        let display = path_ref.display().to_string();
+        let not_a_store = |detail: String| StoreError::NotARetraceStore {
+            path: display.clone(),
+            detail,
+        };
+        let meta = std::fs::metadata(path_ref).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => not_a_store("no such file".to_string()),
+            _ => not_a_store(e.to_string()),
+        })?;
+        if !meta.is_file() {
+            return Err(not_a_store("not a regular file".to_string()));
+        }
+        if meta.len() == 0 {
+            return Err(not_a_store("the file is empty".to_string()));
+        }
+        {
+            let conn = Connection::open_with_flags(
+                path_ref,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| map_err("open store", &display, e))?;
+            let app_id: i64 = conn
+                .pragma_query_value(None, "application_id", |r| r.get(0))
+                .map_err(|e| map_err("open store", &display, e))?;
+            if app_id != APPLICATION_ID {
+                return Err(not_a_store(format!(
+                    "application_id {app_id:#x}, not Retrace's {APPLICATION_ID:#x}"
+                )));
+            }
+        }
+        Self::open(path_ref)
     }
 }
