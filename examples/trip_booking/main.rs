@@ -50,6 +50,8 @@ struct Services {
 impl Services {
     fn open(path: &str, flaky: f64, fail_every: u64) -> Result<Self, rusqlite::Error> {
         let db = Connection::open(path)?;
+        // Several worker processes may share the services file (the fault-injection test).
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
         // A process crash loses nothing in WAL mode with NORMAL; only power loss could.
         db.pragma_update(None, "synchronous", "NORMAL")?;

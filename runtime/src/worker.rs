@@ -113,6 +113,9 @@ where
     }
 }
 
+/// How long a ready instance of a coordinator no worker here knows waits before it is marked.
+const UNCLAIMED_AFTER_MS: u64 = 2_000;
+
 /// How often a worker looks for crashed workers whose work it can take over at once.
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -451,7 +454,11 @@ impl Inner {
             None
         };
         let from = cached.as_ref().map_or(0, |(_, e)| e.next_position());
-        let mut loaded = self.store.load(id, from).await?;
+        let mut loaded = match self.store.load(id, from).await {
+            Ok(loaded) => loaded,
+            Err(e @ StoreError::Corrupt { .. }) => return self.stop_unreadable(id, e).await,
+            Err(e) => return Err(e),
+        };
         let info = &loaded.info;
         if info.status != InstanceStatus::Running {
             return Ok(false);
@@ -466,7 +473,13 @@ impl Inner {
             Some((g, e)) if g == generation && e.next_position() <= info.next_position => e,
             _ => {
                 if from != 0 {
-                    loaded = self.store.load(id, 0).await?;
+                    loaded = match self.store.load(id, 0).await {
+                        Ok(loaded) => loaded,
+                        Err(e @ StoreError::Corrupt { .. }) => {
+                            return self.stop_unreadable(id, e).await
+                        }
+                        Err(e) => return Err(e),
+                    };
                 }
                 Execution::new(id, coordinator.0).with_patches(coordinator.1)
             }
@@ -521,7 +534,23 @@ impl Inner {
             self.lease_ms(),
         );
         let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
-        let receipt = match self.store.commit_activation(commit).await {
+        let unknown_activity = commit
+            .tasks
+            .iter()
+            .find(|t| !t.claim)
+            .map(|t| t.name.clone());
+        let summary = summarize(&commit.events);
+        let commit_span = tracing::debug_span!(
+            "store_commit",
+            position = commit.expected_position,
+            activation = commit.activation
+        );
+        let receipt = match self
+            .store
+            .commit_activation(commit)
+            .instrument(commit_span)
+            .await
+        {
             Ok(r) => r,
             Err(e @ (StoreError::Conflict { .. } | StoreError::LeaseLost { .. })) => {
                 tracing::info!(error = %e, "another worker moved this instance on; dropping our copy");
@@ -529,6 +558,7 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
+        tracing::debug!(activation = activation_number, ended, events = %summary, "activation committed");
         self.notify(CommitNotice::Activation {
             instance_id: id.to_string(),
             activation: activation_number,
@@ -549,7 +579,27 @@ impl Inner {
         for at in timers_due {
             self.wake_poller_at(at);
         }
+        if !receipt.ready_again {
+            if let Some(name) = unknown_activity {
+                // Not a failure: another worker may run it. Say why the instance waits.
+                let reason = format!(
+                    "waiting for a worker that runs activity {name} (worker {} does not)",
+                    self.owner
+                );
+                self.store.note_waiting(id, &self.owner, &reason).await?;
+            }
+        }
         Ok(receipt.ready_again)
+    }
+
+    /// An instance whose stored history or inbox cannot be decoded stops with the reason; its
+    /// rows stay as they are, and other instances go on.
+    async fn stop_unreadable(&self, id: &str, error: StoreError) -> Result<bool, StoreError> {
+        tracing::error!(instance_id = %id, %error, "stopping instance with an unreadable history");
+        self.store
+            .stop_instance(id, &self.owner, &error.to_string())
+            .await?;
+        Ok(false)
     }
 
     fn spawn_task(self: &Arc<Self>, task: ActivityTask) {
@@ -628,9 +678,13 @@ impl Inner {
             } => Some(*next_attempt_at_ms),
             AttemptOutcome::Final(_) => None,
         };
+        if let AttemptOutcome::Final(event) = &outcome {
+            tracing::debug!(outcome = event.kind(), "attempt finished");
+        }
         match self
             .store
             .finish_task(&self.owner, &task, outcome, self.lease_ms())
+            .instrument(tracing::debug_span!("store_commit"))
             .await
         {
             Ok(receipt) => {
@@ -721,6 +775,17 @@ impl Inner {
                     Ok(n) => tracing::info!(dead_workers = n, "took over the work of dead workers"),
                     Err(e) => tracing::warn!(error = %e, "looking for dead workers failed"),
                 }
+                // Only a worker that runs coordinators can tell which ones nobody claims.
+                let marked = if self.coordinator_names.is_empty() {
+                    Ok(0)
+                } else {
+                    self.store
+                        .mark_unclaimed(&self.coordinator_names, UNCLAIMED_AFTER_MS)
+                        .await
+                };
+                if let Err(e) = marked {
+                    tracing::warn!(error = %e, "marking unclaimed instances failed");
+                }
             }
             if let Err(e) = self.store.fire_due_timers(now_ms(), CLAIM_BATCH_MAX).await {
                 tracing::warn!(error = %e, "firing due timers failed");
@@ -761,4 +826,18 @@ impl Inner {
             }
         }
     }
+}
+
+/// A one-line account of an activation's events, for the debug log: what was delivered and what
+/// the code asked for (`activity_completed #0, activity book_hotel #1`).
+fn summarize(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| match (e.command_identity(), e.seq()) {
+            (Some(what), Some(seq)) => format!("{what} #{seq}"),
+            (None, Some(seq)) => format!("{} #{seq}", e.kind()),
+            _ => e.kind().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

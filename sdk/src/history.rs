@@ -332,6 +332,7 @@ pub fn check_shape(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

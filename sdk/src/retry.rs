@@ -62,9 +62,16 @@ impl RetryPolicy {
         self
     }
 
-    /// Each wait is the previous one times this coefficient (at least 1.0).
+    /// Each wait is the previous one times this coefficient (at least 1.0; NaN counts as 1.0 and
+    /// infinity as `f64::MAX`, so that the journaled policy stays valid JSON).
     pub const fn backoff_coefficient(mut self, coefficient: f64) -> Self {
-        self.backoff_coefficient = if coefficient < 1.0 { 1.0 } else { coefficient };
+        self.backoff_coefficient = if coefficient > f64::MAX {
+            f64::MAX
+        } else if coefficient >= 1.0 {
+            coefficient
+        } else {
+            1.0
+        };
         self
     }
 

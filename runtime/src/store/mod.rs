@@ -422,8 +422,9 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
     ) -> Result<(), StoreError>;
 
-    /// Notes why a running instance cannot progress here (for example an unknown coordinator),
-    /// and hands back its lease. The instance stays running.
+    /// Notes why a running instance cannot progress here (for example an unknown coordinator
+    /// or activity), and hands back its lease. Applies only while `owner` or nobody holds the
+    /// lease. The instance stays running; its next activation clears the note.
     async fn note_waiting(
         &self,
         instance_id: &str,
@@ -506,6 +507,18 @@ pub trait Store: Send + Sync + 'static {
     /// Expires at once every lease held by a worker known to be dead; returns how many dead
     /// workers were found. Default: none can be detected, leases expire on their own.
     async fn reap_dead_workers(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Marks running instances that have waited at least `min_wait_ms` for a worker and whose
+    /// coordinator is not among `known`, with a reason naming the coordinator (they stay
+    /// running, and the reason is cleared by their next activation). Returns how many were
+    /// marked. Default: marks nothing.
+    async fn mark_unclaimed(
+        &self,
+        _known: &[String],
+        _min_wait_ms: u64,
+    ) -> Result<u64, StoreError> {
         Ok(0)
     }
 

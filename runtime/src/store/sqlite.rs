@@ -213,8 +213,16 @@ fn configure(conn: &Connection, options: &SqliteOptions, path: &str) -> Result<(
     Ok(())
 }
 
-/// Checks the file's identity and schema, creating or migrating it as needed.
+/// Checks the file's identity and schema (reading only: a refused file is left as it was), then
+/// creates or migrates it as needed.
 fn prepare_schema(conn: &Connection, path: &str) -> Result<(), StoreError> {
+    let version = check_schema(conn, path)?;
+    migrate_schema(conn, path, version)
+}
+
+/// Reads the file's identity and schema version; refuses another program's file or a newer
+/// schema. Writes nothing.
+fn check_schema(conn: &Connection, path: &str) -> Result<i64, StoreError> {
     let err = |e| map_err("open store", path, e);
     let app_id: i64 = conn
         .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -245,8 +253,27 @@ fn prepare_schema(conn: &Connection, path: &str) -> Result<(), StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
+    Ok(version)
+}
+
+/// Brings a checked file from `version` to [`SCHEMA_VERSION`], in one transaction.
+fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), StoreError> {
+    let err = |e| map_err("open store", path, e);
     if version < SCHEMA_VERSION {
         conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+        // Another process may have migrated the file since it was checked: check again under
+        // the write lock.
+        let version = match check_schema(conn, path) {
+            Ok(v) if v >= SCHEMA_VERSION => {
+                conn.execute_batch("COMMIT").map_err(err)?;
+                return Ok(());
+            }
+            Ok(v) => v,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
         let migrate = || -> Result<(), rusqlite::Error> {
             for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
                 conn.execute_batch(sql)?;
@@ -283,6 +310,10 @@ impl SqliteStore {
         let path_ref = path.as_ref();
         let display = path_ref.display().to_string();
         let conn = Connection::open(path_ref).map_err(|e| map_err("open store", &display, e))?;
+        conn.busy_timeout(options.busy_timeout)
+            .map_err(|e| map_err("open store", &display, e))?;
+        // Identify the file before changing anything in it (WAL mode rewrites the header).
+        let version = check_schema(&conn, &display)?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
             .map_err(|e| map_err("open store", &display, e))?;
@@ -293,7 +324,7 @@ impl SqliteStore {
             });
         }
         configure(&conn, &options, &display)?;
-        prepare_schema(&conn, &display)?;
+        migrate_schema(&conn, &display, version)?;
         Ok(Self::start(
             display,
             path_ref.to_path_buf(),
@@ -465,6 +496,25 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
         for job in batch.drain(..) {
             let savepoint = conn.execute_batch("SAVEPOINT op");
             let (ok, reply) = job(&conn);
+            if conn.is_autocommit() {
+                // SQLite rolled the whole transaction back itself (a full disk, an I/O error):
+                // every operation of the batch so far is undone. None of them may be
+                // acknowledged; each gets the failing operation's kind of error.
+                let cause = StoreError::Full {
+                    operation: "group commit".into(),
+                    detail: "the transaction was rolled back by the database (disk full or I/O \
+                             error); nothing of it was kept"
+                        .into(),
+                };
+                reply(Err(clone_error(&cause)));
+                for earlier in replies.drain(..) {
+                    earlier(Err(clone_error(&cause)));
+                }
+                if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+                    tracing::error!(error = %e, "could not restart the group-commit transaction");
+                }
+                continue;
+            }
             if savepoint.is_ok() {
                 if ok {
                     let _ = conn.execute_batch("RELEASE op");
@@ -1237,7 +1287,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "UPDATE instances SET reason = ?3, lease_owner = NULL, lease_until = 0
-                 WHERE id = ?1 AND lease_owner = ?2",
+                 WHERE id = ?1 AND (lease_owner = ?2 OR lease_owner IS NULL)",
             )
             .and_then(|mut s| s.execute(params![id, owner, reason]))
             .map_err(db("note waiting instance"))?;
@@ -1624,6 +1674,25 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    async fn mark_unclaimed(&self, known: &[String], min_wait_ms: u64) -> Result<u64, StoreError> {
+        let names = json_list(known)?;
+        self.write(move |conn| {
+            let before = now_ms().saturating_sub(min_wait_ms) as i64;
+            let n = conn
+                .prepare_cached(
+                    "UPDATE instances
+                     SET reason = 'waiting for a worker that knows coordinator ' || coordinator
+                     WHERE ready = 1 AND status = 'running' AND reason IS NULL
+                       AND lease_owner IS NULL AND updated_at < ?2
+                       AND coordinator NOT IN (SELECT value FROM json_each(?1))",
+                )
+                .and_then(|mut s| s.execute(params![names, before]))
+                .map_err(db("mark unclaimed instances"))?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn register_worker(&self, owner: &str) -> Result<(), StoreError> {

@@ -8,8 +8,8 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use retrace_sdk::{
-    Activation, ActivityFailure, CoordinatorFn, Error, Event, EventFamily, Execution,
-    HistoryEvent, ReplayError, RetrySpec,
+    Activation, ActivityFailure, CoordinatorFn, Error, Event, EventFamily, Execution, HistoryEvent,
+    ReplayError, RetrySpec,
 };
 use serde_json::Value;
 
@@ -34,6 +34,8 @@ pub struct Driver {
     pub now_ms: u64,
     /// Every live activation's result, in order.
     pub activations: Vec<Activation>,
+    /// The patches the code declares (pinned by a run that starts live).
+    pub patches: &'static [&'static str],
 }
 
 impl Driver {
@@ -46,7 +48,15 @@ impl Driver {
             history: Vec::new(),
             now_ms: T0,
             activations: Vec::new(),
+            patches: &[],
         }
+    }
+
+    /// The same driver, for code that declares `patches` (see `Coordinator::with_patches`).
+    pub fn with_patches(mut self, patches: &'static [&'static str]) -> Self {
+        self.patches = patches;
+        self.execution = self.fresh();
+        self
     }
 
     /// Delivers `InstanceStarted` with `input` as the first activation.
@@ -58,7 +68,12 @@ impl Driver {
     pub fn try_activate(&mut self, inbound: Vec<Event>) -> Result<Activation, ReplayError> {
         let seed = seed_of(self.execution.next_activation());
         let activation = self.execution.activate(inbound, self.now_ms, seed)?;
-        append_activation(&mut self.history, activation.activation, self.now_ms, &activation.events);
+        append_activation(
+            &mut self.history,
+            activation.activation,
+            self.now_ms,
+            &activation.events,
+        );
         self.activations.push(activation.clone());
         Ok(activation)
     }
@@ -78,7 +93,9 @@ impl Driver {
 
     /// Fails activity call `seq` for good (non-retryable), as the runtime would report it.
     pub fn fail(&mut self, seq: u32, kind: &str, message: &str) -> Activation {
-        let name = self.activity_name(seq).unwrap_or_else(|| panic!("no activity at seq {seq}"));
+        let name = self
+            .activity_name(seq)
+            .unwrap_or_else(|| panic!("no activity at seq {seq}"));
         self.activate(vec![failed(seq, &name, kind, message)])
     }
 
@@ -105,7 +122,7 @@ impl Driver {
     /// Drops the execution and rebuilds it by replaying the whole recorded history (a crash, or
     /// a cache eviction).
     pub fn restart(&mut self) -> Result<(), ReplayError> {
-        let mut execution = Execution::new(&self.instance_id, self.coordinator.clone());
+        let mut execution = self.fresh();
         execution.replay(&self.history)?;
         self.execution = execution;
         Ok(())
@@ -113,7 +130,18 @@ impl Driver {
 
     /// A fresh execution of the same coordinator, with nothing replayed.
     pub fn fresh(&self) -> Execution {
-        Execution::new(&self.instance_id, self.coordinator.clone())
+        Execution::new(&self.instance_id, self.coordinator.clone()).with_patches(self.patches)
+    }
+
+    /// Checks that every recorded activation is reproduced live (see
+    /// [`check_every_activation_reproduces`]), with this driver's patches.
+    pub fn check_reproduces(&self) -> Result<(), String> {
+        check_activations_reproduce(
+            &self.instance_id,
+            &self.coordinator,
+            self.patches,
+            &self.history,
+        )
     }
 
     /// The coordinator.
@@ -132,7 +160,10 @@ impl Driver {
 
     /// The command identities in history, in order (`activity reserve_car`, `timer`, …).
     pub fn identities(&self) -> Vec<String> {
-        self.commands().iter().filter_map(Event::command_identity).collect()
+        self.commands()
+            .iter()
+            .filter_map(Event::command_identity)
+            .collect()
     }
 
     /// The command at `seq`.
@@ -168,7 +199,10 @@ impl Driver {
 
     /// The terminal event, if the run ended.
     pub fn terminal(&self) -> Option<&Event> {
-        self.history.iter().map(|e| &e.event).find(|e| e.family() == EventFamily::Terminal)
+        self.history
+            .iter()
+            .map(|e| &e.event)
+            .find(|e| e.family() == EventFamily::Terminal)
     }
 
     /// The output of a completed run.
@@ -214,7 +248,12 @@ impl HistoryBuilder {
     pub fn activation(mut self, events: impl IntoIterator<Item = Event>) -> Self {
         let events: Vec<Event> = events.into_iter().collect();
         let activation = self.next_activation;
-        append_activation(&mut self.events, activation, T0 + u64::from(activation), &events);
+        append_activation(
+            &mut self.events,
+            activation,
+            T0 + u64::from(activation),
+            &events,
+        );
         self.next_activation += 1;
         self
     }
@@ -222,6 +261,19 @@ impl HistoryBuilder {
     /// The history.
     pub fn build(self) -> Vec<HistoryEvent> {
         self.events
+    }
+}
+
+/// The events of the first `n` activations of `history`.
+pub fn through(history: &[HistoryEvent], n: usize) -> &[HistoryEvent] {
+    let end: usize = activations(history).iter().take(n).map(|g| g.len()).sum();
+    &history[..end]
+}
+
+/// `PatchesPinned` with `patches`, as a run started live records it after `InstanceStarted`.
+pub fn pinned(patches: &[&str]) -> Event {
+    Event::PatchesPinned {
+        patches: patches.iter().map(|p| p.to_string()).collect(),
     }
 }
 
@@ -243,7 +295,11 @@ pub fn activations(history: &[HistoryEvent]) -> Vec<&[HistoryEvent]> {
 
 /// The inbound events of some history events, in order.
 pub fn inbound_of(events: &[HistoryEvent]) -> Vec<Event> {
-    events.iter().filter(|e| e.event.family() == EventFamily::Inbound).map(|e| e.event.clone()).collect()
+    events
+        .iter()
+        .filter(|e| e.event.family() == EventFamily::Inbound)
+        .map(|e| e.event.clone())
+        .collect()
 }
 
 /// The events of some history events, in order.
@@ -287,20 +343,36 @@ pub fn replay_in_chunks(
 /// Checks that every activation of `history` is reproduced by replaying the activations before
 /// it and activating its inbound events live (with the activation's recorded time and the
 /// [`seed_of`] its number): the same commands and terminal, in the same order. Returns a
-/// description of the first difference.
+/// description of the first difference. For code that declares no patch.
 pub fn check_every_activation_reproduces(
     instance_id: &str,
     coordinator: &CoordinatorFn,
     history: &[HistoryEvent],
 ) -> Result<(), String> {
+    check_activations_reproduce(instance_id, coordinator, &[], history)
+}
+
+/// [`check_every_activation_reproduces`] for code that declares `patches`.
+pub fn check_activations_reproduce(
+    instance_id: &str,
+    coordinator: &CoordinatorFn,
+    patches: &[&str],
+    history: &[HistoryEvent],
+) -> Result<(), String> {
     let groups = activations(history);
     let mut offset = 0;
     for group in groups {
-        let mut execution = replay_fresh(instance_id, coordinator, &history[..offset])
+        let mut execution = Execution::new(instance_id, coordinator.clone()).with_patches(patches);
+        execution
+            .replay(&history[..offset])
             .map_err(|e| format!("replay of the first {offset} events failed: {e}"))?;
         let first = &group[0];
         let live = execution
-            .activate(inbound_of(group), first.recorded_at_ms, seed_of(first.activation))
+            .activate(
+                inbound_of(group),
+                first.recorded_at_ms,
+                seed_of(first.activation),
+            )
             .map_err(|e| format!("activation at position {offset} failed: {e}"))?;
         let recorded = events_of(group);
         if live.events != recorded {
@@ -346,12 +418,20 @@ pub fn open_timers(history: &[HistoryEvent]) -> Vec<u32> {
 
 /// `InstanceStarted`.
 pub fn started(coordinator: &str, input: Value) -> Event {
-    Event::InstanceStarted { coordinator: coordinator.to_string(), input, parent: None }
+    Event::InstanceStarted {
+        coordinator: coordinator.to_string(),
+        input,
+        parent: None,
+    }
 }
 
 /// `ActivityCompleted` on the first attempt.
 pub fn completed(seq: u32, output: Value) -> Event {
-    Event::ActivityCompleted { seq, output, attempt: 1 }
+    Event::ActivityCompleted {
+        seq,
+        output,
+        attempt: 1,
+    }
 }
 
 /// `ActivityFailed`, non-retryable, on the first attempt.
@@ -376,12 +456,17 @@ pub fn fired(seq: u32) -> Event {
 
 /// `SignalReceived`.
 pub fn signal(name: &str, payload: Value) -> Event {
-    Event::SignalReceived { name: name.to_string(), payload }
+    Event::SignalReceived {
+        name: name.to_string(),
+        payload,
+    }
 }
 
 /// `CancelRequested`.
 pub fn cancel(reason: &str) -> Event {
-    Event::CancelRequested { reason: reason.to_string() }
+    Event::CancelRequested {
+        reason: reason.to_string(),
+    }
 }
 
 /// `ChildCompleted`.
@@ -391,7 +476,12 @@ pub fn child_completed(seq: u32, result: Result<Value, Error>) -> Event {
 
 /// `ActivityScheduled` with the default retry policy.
 pub fn scheduled(seq: u32, name: &str, input: Value) -> Event {
-    Event::ActivityScheduled { seq, name: name.to_string(), input, retry: RetrySpec::default() }
+    Event::ActivityScheduled {
+        seq,
+        name: name.to_string(),
+        input,
+        retry: RetrySpec::default(),
+    }
 }
 
 /// `TimerStarted`.
@@ -401,17 +491,27 @@ pub fn timer(seq: u32, fire_at_ms: u64) -> Event {
 
 /// `SignalAwaited`.
 pub fn awaited(seq: u32, name: &str) -> Event {
-    Event::SignalAwaited { seq, name: name.to_string() }
+    Event::SignalAwaited {
+        seq,
+        name: name.to_string(),
+    }
 }
 
 /// `SideEffect`.
 pub fn side_effect(seq: u32, name: &str, value: Value) -> Event {
-    Event::SideEffect { seq, name: name.to_string(), value }
+    Event::SideEffect {
+        seq,
+        name: name.to_string(),
+        value,
+    }
 }
 
 /// `PatchMarker`.
 pub fn marker(seq: u32, patch: &str) -> Event {
-    Event::PatchMarker { seq, patch: patch.to_string() }
+    Event::PatchMarker {
+        seq,
+        patch: patch.to_string(),
+    }
 }
 
 /// `InstanceCompleted`.

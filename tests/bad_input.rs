@@ -1,0 +1,352 @@
+//! Bad input gets a clear, typed error naming what was wrong and where; the affected instance is
+//! marked with the reason, every other instance goes on, and no committed event is lost
+//! (DESIGN.md guarantee 8).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use retrace::prelude::*;
+use retrace::{ClientError, Event, InstanceStatus, SqliteOptions, StoreError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "retrace-bad-input-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.dir.join("store.db")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const ECHO: Activity<u64, u64> = Activity::new("echo");
+const WAITER: Coordinator<u64, u64> = Coordinator::new("waiter");
+
+async fn waiter(ctx: Context, n: u64) -> Result<u64, Error> {
+    let a = ctx.call(&ECHO, &n).await?;
+    let b = ctx.signal::<u64>("go").await?;
+    Ok(a + b)
+}
+
+fn worker(store: SharedStore) -> Worker {
+    Worker::builder(store)
+        .coordinator(&WAITER, waiter)
+        .activity(&ECHO, |_c: ActivityContext, n: u64| async move { Ok(n) })
+        .cache(false)
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_stops_only_its_instance_and_loses_nothing() {
+    let scratch = Scratch::new("corrupt");
+    let store: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    let client = Client::new(store.clone());
+    let w = worker(store.clone());
+    for id in ["bad", "good"] {
+        client.start(&WAITER, id, &1).await.unwrap();
+    }
+    for id in ["bad", "good"] {
+        eventually("the wait for the signal", async || {
+            let h = client.history(id).await.ok()?;
+            h.iter()
+                .any(|e| matches!(e.event, Event::SignalAwaited { .. }))
+                .then_some(())
+        })
+        .await;
+    }
+    w.shutdown().await.unwrap();
+    // Damage one committed event behind the store's back.
+    let raw = rusqlite::Connection::open(scratch.db()).unwrap();
+    raw.execute(
+        "UPDATE events SET body = '{\"type\":\"activity_completed\",\"seq\":\"oops\"}'
+         WHERE instance_id = 'bad' AND pos = 3",
+        [],
+    )
+    .unwrap();
+    let bad_events = |raw: &rusqlite::Connection| -> Vec<(i64, String)> {
+        let mut stmt = raw
+            .prepare("SELECT pos, body FROM events WHERE instance_id = 'bad' ORDER BY pos")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let before = bad_events(&raw);
+
+    let w = worker(store.clone());
+    client.signal("bad", "go", &1).await.unwrap();
+    client.signal("good", "go", &1).await.unwrap();
+    assert_eq!(client.handle(&WAITER, "good").result().await.unwrap(), 2);
+    let info = eventually("the damaged instance to stop", async || {
+        let info = client.describe("bad").await.ok()?;
+        (info.status == InstanceStatus::Stopped).then_some(info)
+    })
+    .await;
+    let reason = info.reason.unwrap();
+    assert!(
+        reason.contains("bad") && reason.contains("position 3"),
+        "{reason}"
+    );
+    match client.history("bad").await.unwrap_err() {
+        ClientError::Store(StoreError::Corrupt {
+            instance_id, what, ..
+        }) => {
+            assert_eq!(instance_id, "bad");
+            assert!(what.contains("position 3"), "{what}");
+        }
+        other => panic!("expected a corrupt-history error, got {other}"),
+    }
+    w.shutdown().await.unwrap();
+    assert_eq!(
+        bad_events(&raw),
+        before,
+        "no event of the damaged instance was added or changed"
+    );
+}
+
+const GHOST: Coordinator<u64, u64> = Coordinator::new("ghost");
+const NOBODY: Activity<u64, u64> = Activity::new("nobody");
+const CALLS_NOBODY: Coordinator<u64, u64> = Coordinator::new("calls_nobody");
+
+async fn calls_nobody(ctx: Context, n: u64) -> Result<u64, Error> {
+    ctx.call(&NOBODY, &n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_make_instances_wait_marked_until_a_worker_knows_them() {
+    let scratch = Scratch::new("unknown");
+    let store: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    let client = Client::new(store.clone());
+    let w = Worker::builder(store.clone())
+        .coordinator(&WAITER, waiter)
+        .coordinator(&CALLS_NOBODY, calls_nobody)
+        .activity(&ECHO, |_c: ActivityContext, n: u64| async move { Ok(n) })
+        .start();
+    client.start(&GHOST, "g-1", &5).await.unwrap();
+    client.start(&CALLS_NOBODY, "n-1", &6).await.unwrap();
+    client.start(&WAITER, "w-1", &1).await.unwrap();
+    client.signal("w-1", "go", &1).await.unwrap();
+    assert_eq!(
+        client.handle(&WAITER, "w-1").result().await.unwrap(),
+        2,
+        "others go on"
+    );
+    for (id, needle) in [("g-1", "coordinator ghost"), ("n-1", "activity nobody")] {
+        let info = eventually("the waiting instance to be marked", async || {
+            let info = client.describe(id).await.ok()?;
+            info.reason
+                .as_deref()
+                .is_some_and(|r| r.contains(needle))
+                .then_some(info)
+        })
+        .await;
+        assert_eq!(
+            info.status,
+            InstanceStatus::Running,
+            "{id} waits; it is not failed"
+        );
+    }
+    // A worker that knows them appears.
+    let helper = Worker::builder(store.clone())
+        .coordinator(&GHOST, |_ctx: Context, n: u64| async move { Ok(n * 2) })
+        .activity(
+            &NOBODY,
+            |_c: ActivityContext, n: u64| async move { Ok(n * 3) },
+        )
+        .start();
+    assert_eq!(client.handle(&GHOST, "g-1").result().await.unwrap(), 10);
+    assert_eq!(
+        client.handle(&CALLS_NOBODY, "n-1").result().await.unwrap(),
+        18
+    );
+    assert_eq!(
+        client.describe("g-1").await.unwrap().reason,
+        None,
+        "the mark is cleared"
+    );
+    helper.shutdown().await.unwrap();
+    w.shutdown().await.unwrap();
+}
+
+const WANTS_NUMBER: Coordinator<String, u64> = Coordinator::new("waiter");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_that_does_not_decode_fails_the_instance_with_a_payload_error() {
+    let scratch = Scratch::new("input");
+    let store: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    let client = Client::new(store.clone());
+    let w = worker(store.clone());
+    // Same coordinator name, wrong input type: the worker's coordinator expects a number.
+    let err = client
+        .start(&WANTS_NUMBER, "typo", &"forty-two".to_string())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err();
+    match err {
+        ClientError::Failed {
+            error: Error::Payload { what, .. },
+            instance_id,
+        } => {
+            assert_eq!(instance_id, "typo");
+            assert!(what.contains("input of coordinator waiter"), "{what}");
+        }
+        other => panic!("expected a payload error, got {other}"),
+    }
+    client.start(&WAITER, "fine", &1).await.unwrap();
+    client.signal("fine", "go", &2).await.unwrap();
+    assert_eq!(client.handle(&WAITER, "fine").result().await.unwrap(), 3);
+    w.shutdown().await.unwrap();
+}
+
+fn file_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn files_that_are_not_retrace_stores_or_too_new_are_refused_untouched() {
+    let scratch = Scratch::new("files");
+    let garbage = scratch.dir.join("garbage.db");
+    std::fs::write(
+        &garbage,
+        b"this is not a database, just some text".repeat(200),
+    )
+    .unwrap();
+    let err = SqliteStore::open(&garbage).unwrap_err();
+    assert!(matches!(err, StoreError::NotARetraceStore { .. }), "{err}");
+    assert!(err.to_string().contains("garbage.db"), "{err}");
+
+    let other = scratch.dir.join("other.db");
+    {
+        let c = rusqlite::Connection::open(&other).unwrap();
+        c.execute_batch(
+            "CREATE TABLE customers (id INTEGER PRIMARY KEY); INSERT INTO customers VALUES (1);",
+        )
+        .unwrap();
+    }
+    let before = file_bytes(&other);
+    let err = SqliteStore::open(&other).unwrap_err();
+    assert!(matches!(err, StoreError::NotARetraceStore { .. }), "{err}");
+    assert_eq!(
+        file_bytes(&other),
+        before,
+        "the other program's file is untouched"
+    );
+
+    let newer = scratch.db();
+    drop(SqliteStore::open(&newer).unwrap());
+    {
+        let c = rusqlite::Connection::open(&newer).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = SqliteStore::open(&newer).unwrap_err();
+    match &err {
+        StoreError::NewerSchema {
+            found, supported, ..
+        } => {
+            assert_eq!(*found, 99);
+            assert!(*supported < 99);
+        }
+        other => panic!("expected NewerSchema, got {other}"),
+    }
+    assert!(err.to_string().contains("upgrade"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_locked_beyond_the_busy_timeout_is_a_busy_error() {
+    let scratch = Scratch::new("busy");
+    let mut options = SqliteOptions::default();
+    options.busy_timeout = Duration::from_millis(200);
+    let store: SharedStore = Arc::new(SqliteStore::open_with(scratch.db(), options).unwrap());
+    let client = Client::new(store.clone());
+    client.start(&WAITER, "before", &1).await.unwrap();
+    let other = rusqlite::Connection::open(scratch.db()).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let err = client.start(&WAITER, "during", &1).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Store(StoreError::Busy { .. })),
+        "{err}"
+    );
+    other.execute_batch("COMMIT").unwrap();
+    client.start(&WAITER, "after", &1).await.unwrap();
+    assert!(matches!(
+        client.describe("during").await.unwrap_err(),
+        ClientError::NotFound { .. }
+    ));
+    let w = worker(store.clone());
+    for id in ["before", "after"] {
+        client.signal(id, "go", &1).await.unwrap();
+        assert_eq!(client.handle(&WAITER, id).result().await.unwrap(), 2);
+    }
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_the_write_and_keeps_everything_committed() {
+    let scratch = Scratch::new("full");
+    drop(SqliteStore::open(scratch.db()).unwrap());
+    let pages: u64 = {
+        let c = rusqlite::Connection::open(scratch.db()).unwrap();
+        c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap()
+    };
+    let mut options = SqliteOptions::default();
+    options.max_page_count = Some(pages + 40);
+    let store: SharedStore = Arc::new(SqliteStore::open_with(scratch.db(), options).unwrap());
+    let client = Client::new(store.clone());
+    let w = worker(store.clone());
+    client.start(&WAITER, "small", &1).await.unwrap();
+    // An input far larger than the 40 free pages.
+    let huge: Coordinator<String, u64> = Coordinator::new("waiter");
+    let err = client
+        .start(&huge, "huge", &"x".repeat(1 << 20))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Store(StoreError::Full { .. })),
+        "{err}"
+    );
+    client.signal("small", "go", &1).await.unwrap();
+    assert_eq!(client.handle(&WAITER, "small").result().await.unwrap(), 2);
+    let history = client.history("small").await.unwrap();
+    assert!(matches!(
+        history.last().map(|e| &e.event),
+        Some(Event::InstanceCompleted { .. })
+    ));
+    assert!(matches!(
+        client.describe("huge").await.unwrap_err(),
+        ClientError::NotFound { .. }
+    ));
+    w.shutdown().await.unwrap();
+}
