@@ -42,13 +42,16 @@
 pub use retrace_runtime as runtime;
 pub use retrace_sdk as sdk;
 
+pub use retrace_runtime::{open_store, PostgresOptions, PostgresStore, StoreUrl};
 pub use retrace_runtime::{
     Client, ClientError, CommitNotice, Durability, InstanceHandle, InstanceInfo, InstanceStatus,
     ListFilter, SharedStore, SqliteOptions, SqliteStore, Store, StoreError, Worker, WorkerBuilder,
 };
+pub use retrace_runtime::{InstanceCheck, ReplayReport, Replayer};
 pub use retrace_sdk::{
-    replay_history, Activity, ActivityContext, ActivityError, ActivityFailure, Context,
-    Coordinator, Error, Event, HistoryEvent, Nondeterminism, ReplayError, RetryPolicy, Saga,
+    check_replay, replay_history, Activity, ActivityContext, ActivityError, ActivityFailure,
+    Context, Coordinator, Divergence, Error, Event, HistoryEvent, HistoryExport, Nondeterminism,
+    ReplayError, RetryPolicy, Saga,
 };
 
 /// One import for applications: authoring types, the store, the worker and the client.

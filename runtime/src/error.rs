@@ -88,6 +88,15 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store is closed")]
     Closed,
+    /// A history handed to the store (import, fork) cannot become an instance: positions with
+    /// gaps, no start event, a status that contradicts the events, a fork position out of range.
+    #[error("cannot create instance {instance_id} from this history: {detail}")]
+    InvalidHistory {
+        /// The instance that was to be created.
+        instance_id: String,
+        /// What is wrong, with the position.
+        detail: String,
+    },
 }
 
 impl StoreError {

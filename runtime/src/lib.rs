@@ -11,11 +11,15 @@ pub mod client;
 mod clock;
 pub mod error;
 pub mod limits;
+pub mod replayer;
 pub mod store;
 pub mod worker;
 
 pub use client::{Client, InstanceHandle};
 pub use error::{ClientError, StoreError};
+pub use replayer::{InstanceCheck, ReplayReport, Replayer};
+pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::sqlite::{Durability, SqliteOptions, SqliteStore};
+pub use store::url::{open_store, StoreUrl};
 pub use store::{InstanceInfo, InstanceStatus, ListFilter, SharedStore, Store};
 pub use worker::{CommitNotice, Worker, WorkerBuilder, CACHE_ENV};

@@ -14,5 +14,7 @@ pub const CACHE_CAPACITY_DEFAULT: usize = 10_000;
 pub const CLAIM_BATCH_MAX: usize = 256;
 /// Store operations committed in one group-commit transaction.
 pub const GROUP_COMMIT_MAX: usize = 512;
+/// Reads of one SQLite store running at once (each on its own connection and thread).
+pub const READERS_MAX: usize = 4;
 /// SQLite busy timeout.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

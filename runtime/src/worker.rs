@@ -25,7 +25,9 @@ use crate::limits::{
     ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CLAIM_BATCH_MAX, LEASE_DEFAULT,
     POLL_INTERVAL_DEFAULT,
 };
-use crate::store::{ActivationCommit, ActivityTask, AttemptOutcome, InstanceStatus, SharedStore};
+use crate::store::{
+    ActivationCommit, ActivityTask, AttemptOutcome, DirectFinish, InstanceStatus, SharedStore,
+};
 use futures::FutureExt;
 use retrace_sdk::{
     activity_handler, coordinator_fn, Activity, ActivityContext, ActivityError, ActivityFailure,
@@ -469,8 +471,12 @@ impl Inner {
             return Ok(false);
         };
         let generation = info.generation;
+        let mut warm = false;
         let mut execution = match cached {
-            Some((g, e)) if g == generation && e.next_position() <= info.next_position => e,
+            Some((g, e)) if g == generation && e.next_position() <= info.next_position => {
+                warm = true;
+                e
+            }
             _ => {
                 if from != 0 {
                     loaded = match self.store.load(id, 0).await {
@@ -484,6 +490,16 @@ impl Inner {
                 Execution::new(id, coordinator.0).with_patches(coordinator.1)
             }
         };
+        if loaded.inbox.is_empty() {
+            // Nothing to deliver (a duplicate wake-up, for example the dispatcher re-claiming an
+            // instance this worker was activating): polling would only commit an empty
+            // activation. The commit that emptied the inbox already cleared `ready` and the
+            // lease. Keep a cached execution that is still current.
+            if warm && loaded.events.is_empty() {
+                self.cache_put(id, generation, execution);
+            }
+            return Ok(false);
+        }
         let info = loaded.info;
         let replayed = loaded.events.len();
         tracing::Span::current().record("replaying", replayed > 0);
@@ -564,15 +580,7 @@ impl Inner {
             activation: activation_number,
             ended,
         });
-        if self.cache_enabled && !execution.is_finished() {
-            let mut cache = lock(&self.cache);
-            if cache.len() >= self.cache_capacity {
-                if let Some(evict) = cache.keys().next().cloned() {
-                    cache.remove(&evict);
-                }
-            }
-            cache.insert(id.to_string(), (generation, execution));
-        }
+        self.cache_put(id, generation, execution);
         for task in receipt.claimed_tasks {
             self.spawn_task(task);
         }
@@ -600,6 +608,133 @@ impl Inner {
             .stop_instance(id, &self.owner, &error.to_string())
             .await?;
         Ok(false)
+    }
+
+    /// Keeps an execution that has not finished, if the cache is on.
+    fn cache_put(&self, id: &str, generation: u64, execution: Execution) {
+        if !self.cache_enabled || execution.is_finished() {
+            return;
+        }
+        let mut cache = lock(&self.cache);
+        if cache.len() >= self.cache_capacity {
+            if let Some(evict) = cache.keys().next().cloned() {
+                cache.remove(&evict);
+            }
+        }
+        cache.insert(id.to_string(), (generation, execution));
+    }
+
+    /// Fast path for a final outcome: when this worker has the instance's execution cached and
+    /// idle, delivers the outcome to it at once and commits the outcome together with the
+    /// activation it causes (one commit per sequential step instead of two, and no history
+    /// load). Returns false, having changed nothing, when the execution is not at hand; the
+    /// caller then records the outcome with `finish_task`.
+    async fn finish_directly(self: &Arc<Self>, task: &ActivityTask, outcome: &Event) -> bool {
+        if !self.cache_enabled || self.stopping() {
+            return false;
+        }
+        let id = task.instance_id.as_str();
+        let (generation, mut execution) = {
+            let mut running = lock(&self.running);
+            if running.contains_key(id) {
+                return false;
+            }
+            match lock(&self.cache).remove(id) {
+                Some(entry) if entry.0 == task.generation => {
+                    running.insert(id.to_string(), false);
+                    entry
+                }
+                // An execution of another run is stale anyway.
+                _ => return false,
+            }
+        };
+        let expected_position = execution.next_position();
+        let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+        let activation = match execution.activate(vec![outcome.clone()], now_ms(), seed) {
+            Ok(a) => a,
+            Err(e) => {
+                // The regular path records the outcome, replays, and stops the instance.
+                tracing::debug!(instance_id = %id, error = %e, "direct activation diverged; taking the regular path");
+                self.release_instance(id, false);
+                return false;
+            }
+        };
+        let ended = activation.terminal().is_some();
+        let activation_number = activation.activation;
+        let commit = ActivationCommit::plan(
+            id,
+            &self.owner,
+            generation,
+            expected_position,
+            activation.activation,
+            activation.events,
+            Vec::new(),
+            activation.custom_status,
+            &|name| self.activities.contains_key(name),
+            self.lease_ms(),
+        );
+        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
+        let unknown_activity = commit
+            .tasks
+            .iter()
+            .find(|t| !t.claim)
+            .map(|t| t.name.clone());
+        let outcome_notice = CommitNotice::ActivityOutcome {
+            instance_id: id.to_string(),
+            seq: task.seq,
+            attempt: task.attempt,
+            is_final: true,
+        };
+        match self.store.finish_and_activate(task, commit).await {
+            Ok(DirectFinish::Activated(receipt)) => {
+                self.notify(outcome_notice);
+                self.notify(CommitNotice::Activation {
+                    instance_id: id.to_string(),
+                    activation: activation_number,
+                    ended,
+                });
+                self.cache_put(id, generation, execution);
+                for claimed in receipt.claimed_tasks {
+                    self.spawn_task(claimed);
+                }
+                for at in timers_due {
+                    self.wake_poller_at(at);
+                }
+                if let (false, Some(name)) = (receipt.ready_again, unknown_activity) {
+                    // Not a failure: another worker may run it. Say why the instance waits.
+                    let reason = format!(
+                        "waiting for a worker that runs activity {name} (worker {} does not)",
+                        self.owner
+                    );
+                    if let Err(e) = self.store.note_waiting(id, &self.owner, &reason).await {
+                        tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
+                    }
+                }
+                self.release_instance(id, receipt.ready_again);
+            }
+            Ok(DirectFinish::Finished(receipt)) => {
+                // Nothing of the activation was written: the execution ran ahead of the history
+                // and is dropped; the outcome went to the inbox (or was refused) as usual.
+                if receipt.accepted {
+                    self.notify(outcome_notice);
+                }
+                self.release_instance(id, receipt.instance_claimed);
+            }
+            Err(e) => {
+                tracing::warn!(instance_id = %id, error = %e, "could not record the activity outcome; the call will be retried after the lease expires");
+                self.release_instance(id, false);
+            }
+        }
+        true
+    }
+
+    /// Ends the hold on `id` taken by `finish_directly`, and activates the instance if it has
+    /// work (`run`) or if an activation was asked for meanwhile.
+    fn release_instance(self: &Arc<Self>, id: &str, run: bool) {
+        let requested = lock(&self.running).remove(id).unwrap_or(false);
+        if run || requested {
+            self.schedule(id.to_string());
+        }
     }
 
     fn spawn_task(self: &Arc<Self>, task: ActivityTask) {
@@ -680,6 +815,9 @@ impl Inner {
         };
         if let AttemptOutcome::Final(event) = &outcome {
             tracing::debug!(outcome = event.kind(), "attempt finished");
+            if self.finish_directly(&task, event).await {
+                return;
+            }
         }
         match self
             .store

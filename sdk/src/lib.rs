@@ -10,6 +10,8 @@
 //! - [`Event`] and [`HistoryEvent`]: the journaled history ([`history`]).
 //! - [`Execution`]: the I/O-free state machine that replays a history and runs new activations
 //!   ([`replay`]); [`replay_history`] checks a recorded history against current code.
+//! - [`HistoryExport`]: the versioned JSON export of one instance's history ([`export`]);
+//!   [`HistoryExport::replay`] replays an exported history in a plain `#[test]`.
 //!
 //! This crate does no I/O: no database, no clock, no random source, no threads. The durable side
 //! lives in `retrace-runtime`.
@@ -29,7 +31,8 @@
 //! let mut run = Execution::new("demo", coordinator_fn(&TWICE, twice));
 //! let start = Event::InstanceStarted { coordinator: "twice".into(), input: 3.into(), parent: None };
 //! let first = run.activate(vec![start], 0, 0).unwrap();
-//! assert!(matches!(first.events[1], Event::ActivityScheduled { seq: 0, .. }));
+//! // The start, the patches it pins (none here), then the first command.
+//! assert!(matches!(first.events[2], Event::ActivityScheduled { seq: 0, .. }));
 //! let done = Event::ActivityCompleted { seq: 0, output: 6.into(), attempt: 1 };
 //! let second = run.activate(vec![done], 0, 0).unwrap();
 //! assert!(matches!(second.events[1], Event::ActivityScheduled { seq: 1, .. }));
@@ -42,6 +45,7 @@ pub mod activity;
 pub mod context;
 pub mod coordinator;
 pub mod error;
+pub mod export;
 pub mod history;
 pub mod replay;
 pub mod retry;
@@ -51,6 +55,10 @@ pub use activity::{activity_handler, Activity, ActivityContext, ActivityHandler}
 pub use context::{ActivityCall, ChildCall, Context, SignalWait, Timer};
 pub use coordinator::{coordinator_fn, Coordinator, CoordinatorFn};
 pub use error::{ActivityError, ActivityFailure, Error, Nondeterminism, ReplayError};
+pub use export::{
+    check_replay, Divergence, ExportError, ExportedInstance, HistoryExport, HISTORY_FORMAT,
+    HISTORY_FORMAT_VERSION,
+};
 pub use history::{Event, EventFamily, HistoryEvent, ParentRef, EVENT_SCHEMA_VERSION};
 pub use replay::{replay_history, Activation, Execution};
 pub use retry::{RetryPolicy, RetrySpec};

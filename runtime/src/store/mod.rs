@@ -372,6 +372,17 @@ pub struct FinishReceipt {
     pub instance_claimed: bool,
 }
 
+/// What [`Store::finish_and_activate`] did.
+#[derive(Debug, Clone)]
+pub enum DirectFinish {
+    /// The outcome and the activation that delivered it were committed together.
+    Activated(CommitReceipt),
+    /// Only the outcome was handled, exactly as [`Store::finish_task`] would have: the
+    /// activation was not applied (the instance moved on, is leased by another worker, has
+    /// undelivered inbox messages, or the store does not support the combined commit).
+    Finished(FinishReceipt),
+}
+
 /// A filter for [`Store::list_instances`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -450,6 +461,37 @@ pub trait Store: Send + Sync + 'static {
         outcome: AttemptOutcome,
         lease_ms: u64,
     ) -> Result<FinishReceipt, StoreError>;
+
+    /// Records the final outcome of an attempt of a task `commit.owner` holds and, in the same
+    /// transaction, appends `commit`: the activation that delivered that outcome (its first
+    /// event) to the caller's in-memory execution of the instance. This halves the commits per
+    /// sequential step. The activation is applied only if the task is still held with this
+    /// attempt, the instance is running at `commit.expected_position`, is not leased by another
+    /// worker, and has no undelivered inbox message; otherwise the outcome is handled exactly as
+    /// by [`Store::finish_task`] and nothing else is written, and the caller must discard its
+    /// execution. Default: always the latter.
+    async fn finish_and_activate(
+        &self,
+        task: &ActivityTask,
+        commit: ActivationCommit,
+    ) -> Result<DirectFinish, StoreError> {
+        let outcome = commit
+            .events
+            .first()
+            .cloned()
+            .ok_or_else(|| StoreError::Database {
+                operation: "finish and activate".into(),
+                detail: "the activation holds no outcome event".into(),
+            })?;
+        self.finish_task(
+            &commit.owner,
+            task,
+            AttemptOutcome::Final(outcome),
+            commit.lease_ms,
+        )
+        .await
+        .map(DirectFinish::Finished)
+    }
 
     /// Renews every lease `owner` holds; returns how many rows were renewed.
     async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, StoreError>;

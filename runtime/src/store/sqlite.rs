@@ -14,13 +14,13 @@
 //! store is an error that changes nothing in the file.
 
 use super::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, FinishReceipt,
-    ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance,
-    NewInstance, RunEnd, Store,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
+    FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
+    LoadedInstance, NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
-use crate::limits::{BUSY_TIMEOUT, GROUP_COMMIT_MAX};
+use crate::limits::{BUSY_TIMEOUT, GROUP_COMMIT_MAX, READERS_MAX};
 use async_trait::async_trait;
 use retrace_sdk::{Error, Event, HistoryEvent, ParentRef, RetrySpec};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
@@ -159,6 +159,10 @@ pub struct SqliteStore {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Lock files of the workers of this process, held (flock) for as long as they live.
     worker_locks: Mutex<HashMap<String, std::fs::File>>,
+    /// Reads running at once. Without a bound, a burst of activations (10,000 instances
+    /// started together) makes the blocking pool start hundreds of threads, each with its own
+    /// reader connection and page cache: tens of MiB for nothing, since 2 cores serve them.
+    read_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -375,6 +379,7 @@ impl SqliteStore {
             changes,
             writer: Mutex::new(writer),
             worker_locks: Mutex::new(HashMap::new()),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
         }
     }
 
@@ -422,7 +427,12 @@ impl SqliteStore {
         let pool = Arc::clone(pool);
         let path = self.reader_path.clone();
         let options = self.options.clone();
+        let slot = Arc::clone(&self.read_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let conn = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match conn {
                 Some(c) => c,
@@ -1078,6 +1088,99 @@ fn commit_in_tx(
     Ok(receipt)
 }
 
+/// [`Store::finish_and_activate`] inside the current transaction. Exactly one outcome per call
+/// position: the outcome is written (to history or to the inbox) only while the task row is held
+/// by this attempt, and the task row is deleted in the same transaction.
+fn finish_and_activate_in_tx(
+    conn: &Connection,
+    task: &ActivityTask,
+    c: &ActivationCommit,
+    now: u64,
+) -> Result<DirectFinish, StoreError> {
+    let outcome =
+        match c.events.first() {
+            Some(
+                e @ (Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. }),
+            ) if *seq == task.seq => e,
+            _ => {
+                return Err(StoreError::Database {
+                    operation: "finish and activate".into(),
+                    detail: format!(
+                        "the activation does not start with the outcome of call {}",
+                        task.seq
+                    ),
+                })
+            }
+        };
+    let row: Option<(u32, Option<String>, i64)> = conn
+        .prepare_cached(
+            "SELECT attempt, lease_owner, generation FROM tasks WHERE instance_id = ?1 AND seq = ?2",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![task.instance_id, task.seq], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()
+        })
+        .map_err(db("finish activity task"))?;
+    let held = matches!(&row, Some((attempt, Some(o), generation))
+        if *attempt == task.attempt && *o == c.owner && *generation as u64 == task.generation);
+    if !held {
+        return Ok(DirectFinish::Finished(FinishReceipt {
+            accepted: false,
+            instance_claimed: false,
+        }));
+    }
+    let claimed = conn
+        .prepare_cached(
+            "UPDATE instances SET lease_owner = ?2, lease_until = ?3
+             WHERE id = ?1 AND status = 'running'
+               AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?4)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                task.instance_id,
+                c.owner,
+                (now + c.lease_ms) as i64,
+                now as i64
+            ])
+        })
+        .map_err(db("finish activity task"))?
+        > 0;
+    let delete_task = || {
+        conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
+            .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
+            .map_err(db("finish activity task"))
+    };
+    if claimed && c.instance_id == task.instance_id {
+        let inbox_empty: bool = conn
+            .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)")
+            .and_then(|mut s| s.query_row([&task.instance_id], |r| r.get(0)))
+            .map_err(db("finish activity task"))?;
+        if inbox_empty {
+            // commit_in_tx checks position, run and lease before it writes anything, so a
+            // conflict leaves the transaction as it was.
+            match commit_in_tx(conn, c, now) {
+                Ok(receipt) => {
+                    delete_task()?;
+                    return Ok(DirectFinish::Activated(receipt));
+                }
+                Err(StoreError::Conflict { .. } | StoreError::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // As finish_task: the outcome goes to the inbox, for the next activation.
+    let dedupe = format!("seq:{}:{}", task.generation, task.seq);
+    insert_inbox(conn, &task.instance_id, Some(&dedupe), outcome, now)?;
+    delete_task()?;
+    mark_ready(conn, &task.instance_id)?;
+    Ok(DirectFinish::Finished(FinishReceipt {
+        accepted: true,
+        instance_claimed: claimed,
+    }))
+}
+
 fn load_in_tx(conn: &Connection, id: &str, from: u64) -> Result<LoadedInstance, StoreError> {
     let info = get_instance(conn, id)?.ok_or_else(|| StoreError::NotFound {
         instance_id: id.into(),
@@ -1439,6 +1542,26 @@ impl Store for SqliteStore {
         Ok(receipt)
     }
 
+    async fn finish_and_activate(
+        &self,
+        task: &ActivityTask,
+        commit: ActivationCommit,
+    ) -> Result<DirectFinish, StoreError> {
+        let task = task.clone();
+        let ended = commit.end.is_some();
+        let done = self
+            .write(move |conn| finish_and_activate_in_tx(conn, &task, &commit, now_ms()))
+            .await?;
+        let bump = match &done {
+            DirectFinish::Activated(receipt) => ended || !receipt.woken.is_empty(),
+            DirectFinish::Finished(receipt) => receipt.accepted && !receipt.instance_claimed,
+        };
+        if bump {
+            self.bump();
+        }
+        Ok(done)
+    }
+
     async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn| {
@@ -1606,7 +1729,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(
-                    "UPDATE instances SET status = 'running', reason = NULL, ready = 1,
+                    "UPDATE instances SET status = 'running', reason = NULL,
+                            ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1),
                             lease_owner = NULL, lease_until = 0, updated_at = ?2
                      WHERE id = ?1 AND status IN ('stopped', 'running')",
                 )

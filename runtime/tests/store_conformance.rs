@@ -1,0 +1,1878 @@
+//! Store conformance suite: one set of tests that every [`Store`] implementation runs.
+//!
+//! Each case below runs against an SQLite file, an in-memory SQLite store and, when the
+//! `RETRACE_PG_URL` environment variable names a server (for example
+//! `postgres://postgres@127.0.0.1:5432/test`), PostgreSQL. Each PostgreSQL test works in a schema
+//! of its own (`retrace_test_<random>`), dropped at the end whatever the outcome, so that the
+//! tests run in parallel and leave nothing behind. Without `RETRACE_PG_URL`, the PostgreSQL tests
+//! say on stderr that they were not run and why, and pass.
+//!
+//! A few cases need a second handle on the same storage (standing for another process): they
+//! are not applicable to the in-memory store, and say so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use futures::FutureExt;
+use retrace_runtime::store::{
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, NewInstance,
+};
+use retrace_runtime::{
+    Client, InstanceStatus, ListFilter, PostgresOptions, PostgresStore, SharedStore, SqliteStore,
+    StoreError, Worker,
+};
+use retrace_sdk::{
+    Activity, ActivityContext, ActivityError, Context, Coordinator, Error, Event, ParentRef,
+    RetryPolicy, RetrySpec,
+};
+use serde_json::{json, Value};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The environment variable naming the PostgreSQL server the PostgreSQL tests use.
+const PG_URL_ENV: &str = "RETRACE_PG_URL";
+/// A lease long enough never to expire during a test.
+const LEASE_MS: u64 = 60_000;
+/// How long to wait for something another handle (process) does.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    SqliteFile,
+    SqliteMemory,
+    Postgres,
+}
+
+/// One store under test, and what is needed to open it again or to remove it.
+struct Harness {
+    backend: Backend,
+    store: SharedStore,
+    /// The SQLite file (its folder is removed with the harness).
+    path: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL server URL and the test's schema.
+    pg: Option<(String, String)>,
+    /// Extra PostgreSQL schemas made by the test, dropped at the end.
+    extra_schemas: Mutex<Vec<String>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn random_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
+/// A plain connection for setting up and removing test schemas.
+async fn pg_admin(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{PG_URL_ENV}={url}: cannot connect: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+impl Harness {
+    /// The harness for `backend`, or `None` (after saying why on stderr) when it is not
+    /// available here.
+    async fn new(backend: Backend, test: &str) -> Option<Harness> {
+        match backend {
+            Backend::SqliteFile => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("store.db");
+                let store: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+                Some(Harness {
+                    backend,
+                    store,
+                    path: Some(path),
+                    _dir: Some(dir),
+                    pg: None,
+                    extra_schemas: Mutex::default(),
+                })
+            }
+            Backend::SqliteMemory => Some(Harness {
+                backend,
+                store: Arc::new(SqliteStore::open_in_memory().unwrap()),
+                path: None,
+                _dir: None,
+                pg: None,
+                extra_schemas: Mutex::default(),
+            }),
+            Backend::Postgres => {
+                let Ok(url) = std::env::var(PG_URL_ENV) else {
+                    eprintln!(
+                        "store_conformance::{test} on PostgreSQL NOT RUN: {PG_URL_ENV} is not set \
+                         (set it to a server, e.g. postgres://postgres@127.0.0.1:5432/test)"
+                    );
+                    return None;
+                };
+                let schema = format!("retrace_test_{}", random_suffix());
+                pg_admin(&url)
+                    .await
+                    .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                    .await
+                    .unwrap();
+                let store = PostgresStore::connect_with(
+                    &url,
+                    PostgresOptions::default().with_schema(&schema),
+                )
+                .await
+                .unwrap();
+                Some(Harness {
+                    backend,
+                    store: Arc::new(store),
+                    path: None,
+                    _dir: None,
+                    pg: Some((url, schema)),
+                    extra_schemas: Mutex::default(),
+                })
+            }
+        }
+    }
+
+    /// Another handle on the same storage, as another process would open it; `None` for the
+    /// in-memory store.
+    async fn reopen(&self) -> Option<Result<SharedStore, StoreError>> {
+        match self.backend {
+            Backend::SqliteFile => {
+                let path = self.path.as_ref().unwrap();
+                Some(SqliteStore::open(path).map(|s| Arc::new(s) as SharedStore))
+            }
+            Backend::SqliteMemory => None,
+            Backend::Postgres => {
+                let (url, schema) = self.pg.as_ref().unwrap();
+                let sep = if url.contains('?') { '&' } else { '?' };
+                // Through the URL form, as workers and tools open it.
+                let url = format!("{url}{sep}schema={schema}");
+                Some(
+                    PostgresStore::connect(&url)
+                        .await
+                        .map(|s| Arc::new(s) as SharedStore),
+                )
+            }
+        }
+    }
+
+    /// Marks the storage as written by a newer Retrace (schema version + 1).
+    async fn bump_schema_version(&self) -> i64 {
+        match self.backend {
+            Backend::SqliteFile => {
+                let conn = rusqlite::Connection::open(self.path.as_ref().unwrap()).unwrap();
+                let newer = retrace_runtime::store::sqlite::SCHEMA_VERSION + 1;
+                conn.pragma_update(None, "user_version", newer).unwrap();
+                newer
+            }
+            Backend::SqliteMemory => unreachable!("no second handle on an in-memory store"),
+            Backend::Postgres => {
+                let (url, schema) = self.pg.as_ref().unwrap();
+                let newer = retrace_runtime::store::postgres::SCHEMA_VERSION + 1;
+                pg_admin(url)
+                    .await
+                    .execute(
+                        &format!("UPDATE {schema}.retrace_schema SET version = $1"),
+                        &[&newer],
+                    )
+                    .await
+                    .unwrap();
+                newer
+            }
+        }
+    }
+
+    /// Opens a store on storage that another program already uses (a table of its own, no
+    /// Retrace marks); returns the result and a check that the storage is unchanged.
+    async fn open_foreign(&self) -> Option<(Result<SharedStore, StoreError>, bool)> {
+        match self.backend {
+            Backend::SqliteFile => {
+                let path = self.path.as_ref().unwrap().with_file_name("foreign.db");
+                {
+                    let conn = rusqlite::Connection::open(&path).unwrap();
+                    conn.execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY)")
+                        .unwrap();
+                }
+                let opened = SqliteStore::open(&path).map(|s| Arc::new(s) as SharedStore);
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                let tables: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                let version: i64 = conn
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .unwrap();
+                Some((opened, tables == 1 && version == 0))
+            }
+            Backend::SqliteMemory => None,
+            Backend::Postgres => {
+                let (url, _) = self.pg.as_ref().unwrap();
+                let schema = format!("retrace_test_{}", random_suffix());
+                self.extra_schemas.lock().unwrap().push(schema.clone());
+                let admin = pg_admin(url).await;
+                admin
+                    .batch_execute(&format!(
+                        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.accounts (id INT PRIMARY KEY)"
+                    ))
+                    .await
+                    .unwrap();
+                let opened = PostgresStore::connect_with(
+                    url,
+                    PostgresOptions::default().with_schema(&schema),
+                )
+                .await
+                .map(|s| Arc::new(s) as SharedStore);
+                let tables: i64 = admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = $1",
+                        &[&schema],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                Some((opened, tables == 1))
+            }
+        }
+    }
+
+    /// Whether another handle on the same storage hears of changes without polling.
+    fn notifies_other_handles(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
+    /// Removes what the test made (PostgreSQL schemas; the SQLite folder goes with the harness).
+    async fn cleanup(self) {
+        let Harness {
+            store,
+            pg,
+            extra_schemas,
+            ..
+        } = self;
+        drop(store);
+        if let Some((url, schema)) = pg {
+            let admin = pg_admin(&url).await;
+            let mut schemas = extra_schemas.into_inner().unwrap();
+            schemas.push(schema);
+            for s in schemas {
+                if let Err(e) = admin
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
+                    .await
+                {
+                    eprintln!("could not drop test schema {s}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Runs each case against every backend: `mod sqlite_file`, `mod sqlite_memory`, `mod postgres`.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite_file {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::run(super::Backend::SqliteFile, stringify!($case), |h| {
+                        Box::pin(super::cases::$case(h))
+                    })
+                    .await;
+                }
+            )*
+        }
+        mod sqlite_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::run(super::Backend::SqliteMemory, stringify!($case), |h| {
+                        Box::pin(super::cases::$case(h))
+                    })
+                    .await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::run(super::Backend::Postgres, stringify!($case), |h| {
+                        Box::pin(super::cases::$case(h))
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+type CaseFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>>;
+
+/// Runs one case; cleans up whether it passed or panicked, then reports the panic.
+async fn run(backend: Backend, name: &str, case: for<'a> fn(&'a Harness) -> CaseFuture<'a>) {
+    let Some(harness) = Harness::new(backend, name).await else {
+        return;
+    };
+    let result = AssertUnwindSafe(case(&harness)).catch_unwind().await;
+    harness.cleanup().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+conformance!(
+    append_at_expected_position,
+    stale_position_conflicts,
+    lease_is_owned,
+    lease_expires_and_is_taken_over,
+    leases_renew_and_release,
+    claim_ready_skips_rows_others_hold,
+    timers_fire_once_when_due,
+    signals_buffered_in_order_and_deduped,
+    create_is_idempotent,
+    activity_tasks_count_attempts,
+    activity_outcome_recorded_once,
+    activity_task_lease_expires,
+    continue_as_new_bumps_generation,
+    terminate_ends_instance,
+    children_report_to_parents,
+    stop_and_resume,
+    list_and_describe,
+    changes_wake_waiters,
+    reopen_keeps_everything,
+    newer_schema_refused,
+    foreign_database_refused,
+    dead_workers_reaped,
+    workers_run_coordinators,
+);
+
+// ----- helpers -----
+
+fn new_instance(id: &str, coordinator: &str, input: Value) -> NewInstance {
+    NewInstance {
+        id: id.to_string(),
+        coordinator: coordinator.to_string(),
+        input,
+        parent: None,
+    }
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn scheduled(seq: u32, name: &str) -> Event {
+    Event::ActivityScheduled {
+        seq,
+        name: name.to_string(),
+        input: json!({ "seq": seq }),
+        retry: RetrySpec::default(),
+    }
+}
+
+fn signal(name: &str, payload: Value) -> Event {
+    Event::SignalReceived {
+        name: name.to_string(),
+        payload,
+    }
+}
+
+/// Creates `id` (coordinator `c`) and claims it for `owner`.
+async fn create_and_claim(store: &SharedStore, id: &str, owner: &str) {
+    let created = store
+        .create_instance(new_instance(id, "c", json!(id)))
+        .await
+        .unwrap();
+    assert_eq!(created, CreateOutcome::Created);
+    let claimed = store
+        .claim_ready(owner, &names(&["c"]), 1, LEASE_MS)
+        .await
+        .unwrap();
+    assert_eq!(claimed, vec![id.to_string()]);
+}
+
+/// Builds the commit a worker would make: the undelivered inbox (start first), then `commands`,
+/// at the stored next position, claiming new tasks when `claim`.
+async fn plan(
+    store: &SharedStore,
+    owner: &str,
+    id: &str,
+    commands: Vec<Event>,
+    claim: bool,
+) -> ActivationCommit {
+    let loaded = store.load(id, 0).await.unwrap();
+    let mut inbox = loaded.inbox;
+    inbox.sort_by_key(|m| !matches!(m.event, Event::InstanceStarted { .. }));
+    let consumed = inbox.iter().map(|m| m.id).collect();
+    let mut events: Vec<Event> = inbox.into_iter().map(|m| m.event).collect();
+    events.extend(commands);
+    ActivationCommit::plan(
+        id,
+        owner,
+        loaded.info.generation,
+        loaded.info.next_position,
+        loaded.info.next_activation,
+        events,
+        consumed,
+        None,
+        &|_| claim,
+        LEASE_MS,
+    )
+}
+
+/// Delivers the inbox and `commands` as `owner` would, and commits.
+async fn activate(
+    store: &SharedStore,
+    owner: &str,
+    id: &str,
+    commands: Vec<Event>,
+    claim: bool,
+) -> Result<CommitReceipt, StoreError> {
+    let commit = plan(store, owner, id, commands, claim).await;
+    store.commit_activation(commit).await
+}
+
+async fn inbox_events(store: &SharedStore, id: &str) -> Vec<Event> {
+    store
+        .load(id, 0)
+        .await
+        .unwrap()
+        .inbox
+        .into_iter()
+        .map(|m| m.event)
+        .collect()
+}
+
+async fn history_events(store: &SharedStore, id: &str) -> Vec<Event> {
+    store
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
+}
+
+/// An instance waiting on one unclaimed activity task at position 0.
+async fn instance_with_task(store: &SharedStore, id: &str) {
+    create_and_claim(store, id, "w0").await;
+    let receipt = activate(store, "w0", id, vec![scheduled(0, "act")], false)
+        .await
+        .unwrap();
+    assert!(receipt.claimed_tasks.is_empty());
+    assert!(!receipt.ready_again);
+}
+
+fn completed(task: &ActivityTask, output: Value) -> AttemptOutcome {
+    AttemptOutcome::Final(Event::ActivityCompleted {
+        seq: task.seq,
+        output,
+        attempt: task.attempt,
+    })
+}
+
+// ----- cases -----
+
+mod cases {
+    use super::*;
+
+    pub(super) async fn append_at_expected_position(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let loaded = s.load("a", 0).await.unwrap();
+        assert_eq!(loaded.info.next_position, 0);
+        assert_eq!(loaded.info.next_activation, 0);
+        assert!(loaded.events.is_empty());
+        assert!(matches!(
+            loaded.inbox.as_slice(),
+            [m] if matches!(&m.event, Event::InstanceStarted { input, .. } if *input == json!("a"))
+        ));
+
+        let receipt = activate(
+            s,
+            "w1",
+            "a",
+            vec![scheduled(0, "act"), scheduled(1, "act")],
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(!receipt.ready_again);
+        let history = s.history("a").await.unwrap();
+        assert_eq!(history.len(), 3);
+        for (i, e) in history.iter().enumerate() {
+            assert_eq!(e.position, i as u64);
+            assert_eq!(e.activation, 0);
+        }
+        assert!(matches!(history[0].event, Event::InstanceStarted { .. }));
+        assert_eq!(history[2].event, scheduled(1, "act"));
+        let info = s.describe("a").await.unwrap().unwrap();
+        assert_eq!(info.next_position, 3);
+        assert_eq!(info.next_activation, 1);
+        assert!(
+            s.load("a", 0).await.unwrap().inbox.is_empty(),
+            "consumed inbox is deleted"
+        );
+
+        // The next activation goes on at position 3; loading from a position returns the rest.
+        let task = s
+            .claim_tasks("w1", &names(&["act"]), 1, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        let receipt = s
+            .finish_task("w1", &task, completed(&task, json!(10)), LEASE_MS)
+            .await
+            .unwrap();
+        assert!(receipt.accepted);
+        assert!(receipt.instance_claimed);
+        activate(s, "w1", "a", vec![], false).await.unwrap();
+        let tail = s.load("a", 3).await.unwrap().events;
+        assert_eq!(tail.len(), 1);
+        assert_eq!(tail[0].position, 3);
+        assert_eq!(tail[0].activation, 1);
+        assert!(matches!(
+            tail[0].event,
+            Event::ActivityCompleted { seq, attempt: 1, .. } if seq == task.seq
+        ));
+    }
+
+    pub(super) async fn stale_position_conflicts(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let first = plan(s, "w1", "a", vec![scheduled(0, "act")], false).await;
+        let mut stale = first.clone();
+        s.commit_activation(first).await.unwrap();
+        // Keep the lease so that only the position is stale.
+        s.deliver("a", signal("go", json!(1)), None).await.unwrap();
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        let before = s.history("a").await.unwrap();
+
+        stale.consumed_inbox.clear();
+        match s.commit_activation(stale.clone()).await {
+            Err(StoreError::Conflict {
+                instance_id,
+                expected,
+                found,
+            }) => {
+                assert_eq!(instance_id, "a");
+                assert_eq!(expected, 0);
+                assert_eq!(found, 2);
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let mut ahead = stale.clone();
+        ahead.expected_position = 5;
+        assert!(matches!(
+            s.commit_activation(ahead).await,
+            Err(StoreError::Conflict {
+                expected: 5,
+                found: 2,
+                ..
+            })
+        ));
+        let mut other_run = stale;
+        other_run.expected_position = 2;
+        other_run.generation = 1;
+        assert!(matches!(
+            s.commit_activation(other_run).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(
+            s.history("a").await.unwrap(),
+            before,
+            "nothing written on conflict"
+        );
+        assert_eq!(inbox_events(s, "a").await, vec![signal("go", json!(1))]);
+        // The right position still works.
+        activate(s, "w1", "a", vec![], false).await.unwrap();
+        assert_eq!(s.describe("a").await.unwrap().unwrap().next_position, 3);
+    }
+
+    pub(super) async fn lease_is_owned(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        assert!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+                .is_empty(),
+            "held by w1"
+        );
+        // The holder may claim again (renewing its own claim).
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        let commit = plan(s, "w2", "a", vec![scheduled(0, "act")], false).await;
+        match s.commit_activation(commit).await {
+            Err(StoreError::LeaseLost { what, owner }) => {
+                assert!(what.contains('a'), "{what}");
+                assert_eq!(owner, "w2");
+            }
+            other => panic!("expected LeaseLost, got {other:?}"),
+        }
+        assert!(s.history("a").await.unwrap().is_empty());
+        activate(s, "w1", "a", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        // With nothing more in the inbox, the commit hands the lease back...
+        assert!(s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        // ...and the next event makes it claimable by anyone.
+        s.deliver("a", signal("go", json!(null)), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+    }
+
+    pub(super) async fn lease_expires_and_is_taken_over(h: &Harness) {
+        let s = &h.store;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 1, 1).await.unwrap(),
+            vec!["a".to_string()]
+        );
+        let w1_commit = plan(s, "w1", "a", vec![scheduled(0, "act")], false).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 1, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()],
+            "an expired lease is taken over"
+        );
+        assert!(matches!(
+            s.commit_activation(w1_commit).await,
+            Err(StoreError::LeaseLost { .. })
+        ));
+        activate(s, "w2", "a", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        assert_eq!(s.history("a").await.unwrap().len(), 2);
+    }
+
+    pub(super) async fn leases_renew_and_release(h: &Harness) {
+        let s = &h.store;
+        instance_with_task(s, "t").await;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, 40).await.unwrap(),
+            vec!["a".to_string()]
+        );
+        assert_eq!(
+            s.claim_tasks("w1", &names(&["act"]), 10, 40)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(s.renew_leases("w1", LEASE_MS).await.unwrap(), 2);
+        assert_eq!(s.renew_leases("nobody", LEASE_MS).await.unwrap(), 0);
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+                .is_empty(),
+            "renewed past its first expiry"
+        );
+        assert!(s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        s.release_leases("w1").await.unwrap();
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        let tasks = s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].attempt, 2, "a released attempt still counts");
+        assert_eq!(s.renew_leases("w1", LEASE_MS).await.unwrap(), 0);
+    }
+
+    pub(super) async fn claim_ready_skips_rows_others_hold(h: &Harness) {
+        let s = &h.store;
+        for i in 0..12 {
+            s.create_instance(new_instance(&format!("i{i:02}"), "c", json!(i)))
+                .await
+                .unwrap();
+        }
+        s.create_instance(new_instance("other", "d", json!(0)))
+            .await
+            .unwrap();
+        let a = s
+            .claim_ready("wa", &names(&["c"]), 4, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(a.len(), 4);
+        let b = s
+            .claim_ready("wb", &names(&["c"]), 100, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(b.len(), 8);
+        assert!(a.iter().all(|id| !b.contains(id)));
+        assert!(s
+            .claim_ready("wc", &names(&["c"]), 100, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.claim_ready("wc", &names(&["c", "d"]), 100, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["other".to_string()],
+            "only coordinators the worker runs"
+        );
+
+        // Claimers racing: every ready instance goes to exactly one of them.
+        for i in 0..24 {
+            s.create_instance(new_instance(&format!("r{i:02}"), "r", json!(i)))
+                .await
+                .unwrap();
+        }
+        let claims = futures::future::join_all((0..6).map(|w| {
+            let s = Arc::clone(s);
+            async move {
+                s.claim_ready(&format!("racer{w}"), &names(&["r"]), 5, LEASE_MS)
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        let mut all: Vec<String> = claims.into_iter().flatten().collect();
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, all.len(), "an instance claimed twice");
+        assert_eq!(all.len(), 24);
+    }
+
+    pub(super) async fn timers_fire_once_when_due(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let due = now_ms() + 3_600_000;
+        activate(
+            s,
+            "w1",
+            "a",
+            vec![Event::TimerStarted {
+                seq: 0,
+                fire_at_ms: due,
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.next_due().await.unwrap(), Some(due));
+        assert!(s.fire_due_timers(due - 1, 100).await.unwrap().is_empty());
+        assert!(inbox_events(s, "a").await.is_empty());
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+
+        // Several workers fire at once: the timer fires exactly once.
+        let fired = futures::future::join_all((0..4).map(|_| {
+            let s = Arc::clone(s);
+            async move { s.fire_due_timers(due, 100).await.unwrap() }
+        }))
+        .await;
+        assert_eq!(fired.concat(), vec!["a".to_string()]);
+        assert_eq!(
+            inbox_events(s, "a").await,
+            vec![Event::TimerFired { seq: 0 }]
+        );
+        assert!(s.fire_due_timers(due + 10, 100).await.unwrap().is_empty());
+        assert_eq!(s.next_due().await.unwrap(), None);
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()],
+            "a fired timer makes its instance ready"
+        );
+
+        // Due order, and the limit.
+        for (i, at) in [(1u32, due + 30), (2, due + 10), (3, due + 20)] {
+            let id = format!("t{i}");
+            create_and_claim(s, &id, "w1").await;
+            activate(
+                s,
+                "w1",
+                &id,
+                vec![Event::TimerStarted {
+                    seq: 0,
+                    fire_at_ms: at,
+                }],
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(s.next_due().await.unwrap(), Some(due + 10));
+        assert_eq!(
+            s.fire_due_timers(due + 100, 2).await.unwrap(),
+            vec!["t2".to_string(), "t3".to_string()]
+        );
+        assert_eq!(
+            s.fire_due_timers(due + 100, 2).await.unwrap(),
+            vec!["t1".to_string()]
+        );
+    }
+
+    pub(super) async fn signals_buffered_in_order_and_deduped(h: &Harness) {
+        let s = &h.store;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        let mut accepted = Vec::new();
+        for (name, n, key) in [
+            ("x", 1, None),
+            ("y", 2, Some("k1")),
+            ("x", 3, None),
+            ("y", 4, Some("k1")),
+            ("y", 5, Some("k2")),
+            ("x", 6, None),
+        ] {
+            accepted.push(s.deliver("a", signal(name, json!(n)), key).await.unwrap());
+        }
+        assert_eq!(accepted, vec![true, true, true, false, true, true]);
+        let inbox = s.load("a", 0).await.unwrap().inbox;
+        let ids: Vec<i64> = inbox.iter().map(|m| m.id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "inbox ids increase in arrival order");
+        let events: Vec<Event> = inbox.into_iter().map(|m| m.event).collect();
+        assert!(matches!(events[0], Event::InstanceStarted { .. }));
+        assert_eq!(
+            events[1..].to_vec(),
+            vec![
+                signal("x", json!(1)),
+                signal("y", json!(2)),
+                signal("x", json!(3)),
+                signal("y", json!(5)),
+                signal("x", json!(6)),
+            ]
+        );
+        // Delivered in one activation, in the same order, into the history.
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 1, LEASE_MS)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        activate(s, "w1", "a", vec![], false).await.unwrap();
+        assert_eq!(history_events(s, "a").await, events);
+
+        // A signal for an unknown instance is an error; for an ended one it is dropped.
+        assert!(matches!(
+            s.deliver("nobody", signal("x", json!(0)), None).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        s.terminate("a", "done").await.unwrap();
+        assert!(!s.deliver("a", signal("x", json!(7)), None).await.unwrap());
+    }
+
+    pub(super) async fn create_is_idempotent(h: &Harness) {
+        let s = &h.store;
+        assert_eq!(
+            s.create_instance(new_instance("a", "c", json!("first")))
+                .await
+                .unwrap(),
+            CreateOutcome::Created
+        );
+        match s
+            .create_instance(new_instance("a", "c", json!("second")))
+            .await
+            .unwrap()
+        {
+            CreateOutcome::Existing(info) => {
+                assert_eq!(info.id, "a");
+                assert_eq!(info.input, json!("first"));
+                assert_eq!(info.status, InstanceStatus::Running);
+            }
+            other => panic!("expected Existing, got {other:?}"),
+        }
+        assert!(matches!(
+            s.create_instance(new_instance("a", "other", json!(0)))
+                .await
+                .unwrap(),
+            CreateOutcome::Existing(info) if info.coordinator == "c"
+        ));
+        assert_eq!(inbox_events(s, "a").await.len(), 1, "one start only");
+
+        // Racing starts of one id: exactly one creates it.
+        let outcomes = futures::future::join_all((0..8).map(|i| {
+            let s = Arc::clone(s);
+            async move {
+                s.create_instance(new_instance("race", "c", json!(i)))
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == CreateOutcome::Created)
+                .count(),
+            1
+        );
+        assert_eq!(inbox_events(s, "race").await.len(), 1);
+        // An ended instance is returned as it is, not restarted.
+        s.terminate("a", "stop").await.unwrap();
+        assert!(matches!(
+            s.create_instance(new_instance("a", "c", json!(0))).await.unwrap(),
+            CreateOutcome::Existing(info) if info.status == InstanceStatus::Terminated
+        ));
+    }
+
+    pub(super) async fn activity_tasks_count_attempts(h: &Harness) {
+        let s = &h.store;
+        instance_with_task(s, "a").await;
+        assert!(s
+            .claim_tasks("w1", &names(&["other"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        let t1 = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(t1.len(), 1);
+        let t1 = t1.into_iter().next().unwrap();
+        assert_eq!(
+            (t1.instance_id.as_str(), t1.seq, t1.attempt, t1.generation),
+            ("a", 0, 1, 0)
+        );
+        assert_eq!(t1.name, "act");
+        assert_eq!(t1.input, json!({ "seq": 0 }));
+        assert_eq!(t1.retry, RetrySpec::default());
+        assert!(
+            s.claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+                .is_empty(),
+            "held by w1"
+        );
+
+        // A retry later: invisible until due, then the attempt count goes on.
+        let later = now_ms() + 3_600_000;
+        let receipt = s
+            .finish_task(
+                "w1",
+                &t1,
+                AttemptOutcome::Retry {
+                    next_attempt_at_ms: later,
+                    error: ActivityError::retryable("flaky", "try again"),
+                },
+                LEASE_MS,
+            )
+            .await
+            .unwrap();
+        assert!(receipt.accepted);
+        assert!(!receipt.instance_claimed);
+        assert_eq!(s.next_due().await.unwrap(), Some(later));
+        assert!(s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(
+            inbox_events(s, "a").await.is_empty(),
+            "a retry is no outcome"
+        );
+        let soon = now_ms();
+        s.finish_task(
+            "w1",
+            &t1,
+            AttemptOutcome::Retry {
+                next_attempt_at_ms: soon,
+                error: ActivityError::retryable("flaky", "again"),
+            },
+            LEASE_MS,
+        )
+        .await
+        .map(|r| assert!(!r.accepted, "w1 no longer holds the task"))
+        .unwrap();
+        // A second instance whose retry is due at once.
+        instance_with_task(s, "b").await;
+        let b1 = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!((b1.instance_id.as_str(), b1.attempt), ("b", 1));
+        s.finish_task(
+            "w1",
+            &b1,
+            AttemptOutcome::Retry {
+                next_attempt_at_ms: now_ms(),
+                error: ActivityError::retryable("flaky", "x"),
+            },
+            LEASE_MS,
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let b2 = s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(b2.len(), 1);
+        assert_eq!((b2[0].instance_id.as_str(), b2[0].attempt), ("b", 2));
+
+        // The fast path: the committing worker claims its tasks at once, attempt 1.
+        create_and_claim(s, "f", "w3").await;
+        let receipt = activate(s, "w3", "f", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        assert_eq!(receipt.claimed_tasks.len(), 1);
+        assert_eq!(receipt.claimed_tasks[0].attempt, 1);
+        assert_eq!(receipt.claimed_tasks[0].instance_id, "f");
+        assert!(s
+            .claim_tasks("w4", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .iter()
+            .all(|t| t.instance_id != "f"));
+    }
+
+    pub(super) async fn activity_outcome_recorded_once(h: &Harness) {
+        let s = &h.store;
+        instance_with_task(s, "a").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        // Two workers racing to finish the same attempt: one outcome.
+        let receipts = futures::future::join_all((0..4).map(|i| {
+            let s = Arc::clone(s);
+            let t = t.clone();
+            async move {
+                s.finish_task("w1", &t, completed(&t, json!(i)), LEASE_MS)
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        assert_eq!(receipts.iter().filter(|r| r.accepted).count(), 1);
+        assert_eq!(receipts.iter().filter(|r| r.instance_claimed).count(), 1);
+        let inbox = inbox_events(s, "a").await;
+        assert_eq!(inbox.len(), 1);
+        assert!(matches!(
+            inbox[0],
+            Event::ActivityCompleted {
+                seq: 0,
+                attempt: 1,
+                ..
+            }
+        ));
+        assert!(s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(s.next_due().await.unwrap(), None);
+        // The finishing worker got the instance's lease: others cannot claim it.
+        assert!(s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        activate(s, "w1", "a", vec![], false).await.unwrap();
+
+        // A worker that does not hold the attempt cannot record an outcome.
+        instance_with_task(s, "b").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        let receipt = s
+            .finish_task("w2", &t, completed(&t, json!(0)), LEASE_MS)
+            .await
+            .unwrap();
+        assert!(!receipt.accepted);
+        let mut wrong_attempt = t.clone();
+        wrong_attempt.attempt = 7;
+        assert!(
+            !s.finish_task("w1", &wrong_attempt, completed(&t, json!(0)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        assert!(inbox_events(s, "b").await.is_empty());
+
+        // When the instance is leased by another worker, the outcome is recorded and the
+        // instance is left to that worker (it is marked ready).
+        s.deliver("b", signal("s", json!(0)), None).await.unwrap();
+        assert_eq!(
+            s.claim_ready("w9", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["b".to_string()]
+        );
+        let receipt = s
+            .finish_task(
+                "w1",
+                &t,
+                AttemptOutcome::Final(Event::ActivityFailed {
+                    seq: 0,
+                    failure: retrace_sdk::ActivityFailure {
+                        activity: "act".into(),
+                        position: 0,
+                        attempt: 1,
+                        kind: "refused".into(),
+                        message: "no".into(),
+                        non_retryable: true,
+                    },
+                }),
+                LEASE_MS,
+            )
+            .await
+            .unwrap();
+        assert!(receipt.accepted);
+        assert!(!receipt.instance_claimed);
+        let inbox = inbox_events(s, "b").await;
+        assert_eq!(inbox.len(), 2);
+        assert!(matches!(inbox[1], Event::ActivityFailed { seq: 0, .. }));
+    }
+
+    pub(super) async fn activity_task_lease_expires(h: &Harness) {
+        let s = &h.store;
+        instance_with_task(s, "a").await;
+        let t1 = s
+            .claim_tasks("w1", &names(&["act"]), 10, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let t2 = s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(t2.len(), 1, "an expired task lease is taken over");
+        assert_eq!(t2[0].attempt, 2);
+        assert!(
+            !s.finish_task("w1", &t1, completed(&t1, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted,
+            "the first attempt lost its lease"
+        );
+        assert!(
+            s.finish_task("w2", &t2[0], completed(&t2[0], json!(2)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        assert_eq!(
+            inbox_events(s, "a").await,
+            vec![Event::ActivityCompleted {
+                seq: 0,
+                output: json!(2),
+                attempt: 2
+            }]
+        );
+    }
+
+    pub(super) async fn continue_as_new_bumps_generation(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let due = now_ms() + 3_600_000;
+        activate(
+            s,
+            "w1",
+            "a",
+            vec![
+                scheduled(0, "act"),
+                Event::TimerStarted {
+                    seq: 1,
+                    fire_at_ms: due,
+                },
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        let old_task = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        s.finish_task("w1", &old_task, completed(&old_task, json!(1)), LEASE_MS)
+            .await
+            .unwrap();
+        let receipt = activate(
+            s,
+            "w1",
+            "a",
+            vec![Event::ContinuedAsNew { input: json!(2) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(receipt.ready_again, "the new run starts at once");
+        // A signal sent meanwhile is kept for the new run.
+        s.deliver("a", signal("s", json!(1)), Some("once"))
+            .await
+            .unwrap();
+        let loaded = s.load("a", 0).await.unwrap();
+        assert_eq!(loaded.info.generation, 1);
+        assert_eq!(loaded.info.next_position, 0);
+        assert_eq!(loaded.info.next_activation, 0);
+        assert_eq!(loaded.info.input, json!(2));
+        assert_eq!(loaded.info.status, InstanceStatus::Running);
+        assert!(loaded.events.is_empty());
+        let inbox: Vec<Event> = loaded.inbox.into_iter().map(|m| m.event).collect();
+        assert_eq!(inbox.len(), 2);
+        assert!(matches!(&inbox[0], Event::InstanceStarted { input, .. } if *input == json!(2)));
+        assert_eq!(inbox[1], signal("s", json!(1)));
+        assert!(s.history("a").await.unwrap().is_empty());
+        assert_eq!(
+            s.next_due().await.unwrap(),
+            None,
+            "old timers and tasks are gone"
+        );
+        assert!(s.fire_due_timers(due, 10).await.unwrap().is_empty());
+        assert!(
+            !s.finish_task("w1", &old_task, completed(&old_task, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+
+        // The old run's position is stale; the new run appends from 0 with generation 1.
+        let mut stale = plan(s, "w1", "a", vec![], false).await;
+        stale.generation = 0;
+        assert!(matches!(
+            s.commit_activation(stale).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        activate(s, "w1", "a", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!((t.generation, t.attempt), (1, 1));
+        let history = s.history("a").await.unwrap();
+        assert_eq!(history.len(), 3);
+        assert!(
+            matches!(&history[0].event, Event::InstanceStarted { input, .. } if *input == json!(2))
+        );
+    }
+
+    pub(super) async fn terminate_ends_instance(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        activate(
+            s,
+            "w1",
+            "a",
+            vec![
+                scheduled(0, "act"),
+                Event::TimerStarted {
+                    seq: 1,
+                    fire_at_ms: now_ms(),
+                },
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        s.deliver("a", signal("s", json!(1)), None).await.unwrap();
+        s.terminate("a", "operator said so").await.unwrap();
+        let info = s.describe("a").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Terminated);
+        assert_eq!(info.reason.as_deref(), Some("operator said so"));
+        assert!(info.ended_at_ms.is_some());
+        assert_eq!(info.next_position, 4);
+        let history = s.history("a").await.unwrap();
+        assert_eq!(
+            history.last().unwrap().event,
+            Event::InstanceTerminated {
+                reason: "operator said so".into()
+            }
+        );
+        assert_eq!(history.last().unwrap().position, 3);
+        assert_eq!(history.last().unwrap().activation, 1);
+        assert!(s.load("a", 0).await.unwrap().inbox.is_empty());
+        assert!(s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(s.fire_due_timers(now_ms(), 10).await.unwrap().is_empty());
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            s.commit_activation(plan(s, "w1", "a", vec![], false).await)
+                .await,
+            Err(StoreError::Conflict { .. })
+        ));
+        // Terminating again changes nothing; an unknown instance is an error.
+        s.terminate("a", "again").await.unwrap();
+        assert_eq!(s.history("a").await.unwrap().len(), 4);
+        assert_eq!(
+            s.describe("a").await.unwrap().unwrap().reason.as_deref(),
+            Some("operator said so")
+        );
+        assert!(matches!(
+            s.terminate("nobody", "x").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    pub(super) async fn children_report_to_parents(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "p", "w1").await;
+        let child = |seq: u32, id: &str| Event::ChildStarted {
+            seq,
+            instance_id: id.to_string(),
+            coordinator: "c".to_string(),
+            input: json!(id),
+            detached: false,
+        };
+        let receipt = activate(s, "w1", "p", vec![child(0, "k1"), child(1, "k2")], false)
+            .await
+            .unwrap();
+        assert_eq!(receipt.woken, vec!["k1".to_string(), "k2".to_string()]);
+        let k1 = s.describe("k1").await.unwrap().unwrap();
+        assert_eq!(
+            k1.parent,
+            Some(ParentRef {
+                instance_id: "p".into(),
+                seq: 0
+            })
+        );
+        assert!(matches!(
+            inbox_events(s, "k1").await.as_slice(),
+            [Event::InstanceStarted { parent: Some(p), .. }] if p.instance_id == "p"
+        ));
+
+        // A child's end goes to its parent's inbox, and wakes it.
+        let claimed = s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        let receipt = activate(
+            s,
+            "w2",
+            "k1",
+            vec![Event::InstanceCompleted { output: json!(42) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(receipt.woken, vec!["p".to_string()]);
+        let k1 = s.describe("k1").await.unwrap().unwrap();
+        assert_eq!(k1.status, InstanceStatus::Completed);
+        assert_eq!(k1.output, Some(json!(42)));
+        assert_eq!(
+            inbox_events(s, "p").await,
+            vec![Event::ChildCompleted {
+                seq: 0,
+                result: Ok(json!(42))
+            }]
+        );
+        // A terminated child reports an error.
+        s.terminate("k2", "cut").await.unwrap();
+        let inbox = inbox_events(s, "p").await;
+        assert_eq!(inbox.len(), 2);
+        assert!(matches!(
+            &inbox[1],
+            Event::ChildCompleted { seq: 1, result: Err(Error::Application { kind, .. }) }
+                if kind == "terminated"
+        ));
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["p".to_string()]
+        );
+
+        // Starting an existing, ended child reports its end at once.
+        activate(s, "w1", "p", vec![child(2, "k1")], false)
+            .await
+            .unwrap();
+        assert_eq!(
+            inbox_events(s, "p").await,
+            vec![Event::ChildCompleted {
+                seq: 2,
+                result: Ok(json!(42))
+            }]
+        );
+        // A parent that has ended hears nothing more.
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["p".to_string()]
+        );
+        activate(s, "w1", "p", vec![child(3, "k3")], false)
+            .await
+            .unwrap();
+        s.terminate("p", "over").await.unwrap();
+        s.terminate("k3", "also over").await.unwrap();
+        assert!(inbox_events(s, "p").await.is_empty());
+    }
+
+    pub(super) async fn stop_and_resume(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        s.stop_instance("a", "w2", "not the holder").await.unwrap();
+        assert_eq!(
+            s.describe("a").await.unwrap().unwrap().status,
+            InstanceStatus::Running
+        );
+        s.stop_instance("a", "w1", "nondeterminism at 3")
+            .await
+            .unwrap();
+        let info = s.describe("a").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Stopped);
+        assert_eq!(info.reason.as_deref(), Some("nondeterminism at 3"));
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(inbox_events(s, "a").await.len(), 1, "inbox kept");
+        s.resume("a").await.unwrap();
+        let info = s.describe("a").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Running);
+        assert_eq!(info.reason, None);
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        assert!(matches!(
+            s.resume("nobody").await,
+            Err(StoreError::NotFound { .. })
+        ));
+
+        // Waiting for a worker that knows the coordinator: reason noted, lease handed back.
+        s.note_waiting("a", "w2", "no worker knows c")
+            .await
+            .unwrap();
+        let info = s.describe("a").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Running);
+        assert_eq!(info.reason.as_deref(), Some("no worker knows c"));
+        assert_eq!(
+            s.claim_ready("w3", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+    }
+
+    pub(super) async fn list_and_describe(h: &Harness) {
+        let s = &h.store;
+        assert!(s.describe("nobody").await.unwrap().is_none());
+        assert!(matches!(
+            s.history("nobody").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.load("nobody", 0).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        for (i, c) in ["c", "d", "c"].iter().enumerate() {
+            s.create_instance(new_instance(&format!("l{i}"), c, json!(i)))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        s.terminate("l0", "x").await.unwrap();
+        let all = s.list_instances(&ListFilter::default()).await.unwrap();
+        let ids: Vec<&str> = all.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, vec!["l2", "l1", "l0"], "newest first");
+        let filter = ListFilter {
+            coordinator: Some("c".into()),
+            ..ListFilter::default()
+        };
+        let cs: Vec<String> = s
+            .list_instances(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(cs, vec!["l2", "l0"]);
+        let filter = ListFilter {
+            status: Some(InstanceStatus::Running),
+            limit: Some(1),
+            ..ListFilter::default()
+        };
+        let running = s.list_instances(&filter).await.unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].id, "l2");
+        let info = s.describe("l1").await.unwrap().unwrap();
+        assert_eq!(info.coordinator, "d");
+        assert_eq!(info.input, json!(1));
+        assert_eq!(info.generation, 0);
+        assert!(info.created_at_ms > 0);
+        assert!(info.parent.is_none());
+    }
+
+    pub(super) async fn changes_wake_waiters(h: &Harness) {
+        let s = &h.store;
+        let mut rx = s.changes();
+        rx.borrow_and_update();
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        assert!(
+            rx.has_changed().unwrap(),
+            "a new instance wakes this process's waiters"
+        );
+        rx.borrow_and_update();
+        s.deliver("a", signal("s", json!(1)), None).await.unwrap();
+        assert!(rx.has_changed().unwrap());
+
+        if !h.notifies_other_handles() {
+            eprintln!(
+                "changes_wake_waiters: {:?} has no cross-process notification (workers poll)",
+                h.backend
+            );
+            return;
+        }
+        let other = h.reopen().await.unwrap().unwrap();
+        let mut other_rx = other.changes();
+        // The listening connection announces itself once; let it settle.
+        let _ = tokio::time::timeout(Duration::from_secs(2), other_rx.changed()).await;
+        other_rx.borrow_and_update();
+        let started = std::time::Instant::now();
+        s.create_instance(new_instance("b", "c", json!(2)))
+            .await
+            .unwrap();
+        tokio::time::timeout(PATIENCE, other_rx.changed())
+            .await
+            .expect("another process hears of the new instance")
+            .unwrap();
+        eprintln!("cross-process wake-up after {:?}", started.elapsed());
+        // And the other way round.
+        let mut rx = s.changes();
+        let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+        rx.borrow_and_update();
+        other
+            .deliver("b", signal("s", json!(1)), None)
+            .await
+            .unwrap();
+        tokio::time::timeout(PATIENCE, rx.changed())
+            .await
+            .expect("this process hears of the other's signal")
+            .unwrap();
+    }
+
+    pub(super) async fn reopen_keeps_everything(h: &Harness) {
+        let Some(other) = h.reopen().await else {
+            eprintln!("reopen_keeps_everything: not applicable to an in-memory store");
+            return;
+        };
+        let other = other.unwrap();
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        activate(s, "w1", "a", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        s.deliver("a", signal("s", json!(1)), Some("k"))
+            .await
+            .unwrap();
+        // The other handle sees every committed change, and the same dedupe keys.
+        assert_eq!(
+            other.history("a").await.unwrap(),
+            s.history("a").await.unwrap()
+        );
+        assert!(!other
+            .deliver("a", signal("s", json!(1)), Some("k"))
+            .await
+            .unwrap());
+        let t = other
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(t.len(), 1);
+        assert!(s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            other
+                .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        assert!(matches!(
+            activate(s, "w1", "a", vec![], false).await,
+            Err(StoreError::LeaseLost { .. })
+        ));
+        activate(&other, "w2", "a", vec![], false).await.unwrap();
+        assert_eq!(s.describe("a").await.unwrap().unwrap().next_position, 3);
+    }
+
+    pub(super) async fn newer_schema_refused(h: &Harness) {
+        if h.backend == Backend::SqliteMemory {
+            eprintln!("newer_schema_refused: not applicable to an in-memory store");
+            return;
+        }
+        let s = &h.store;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        let newer = h.bump_schema_version().await;
+        match h.reopen().await.unwrap() {
+            Err(StoreError::NewerSchema {
+                path,
+                found,
+                supported,
+            }) => {
+                assert_eq!(found, newer);
+                assert_eq!(supported, newer - 1);
+                assert!(!path.is_empty());
+            }
+            Err(other) => panic!("expected NewerSchema, got {other}"),
+            Ok(_) => panic!("expected NewerSchema, the store opened"),
+        }
+        // Refusing changed nothing: still refused, and the data is there for a newer build.
+        assert!(matches!(
+            h.reopen().await.unwrap(),
+            Err(StoreError::NewerSchema { found, .. }) if found == newer
+        ));
+        assert!(s.describe("a").await.unwrap().is_some());
+    }
+
+    pub(super) async fn foreign_database_refused(h: &Harness) {
+        let Some((opened, unchanged)) = h.open_foreign().await else {
+            eprintln!("foreign_database_refused: not applicable to an in-memory store");
+            return;
+        };
+        match opened {
+            Err(StoreError::NotARetraceStore { path, detail }) => {
+                assert!(!path.is_empty());
+                assert!(!detail.is_empty());
+            }
+            Err(other) => panic!("expected NotARetraceStore, got {other}"),
+            Ok(_) => panic!("expected NotARetraceStore, the store opened"),
+        }
+        assert!(unchanged, "the other program's database was changed");
+    }
+
+    pub(super) async fn dead_workers_reaped(h: &Harness) {
+        let Some(other) = h.reopen().await else {
+            eprintln!("dead_workers_reaped: not applicable to an in-memory store");
+            return;
+        };
+        let other = other.unwrap();
+        let s = &h.store;
+        instance_with_task(s, "t").await;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        // A worker of the other process holds an instance and a task...
+        other.register_worker("w-other").await.unwrap();
+        s.register_worker("w-here").await.unwrap();
+        assert_eq!(
+            other
+                .claim_ready("w-other", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        assert_eq!(
+            other
+                .claim_tasks("w-other", &names(&["act"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // ...and is alive: nothing to reap.
+        assert_eq!(s.reap_dead_workers().await.unwrap(), 0);
+        assert_eq!(other.reap_dead_workers().await.unwrap(), 0);
+        // The process dies (its store handle goes away without unregistering).
+        drop(other);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let reaped = loop {
+            let n = s.reap_dead_workers().await.unwrap();
+            if n > 0 || std::time::Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(reaped, 1);
+        assert_eq!(s.reap_dead_workers().await.unwrap(), 0, "reaped once");
+        // Its work is taken over at once, long before its leases would expire.
+        assert_eq!(
+            s.claim_ready("w-here", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["a".to_string()]
+        );
+        let tasks = s
+            .claim_tasks("w-here", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].attempt, 2);
+        s.unregister_worker("w-here").await.unwrap();
+    }
+
+    const ADD_ONE: Activity<u64, u64> = Activity::new("add_one").with_retry(
+        RetryPolicy::new()
+            .max_attempts(5)
+            .initial_interval(Duration::from_millis(10)),
+    );
+    const FLOW: Coordinator<u64, u64> = Coordinator::new("flow");
+
+    /// An activity, a durable timer, a buffered signal, another activity.
+    async fn flow(ctx: Context, n: u64) -> Result<u64, Error> {
+        let a = ctx.call(&ADD_ONE, &n).await?;
+        ctx.sleep(Duration::from_millis(20)).await?;
+        let bump: u64 = ctx.signal("bump").await?;
+        ctx.call(&ADD_ONE, &(a + bump)).await
+    }
+
+    /// Successful executions per idempotency key.
+    type Executions = Arc<Mutex<std::collections::HashMap<String, u32>>>;
+
+    fn flow_worker(store: SharedStore, id: &str, executions: &Executions) -> Worker {
+        let executions = Arc::clone(executions);
+        Worker::builder(store)
+            .worker_id(id)
+            .lease(Duration::from_secs(10))
+            .poll_interval(Duration::from_millis(20))
+            .coordinator(&FLOW, flow)
+            .activity(&ADD_ONE, move |ctx: ActivityContext, n: u64| {
+                let executions = Arc::clone(&executions);
+                async move {
+                    // Every third instance's calls fail once, retryably.
+                    if n % 3 == 0 && ctx.attempt() == 1 {
+                        return Err(ActivityError::retryable("flaky", "first attempt fails"));
+                    }
+                    *executions
+                        .lock()
+                        .unwrap()
+                        .entry(ctx.idempotency_key())
+                        .or_default() += 1;
+                    Ok(n + 1)
+                }
+            })
+            .start()
+    }
+
+    pub(super) async fn workers_run_coordinators(h: &Harness) {
+        let executions = Executions::default();
+        let other = match h.reopen().await {
+            Some(other) => other.unwrap(),
+            None => Arc::clone(&h.store),
+        };
+        // Two workers per handle, as two processes with two workers each.
+        let workers = vec![
+            flow_worker(Arc::clone(&h.store), "worker-1a", &executions),
+            flow_worker(Arc::clone(&h.store), "worker-1b", &executions),
+            flow_worker(Arc::clone(&other), "worker-2a", &executions),
+            flow_worker(Arc::clone(&other), "worker-2b", &executions),
+        ];
+        let client = Client::new(Arc::clone(&h.store));
+        let count: usize = std::env::var("RETRACE_CONFORMANCE_INSTANCES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let ids: Vec<String> = (0..count).map(|i| format!("flow-{i}")).collect();
+        for (n, id) in ids.iter().enumerate() {
+            client.start(&FLOW, id, &(n as u64)).await.unwrap();
+            client.signal(id, "bump", &5u64).await.unwrap();
+        }
+        for (n, id) in ids.iter().enumerate() {
+            let result =
+                tokio::time::timeout(Duration::from_secs(60), client.handle(&FLOW, id).result())
+                    .await
+                    .expect("instance finished in time")
+                    .unwrap();
+            assert_eq!(result, n as u64 + 7, "{id}");
+        }
+        for w in workers {
+            w.shutdown().await.unwrap();
+        }
+        for id in &ids {
+            let history = history_events(&h.store, id).await;
+            let outcomes: Vec<u32> = history
+                .iter()
+                .filter_map(|e| match e {
+                    Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. } => {
+                        Some(*seq)
+                    }
+                    _ => None,
+                })
+                .collect();
+            let mut unique = outcomes.clone();
+            unique.dedup();
+            assert_eq!(outcomes.len(), 2, "{id}: {history:?}");
+            assert_eq!(unique.len(), 2, "{id}: one outcome per call position");
+            assert_eq!(
+                history
+                    .iter()
+                    .filter(|e| matches!(e, Event::TimerFired { .. }))
+                    .count(),
+                1
+            );
+            assert!(matches!(
+                history.last(),
+                Some(Event::InstanceCompleted { .. })
+            ));
+        }
+        let executions = executions.lock().unwrap();
+        assert_eq!(executions.len(), 2 * count, "every call ran");
+        assert!(
+            executions.values().all(|n| *n == 1),
+            "a call succeeded twice without any crash: {executions:?}"
+        );
+    }
+}

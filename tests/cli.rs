@@ -1,0 +1,659 @@
+//! The `retrace` binary, driven as a child process against stores made by the trip example: a
+//! completed one, a crashed one (`--crash-after`), a compensated one (`--fail-every 1`), and one
+//! stopped by nondeterminism (a worker with changed code); plus fork, import and export.
+//!
+//! The trip example is run as built by `cargo test` (examples are built with the tests); when
+//! it is missing (`cargo test --test cli` alone), this test builds it first.
+
+#[path = "../examples/trip_booking/coordinator.rs"]
+#[allow(dead_code)]
+mod coordinator;
+
+use coordinator::{
+    book_trip, Itinerary, Reservation, TripRequest, BOOK_FLIGHT, BOOK_HOTEL, BOOK_TRIP, CANCEL_CAR,
+    CANCEL_FLIGHT, CANCEL_HOTEL, RESERVE_CAR,
+};
+use retrace::sdk::Context;
+use retrace::{
+    ActivityContext, ActivityError, Client, Error, InstanceStatus, SharedStore, SqliteStore, Worker,
+};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, OnceLock};
+
+// ----- running things ------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path =
+            std::env::temp_dir().join(format!("retrace-{label}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Awaits `fut`, failing the test after a generous bound instead of hanging.
+async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(60), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(self) -> String {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "stderr: {}\nstdout: {}",
+            self.stderr,
+            self.stdout
+        );
+        self.stdout
+    }
+
+    fn fails(self) -> String {
+        assert_ne!(
+            self.code,
+            Some(0),
+            "expected a failure; stdout: {}",
+            self.stdout
+        );
+        assert!(
+            self.stderr.starts_with("retrace: ") || self.stderr.contains("Usage"),
+            "a failure says what is wrong on stderr: {:?}",
+            self.stderr
+        );
+        self.stderr
+    }
+
+    fn json(self) -> Value {
+        let text = self.ok();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+}
+
+fn finish(out: Output) -> Run {
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `retrace --db DB ARGS...`.
+fn retrace(db: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("RETRACE_DB")
+        .output()
+        .unwrap();
+    finish(out)
+}
+
+/// The trip example binary, built by `cargo test` beside this test's binary.
+fn trip_example() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let deps = std::env::current_exe().unwrap();
+        let profile_dir = deps.parent().unwrap().parent().unwrap();
+        let path = profile_dir
+            .join("examples")
+            .join(format!("trip_booking{}", std::env::consts::EXE_SUFFIX));
+        if !path.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build
+                .args(["build", "--example", "trip_booking"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            assert!(
+                build.status().unwrap().success(),
+                "building the trip example"
+            );
+        }
+        path
+    })
+}
+
+/// Runs the trip example on a store at `db`.
+fn trips(db: &Path, args: &[&str]) -> Run {
+    let out = Command::new(trip_example())
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    finish(out)
+}
+
+fn completed_store(dir: &TempDir) -> PathBuf {
+    let db = dir.file("completed.db");
+    let out = trips(&db, &["--trips", "2"]).ok();
+    assert!(out.contains("booked=2"), "{out}");
+    db
+}
+
+fn compensated_store(dir: &TempDir) -> PathBuf {
+    let db = dir.file("compensated.db");
+    let out = trips(&db, &["--trips", "2", "--fail-every", "1"]).ok();
+    assert!(out.contains("compensated=2"), "{out}");
+    db
+}
+
+fn crashed_store(dir: &TempDir) -> PathBuf {
+    let db = dir.file("crashed.db");
+    let run = trips(&db, &["--trips", "3", "--crash-after", "4"]);
+    assert_ne!(run.code, Some(0), "the example aborts: {}", run.stderr);
+    assert!(run.stderr.contains("crash"), "{}", run.stderr);
+    db
+}
+
+/// A worker running the trip coordinator (or `changed` code under its name) with activities
+/// that always succeed.
+fn worker(store: &SharedStore, changed: bool) -> Worker {
+    async fn book(ctx: ActivityContext, _req: TripRequest) -> Result<Reservation, ActivityError> {
+        Ok(Reservation {
+            service: ctx.activity().to_string(),
+            id: ctx.idempotency_key(),
+        })
+    }
+    async fn cancel(_ctx: ActivityContext, _r: Reservation) -> Result<(), ActivityError> {
+        Ok(())
+    }
+    async fn hotel_first(ctx: Context, req: TripRequest) -> Result<Itinerary, Error> {
+        let hotel = ctx.call(&BOOK_HOTEL, &req).await?;
+        let car = ctx.call(&RESERVE_CAR, &req).await?;
+        let flight = ctx.call(&BOOK_FLIGHT, &req).await?;
+        Ok(Itinerary { car, hotel, flight })
+    }
+    let builder = Worker::builder(store.clone());
+    let builder = if changed {
+        builder.coordinator(&BOOK_TRIP, hotel_first)
+    } else {
+        builder.coordinator(&BOOK_TRIP, book_trip)
+    };
+    builder
+        .activity(&RESERVE_CAR, book)
+        .activity(&BOOK_HOTEL, book)
+        .activity(&BOOK_FLIGHT, book)
+        .activity(&CANCEL_CAR, cancel)
+        .activity(&CANCEL_HOTEL, cancel)
+        .activity(&CANCEL_FLIGHT, cancel)
+        .start()
+}
+
+fn open(db: &Path) -> SharedStore {
+    Arc::new(SqliteStore::open_existing(db).unwrap())
+}
+
+/// A minimal well-formedness check: every tag closes in order, attributes are quoted.
+fn assert_balanced_xml(text: &str) {
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('<') {
+        let end = rest[start..].find('>').expect("unclosed tag") + start;
+        let tag = &rest[start + 1..end];
+        rest = &rest[end + 1..];
+        if tag.starts_with('?') || tag.starts_with('!') {
+            continue;
+        }
+        assert_eq!(
+            tag.matches('"').count() % 2,
+            0,
+            "unbalanced quotes in <{tag}>"
+        );
+        if let Some(name) = tag.strip_prefix('/') {
+            assert_eq!(
+                stack.pop().as_deref(),
+                Some(name.trim()),
+                "</{name}> closes nothing"
+            );
+        } else if !tag.ends_with('/') {
+            let name = tag.split_whitespace().next().unwrap().to_string();
+            stack.push(name);
+        }
+        assert!(!rest.starts_with('<') || !rest.is_empty());
+    }
+    assert!(stack.is_empty(), "unclosed: {stack:?}");
+    for entity in text.match_indices('&') {
+        let after = &text[entity.0..];
+        assert!(
+            ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"]
+                .iter()
+                .any(|e| after.starts_with(e)),
+            "a bare & in the SVG: {}",
+            &after[..after.len().min(20)]
+        );
+    }
+}
+
+// ----- tests -------------------------------------------------------------------------------
+
+#[test]
+fn every_subcommand_has_help_and_errors_are_clear() {
+    let dir = TempDir::new("cli-help");
+    let missing = dir.file("missing.db");
+    for sub in [
+        "list",
+        "show",
+        "export",
+        "import",
+        "signal",
+        "cancel",
+        "terminate",
+        "resume",
+        "fork",
+        "timeline",
+    ] {
+        let out = retrace(&missing, &[sub, "--help"]).ok();
+        assert!(out.contains("Usage: retrace"), "{sub}: {out}");
+    }
+    // A missing store is an error, and is not created.
+    let err = retrace(&missing, &["list"]).fails();
+    assert!(err.contains("no such file"), "{err}");
+    assert!(!missing.exists(), "the tool must not create a store");
+    // A file that is not a store is an error, and is left as it was.
+    let text = dir.file("notes.txt");
+    std::fs::write(&text, "not a database, just text\n".repeat(100)).unwrap();
+    let err = retrace(&text, &["show", "trip-1"]).fails();
+    assert!(err.contains("not a Retrace store"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&text).unwrap(),
+        "not a database, just text\n".repeat(100)
+    );
+    let empty = dir.file("empty.db");
+    std::fs::write(&empty, "").unwrap();
+    let err = retrace(&empty, &["list"]).fails();
+    assert!(err.contains("empty"), "{err}");
+    // No store named at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
+        .arg("list")
+        .env_remove("RETRACE_DB")
+        .output()
+        .unwrap();
+    let err = finish(out).fails();
+    assert!(err.contains("RETRACE_DB"), "{err}");
+}
+
+#[test]
+fn completed_store_lists_shows_and_draws() {
+    let dir = TempDir::new("cli-completed");
+    let db = completed_store(&dir);
+
+    let table = retrace(&db, &["list"]).ok();
+    assert!(table.starts_with("ID"), "{table}");
+    for needle in [
+        "trip-1",
+        "trip-2",
+        "book_trip",
+        "completed",
+        "instance_completed",
+    ] {
+        assert!(table.contains(needle), "{needle} missing from\n{table}");
+    }
+    let list = retrace(&db, &["list", "--json"]).json();
+    let items = list.as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|i| i["status"] == "completed"));
+    assert!(items
+        .iter()
+        .all(|i| i["last_event"]["kind"] == "instance_completed"));
+    let filtered = retrace(&db, &["list", "--status", "running", "--json"]).json();
+    assert_eq!(filtered.as_array().unwrap().len(), 0);
+    let limited = retrace(&db, &["list", "--limit", "1", "--json"]).json();
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+
+    let show = retrace(&db, &["show", "trip-1"]).ok();
+    for needle in [
+        "coordinator    book_trip",
+        "POS",
+        "activity_scheduled",
+        "reserve_car",
+        "book_hotel",
+        "book_flight",
+        "instance_completed",
+    ] {
+        assert!(show.contains(needle), "{needle} missing from\n{show}");
+    }
+    let shown = retrace(&db, &["show", "trip-1", "--json"]).json();
+    let history = open(&db);
+    let events = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(history.history("trip-1"))
+        .unwrap();
+    assert_eq!(shown["events"].as_array().unwrap().len(), events.len());
+    assert_eq!(shown["instance"]["status"], "completed");
+
+    let mermaid = retrace(&db, &["timeline", "trip-1", "--format", "mermaid"]).ok();
+    assert!(mermaid.starts_with("gantt"), "{mermaid}");
+    for lane in ["section run", "section reserve_car", "section book_flight"] {
+        assert!(mermaid.contains(lane), "{lane} missing from\n{mermaid}");
+    }
+
+    let err = retrace(&db, &["show", "trip-9"]).fails();
+    assert!(err.contains("no instance trip-9"), "{err}");
+    let err = retrace(&db, &["timeline", "trip-9", "--format", "svg"]).fails();
+    assert!(err.contains("no instance trip-9"), "{err}");
+    let err = retrace(&db, &["resume", "trip-1"]).fails();
+    assert!(err.contains("is completed"), "{err}");
+    let err = retrace(&db, &["cancel", "trip-1"]).fails();
+    assert!(err.contains("is completed"), "{err}");
+    let err = retrace(&db, &["signal", "trip-1", "payment", "{}"]).fails();
+    assert!(err.contains("takes no more signals"), "{err}");
+}
+
+#[test]
+fn compensated_store_shows_errors_in_full_and_draws_compensations() {
+    let dir = TempDir::new("cli-compensated");
+    let db = compensated_store(&dir);
+
+    let show = retrace(&db, &["show", "trip-1"]).ok();
+    assert!(show.contains("status         failed"), "{show}");
+    // Errors are shown in full, never cut.
+    assert!(
+        show.contains(
+            "activity book_flight at position 2 failed on attempt 1 (non-retryable): refused: no \
+             seats for trip 1"
+        ),
+        "{show}"
+    );
+    assert!(show.contains("compensation"), "{show}");
+    assert!(show.contains("cancel_hotel"), "{show}");
+
+    let svg = retrace(&db, &["timeline", "trip-1", "--format", "svg"]).ok();
+    assert!(svg.starts_with("<?xml"), "{svg}");
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert_balanced_xml(&svg);
+    for lane in [
+        "run",
+        "reserve_car",
+        "book_hotel",
+        "book_flight",
+        "cancel_car",
+        "cancel_hotel",
+    ] {
+        assert!(
+            svg.contains(&format!("data-lane=\"{lane}\"")),
+            "no lane {lane} in the SVG"
+        );
+    }
+    assert!(svg.contains("compensation"));
+    assert!(svg.contains("<title>"), "bars carry tooltips");
+
+    let file = dir.file("trip-1.svg");
+    retrace(
+        &db,
+        &[
+            "timeline",
+            "trip-1",
+            "--format",
+            "svg",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), svg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_store_lists_running_trips_and_terminate_and_cancel_work() {
+    let dir = TempDir::new("cli-crashed");
+    let db = crashed_store(&dir);
+
+    let running = retrace(&db, &["list", "--status", "running", "--json"]).json();
+    let ids: Vec<&str> = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{running}");
+
+    let svg = retrace(&db, &["timeline", "trip-1", "--format", "svg"]).ok();
+    assert_balanced_xml(&svg);
+    assert!(
+        svg.contains("pending"),
+        "a crashed trip has calls without outcome"
+    );
+
+    let out = retrace(
+        &db,
+        &[
+            "terminate",
+            "trip-3",
+            "--reason",
+            "customer called",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(out["status"], "terminated");
+    let show = retrace(&db, &["show", "trip-3"]).ok();
+    assert!(show.contains("instance_terminated"), "{show}");
+    assert!(show.contains("customer called"), "{show}");
+    let err = retrace(&db, &["terminate", "trip-3", "--reason", "again"]).fails();
+    assert!(err.contains("is terminated"), "{err}");
+    let err = retrace(&db, &["terminate", "trip-2"]).fails();
+    assert!(err.contains("--reason"), "the reason is required: {err}");
+
+    retrace(&db, &["cancel", "trip-2", "--reason", "changed plans"]).ok();
+    let err = retrace(&db, &["signal", "trip-1", "payment", "not json"]).fails();
+    assert!(err.contains("not JSON"), "{err}");
+    let out = retrace(
+        &db,
+        &[
+            "signal",
+            "trip-1",
+            "payment",
+            r#"{"amount_cents": 100}"#,
+            "--once",
+            "pay-1",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(out["accepted"], true);
+
+    // A worker (the example's coordinator, always-successful services) finishes what is left.
+    // Whether the cancelled trip compensates or completes depends on where the crash left it
+    // (a trip whose remaining awaits are all answered has nothing left to cancel), but the
+    // request is delivered into its history either way.
+    let store = open(&db);
+    let w = worker(&store, false);
+    let client = Client::new(store.clone());
+    let paid = within("trip-1", client.wait("trip-1")).await.unwrap();
+    assert_eq!(paid.status, InstanceStatus::Completed, "{paid:?}");
+    let cancelled = within("trip-2", client.wait("trip-2")).await.unwrap();
+    assert!(cancelled.status.is_final(), "{cancelled:?}");
+    let show = retrace(&db, &["show", "trip-2"]).ok();
+    assert!(show.contains("cancel_requested"), "{show}");
+    assert!(show.contains("changed plans"), "{show}");
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stopped_by_nondeterminism_is_shown_then_resumed_after_the_fix() {
+    let dir = TempDir::new("cli-nondeterminism");
+    let db = dir.file("stopped.db");
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/trip_in_flight.json");
+    let out = retrace(
+        &db,
+        &[
+            "import",
+            golden.to_str().unwrap(),
+            "--create",
+            "--id",
+            "trip-x",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(out["status"], "running");
+    assert_eq!(out["tasks_recreated"], 1, "the unanswered book_hotel call");
+
+    // New code that books the hotel first: the recorded trip cannot replay under it.
+    let store = open(&db);
+    let client = Client::new(store.clone());
+    let changed = worker(&store, true);
+    let info = within("stop", client.wait("trip-x")).await.unwrap();
+    assert_eq!(info.status, InstanceStatus::Stopped);
+    changed.shutdown().await.unwrap();
+
+    let table = retrace(&db, &["list", "--status", "stopped"]).ok();
+    assert!(table.contains("trip-x"), "{table}");
+    assert!(
+        table.contains("RETRACE-ND"),
+        "the reason is listed: {table}"
+    );
+    let show = retrace(&db, &["show", "trip-x"]).ok();
+    assert!(show.contains("status         stopped"), "{show}");
+    assert!(
+        show.contains("history holds activity reserve_car"),
+        "{show}"
+    );
+    assert!(
+        show.contains("code requested activity book_hotel"),
+        "{show}"
+    );
+
+    // The fix: the original code. Resume, pay, and the trip completes.
+    let out = retrace(&db, &["resume", "trip-x"]).ok();
+    assert!(out.contains("resumed"), "{out}");
+    retrace(
+        &db,
+        &["signal", "trip-x", "payment", r#"{"amount_cents": 1}"#],
+    )
+    .ok();
+    let fixed = worker(&store, false);
+    let info = within("complete", client.wait("trip-x")).await.unwrap();
+    assert_eq!(info.status, InstanceStatus::Completed, "{info:?}");
+    fixed.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_completes_and_the_original_is_untouched() {
+    let dir = TempDir::new("cli-fork");
+    let db = compensated_store(&dir);
+    let original = retrace(&db, &["export", "trip-1"]).ok();
+    let shown = retrace(&db, &["show", "trip-1", "--json"]).json();
+    // Re-run from the refused flight: cut where its outcome was delivered.
+    let failed_at = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "activity_failed")
+        .unwrap()["position"]
+        .as_u64()
+        .unwrap();
+    let at = failed_at.to_string();
+    let out = retrace(
+        &db,
+        &[
+            "fork", "trip-1", "--at", &at, "--new-id", "trip-1b", "--json",
+        ],
+    )
+    .json();
+    assert_eq!(out["instance_id"], "trip-1b");
+    assert!(out["kept_events"].as_u64().unwrap() <= failed_at);
+    assert_eq!(
+        out["tasks_recreated"], 1,
+        "the flight is booked again: {out}"
+    );
+    let err = retrace(&db, &["fork", "trip-1", "--at", &at, "--new-id", "trip-1b"]).fails();
+    assert!(err.contains("already exists"), "{err}");
+    let err = retrace(
+        &db,
+        &["fork", "trip-1", "--at", "999", "--new-id", "trip-1c"],
+    )
+    .fails();
+    assert!(err.contains("past the end"), "{err}");
+
+    // Pay before a worker runs: the copied prefix may hold the original's payment already, and
+    // then the fork would complete before a later signal could arrive.
+    retrace(
+        &db,
+        &["signal", "trip-1b", "payment", r#"{"amount_cents": 1}"#],
+    )
+    .ok();
+    let store = open(&db);
+    let w = worker(&store, false);
+    let client = Client::new(store.clone());
+    let handle = client.handle(&BOOK_TRIP, "trip-1b");
+    let itinerary = within("fork", handle.result()).await.unwrap();
+    assert_eq!(
+        itinerary.flight.id, "trip-1b/2",
+        "the fork booked its own flight"
+    );
+    assert_eq!(
+        itinerary.car.id, "trip-1/0",
+        "the car comes from the copied history"
+    );
+    w.shutdown().await.unwrap();
+
+    assert_eq!(
+        retrace(&db, &["export", "trip-1"]).ok(),
+        original,
+        "the original is untouched"
+    );
+}
+
+#[test]
+fn export_and_import_round_trip_between_stores() {
+    let dir = TempDir::new("cli-export");
+    let db = compensated_store(&dir);
+    let file = dir.file("trip-1.json");
+    retrace(&db, &["export", "trip-1", "-o", file.to_str().unwrap()]).ok();
+    let exported: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(exported["format"], "retrace-history");
+    assert_eq!(exported["version"], 1);
+    assert_eq!(exported["instance"]["status"], "failed");
+
+    let other = dir.file("other.db");
+    let err = retrace(&other, &["import", file.to_str().unwrap()]).fails();
+    assert!(
+        err.contains("no such file"),
+        "import needs --create for a new store: {err}"
+    );
+    let out = retrace(&other, &["import", file.to_str().unwrap(), "--create"]).ok();
+    assert!(out.contains("imported trip-1 as trip-1: failed"), "{out}");
+    let again: Value = serde_json::from_str(&retrace(&other, &["export", "trip-1"]).ok()).unwrap();
+    assert_eq!(again["events"], exported["events"]);
+    assert_eq!(again["instance"]["error"], exported["instance"]["error"]);
+    let err = retrace(&other, &["import", file.to_str().unwrap()]).fails();
+    assert!(err.contains("already exists"), "{err}");
+
+    let bogus = dir.file("bogus.json");
+    std::fs::write(&bogus, r#"{"hello": "world"}"#).unwrap();
+    let err = retrace(&other, &["import", bogus.to_str().unwrap()]).fails();
+    assert!(err.contains("not a Retrace history export"), "{err}");
+}
