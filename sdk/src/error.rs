@@ -153,7 +153,7 @@ impl ActivityError {
 /// history holds at a position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error(
-    "[RETRACE-ND] nondeterminism in instance {instance_id} at position {position}: \
+    "[RETRACE-ND] nondeterminism in instance {instance_id} at command position {position}: \
      history holds {recorded}, code requested {requested}"
 )]
 pub struct Nondeterminism {
