@@ -42,7 +42,10 @@
 pub use retrace_runtime as runtime;
 pub use retrace_sdk as sdk;
 
-pub use retrace_runtime::{open_store, PostgresOptions, PostgresStore, StoreUrl};
+pub use retrace_runtime::{
+    migrate_store, migrate_urls, open_store, MigrationReport, PostgresOptions, PostgresStore,
+    StoreUrl,
+};
 pub use retrace_runtime::{
     Client, ClientError, CommitNotice, Durability, InstanceHandle, InstanceInfo, InstanceStatus,
     ListFilter, SharedStore, SqliteOptions, SqliteStore, Store, StoreError, Worker, WorkerBuilder,

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// How often a waiting client re-reads an instance when no change notification arrives (changes
 /// made by other processes are only seen this way).
@@ -54,8 +55,8 @@ impl Client {
             input,
             parent: None,
         };
-        let _span = tracing::debug_span!("start", instance_id = %id).entered();
-        match self.store.create_instance(new).await? {
+        let span = tracing::debug_span!("start", instance_id = %id);
+        match self.store.create_instance(new).instrument(span).await? {
             CreateOutcome::Created => {}
             CreateOutcome::Existing(info) if info.coordinator != coordinator.name() => {
                 return Err(ClientError::CoordinatorMismatch {

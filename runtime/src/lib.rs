@@ -18,6 +18,7 @@ pub mod worker;
 pub use client::{Client, InstanceHandle};
 pub use error::{ClientError, StoreError};
 pub use replayer::{InstanceCheck, ReplayReport, Replayer};
+pub use store::migrate::{migrate_store, migrate_urls, MigrationReport};
 pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::sqlite::{Durability, SqliteOptions, SqliteStore};
 pub use store::url::{open_store, StoreUrl};

@@ -14,11 +14,12 @@
 
 use futures::FutureExt;
 use retrace_runtime::store::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, NewInstance,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
+    FinishReceipt, NewInstance,
 };
 use retrace_runtime::{
     Client, InstanceStatus, ListFilter, PostgresOptions, PostgresStore, SharedStore, SqliteStore,
-    StoreError, Worker,
+    StoreError, StoreUrl, Worker,
 };
 use retrace_sdk::{
     Activity, ActivityContext, ActivityError, Context, Coordinator, Error, Event, ParentRef,
@@ -55,6 +56,21 @@ struct Harness {
     pg: Option<(String, String)>,
     /// Extra PostgreSQL schemas made by the test, dropped at the end.
     extra_schemas: Mutex<Vec<String>>,
+}
+
+/// Says, once per run and past the test harness's output capture (so that it shows even when
+/// the tests pass), that the PostgreSQL tests were not run and why.
+fn say_not_run(test: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "store_conformance: the PostgreSQL tests were NOT RUN ({test} and every other \
+             postgres::* case pass without running): {PG_URL_ENV} is not set; set it to a \
+             server, e.g. {PG_URL_ENV}=postgres://postgres@127.0.0.1:5432/test"
+        );
+    });
 }
 
 fn now_ms() -> u64 {
@@ -107,10 +123,7 @@ impl Harness {
             }),
             Backend::Postgres => {
                 let Ok(url) = std::env::var(PG_URL_ENV) else {
-                    eprintln!(
-                        "store_conformance::{test} on PostgreSQL NOT RUN: {PG_URL_ENV} is not set \
-                         (set it to a server, e.g. postgres://postgres@127.0.0.1:5432/test)"
-                    );
+                    say_not_run(test);
                     return None;
                 };
                 let schema = format!("retrace_test_{}", random_suffix());
@@ -242,6 +255,57 @@ impl Harness {
         }
     }
 
+    /// The URL of this store, and of a store that does not exist (a file or schema never made).
+    fn urls(&self) -> Option<(String, String)> {
+        match self.backend {
+            Backend::SqliteFile => {
+                let path = self.path.as_ref().unwrap();
+                let missing = path.with_file_name("missing.db");
+                Some((
+                    format!("sqlite://{}", path.display()),
+                    format!("sqlite://{}", missing.display()),
+                ))
+            }
+            Backend::SqliteMemory => None,
+            Backend::Postgres => {
+                let (url, schema) = self.pg.as_ref().unwrap();
+                let sep = if url.contains('?') { '&' } else { '?' };
+                let missing = format!("retrace_test_{}", random_suffix());
+                self.extra_schemas.lock().unwrap().push(missing.clone());
+                Some((
+                    format!("{url}{sep}schema={schema}"),
+                    format!("{url}{sep}schema={missing}"),
+                ))
+            }
+        }
+    }
+
+    /// Whether the storage a missing-store URL names was left absent.
+    async fn still_missing(&self, missing_url: &str) -> bool {
+        match self.backend {
+            Backend::Postgres => {
+                let (url, _) = self.pg.as_ref().unwrap();
+                let schema = missing_url.rsplit("schema=").next().unwrap().to_string();
+                let n: i64 = pg_admin(url)
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                        &[&schema],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                n == 0
+            }
+            _ => !self
+                .path
+                .as_ref()
+                .unwrap()
+                .with_file_name("missing.db")
+                .exists(),
+        }
+    }
+
     /// Whether another handle on the same storage hears of changes without polling.
     fn notifies_other_handles(&self) -> bool {
         self.backend == Backend::Postgres
@@ -342,12 +406,15 @@ conformance!(
     terminate_ends_instance,
     children_report_to_parents,
     stop_and_resume,
+    finish_and_activate_commits_both,
+    mark_unclaimed_notes_unknown_coordinators,
     list_and_describe,
     changes_wake_waiters,
     reopen_keeps_everything,
     newer_schema_refused,
     foreign_database_refused,
     dead_workers_reaped,
+    open_existing_creates_nothing,
     workers_run_coordinators,
 );
 
@@ -1508,6 +1575,231 @@ mod cases {
                 .unwrap(),
             vec!["a".to_string()]
         );
+
+        // Resuming an instance with nothing to deliver does not make it claimable.
+        create_and_claim(s, "e", "w1").await;
+        activate(s, "w1", "e", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        s.stop_instance("e", "w1", "stopped by hand").await.unwrap();
+        s.resume("e").await.unwrap();
+        assert_eq!(
+            s.describe("e").await.unwrap().unwrap().status,
+            InstanceStatus::Running
+        );
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .iter()
+            .all(|id| id != "e"));
+        // A note applies while nobody holds the lease, too.
+        s.note_waiting("e", "w7", "no worker knows act")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.describe("e").await.unwrap().unwrap().reason.as_deref(),
+            Some("no worker knows act")
+        );
+    }
+
+    pub(super) async fn finish_and_activate_commits_both(h: &Harness) {
+        let s = &h.store;
+        let outcome = |t: &ActivityTask, v: Value| Event::ActivityCompleted {
+            seq: t.seq,
+            output: v,
+            attempt: t.attempt,
+        };
+        // The fast path: the outcome and the activation it feeds, in one commit.
+        instance_with_task(s, "a").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        let info = s.describe("a").await.unwrap().unwrap();
+        let direct = |id: &str, info: &retrace_runtime::InstanceInfo, events: Vec<Event>| {
+            ActivationCommit::plan(
+                id,
+                "w1",
+                info.generation,
+                info.next_position,
+                info.next_activation,
+                events,
+                vec![],
+                None,
+                &|_| true,
+                LEASE_MS,
+            )
+        };
+        let commit = direct("a", &info, vec![outcome(&t, json!(1)), scheduled(1, "act")]);
+        match s.finish_and_activate(&t, commit.clone()).await.unwrap() {
+            DirectFinish::Activated(receipt) => {
+                assert_eq!(receipt.claimed_tasks.len(), 1);
+                assert_eq!(receipt.claimed_tasks[0].seq, 1);
+                assert!(!receipt.ready_again);
+            }
+            other => panic!("expected the direct path, got {other:?}"),
+        }
+        let history = s.history("a").await.unwrap();
+        assert_eq!(history.len(), 4);
+        assert_eq!((history[2].position, history[2].activation), (2, 1));
+        assert_eq!(history[2].event, outcome(&t, json!(1)));
+        assert!(inbox_events(s, "a").await.is_empty());
+        // The task is gone: the same attempt cannot finish twice.
+        assert!(matches!(
+            s.finish_and_activate(&t, commit).await.unwrap(),
+            DirectFinish::Finished(FinishReceipt {
+                accepted: false,
+                ..
+            })
+        ));
+        assert!(
+            !s.finish_task("w1", &t, completed(&t, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+
+        // The instance is leased by another worker: only the outcome is recorded.
+        instance_with_task(s, "b").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.instance_id == "b")
+            .unwrap();
+        s.deliver("b", signal("s", json!(0)), None).await.unwrap();
+        assert_eq!(
+            s.claim_ready("w9", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["b".to_string()]
+        );
+        let info = s.describe("b").await.unwrap().unwrap();
+        let done = s
+            .finish_and_activate(&t, direct("b", &info, vec![outcome(&t, json!(2))]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            done,
+            DirectFinish::Finished(FinishReceipt {
+                accepted: true,
+                instance_claimed: false
+            })
+        ));
+        assert_eq!(s.history("b").await.unwrap().len(), 2);
+        assert_eq!(
+            inbox_events(s, "b").await,
+            vec![signal("s", json!(0)), outcome(&t, json!(2))]
+        );
+
+        // Free, but with something else to deliver first: recorded, and the instance claimed.
+        instance_with_task(s, "c").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.instance_id == "c")
+            .unwrap();
+        s.deliver("c", signal("s", json!(0)), None).await.unwrap();
+        let info = s.describe("c").await.unwrap().unwrap();
+        let done = s
+            .finish_and_activate(&t, direct("c", &info, vec![outcome(&t, json!(3))]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            done,
+            DirectFinish::Finished(FinishReceipt {
+                accepted: true,
+                instance_claimed: true
+            })
+        ));
+        assert_eq!(s.history("c").await.unwrap().len(), 2);
+        assert_eq!(inbox_events(s, "c").await.len(), 2);
+
+        // A stale position: recorded as a plain outcome, the history untouched.
+        instance_with_task(s, "d").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.instance_id == "d")
+            .unwrap();
+        let mut info = s.describe("d").await.unwrap().unwrap();
+        info.next_position -= 1;
+        let done = s
+            .finish_and_activate(&t, direct("d", &info, vec![outcome(&t, json!(4))]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            done,
+            DirectFinish::Finished(FinishReceipt {
+                accepted: true,
+                instance_claimed: true
+            })
+        ));
+        assert_eq!(s.history("d").await.unwrap().len(), 2);
+        assert_eq!(inbox_events(s, "d").await, vec![outcome(&t, json!(4))]);
+
+        // An activation that does not start with this call's outcome is a caller's bug.
+        instance_with_task(s, "e").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.instance_id == "e")
+            .unwrap();
+        let info = s.describe("e").await.unwrap().unwrap();
+        assert!(s
+            .finish_and_activate(&t, direct("e", &info, vec![signal("x", json!(0))]))
+            .await
+            .is_err());
+        assert!(
+            s.finish_task("w1", &t, completed(&t, json!(5)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted,
+            "nothing was written by the refused call"
+        );
+    }
+
+    pub(super) async fn mark_unclaimed_notes_unknown_coordinators(h: &Harness) {
+        let s = &h.store;
+        s.create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        s.create_instance(new_instance("b", "d", json!(2)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            s.mark_unclaimed(&names(&["c"]), 3_600_000).await.unwrap(),
+            0,
+            "not waiting long enough"
+        );
+        assert_eq!(s.mark_unclaimed(&names(&["c"]), 0).await.unwrap(), 1);
+        assert_eq!(
+            s.describe("b").await.unwrap().unwrap().reason.as_deref(),
+            Some("waiting for a worker that knows coordinator d")
+        );
+        assert_eq!(s.describe("a").await.unwrap().unwrap().reason, None);
+        assert_eq!(s.mark_unclaimed(&names(&["c"]), 0).await.unwrap(), 0);
+        // Its next activation clears the note.
+        assert_eq!(
+            s.claim_ready("w", &names(&["d"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["b".to_string()]
+        );
+        activate(s, "w", "b", vec![scheduled(0, "act")], false)
+            .await
+            .unwrap();
+        assert_eq!(s.describe("b").await.unwrap().unwrap().reason, None);
     }
 
     pub(super) async fn list_and_describe(h: &Harness) {
@@ -1702,6 +1994,33 @@ mod cases {
             Ok(_) => panic!("expected NotARetraceStore, the store opened"),
         }
         assert!(unchanged, "the other program's database was changed");
+    }
+
+    pub(super) async fn open_existing_creates_nothing(h: &Harness) {
+        let Some((url, missing)) = h.urls() else {
+            eprintln!("open_existing_creates_nothing: not applicable to an in-memory store");
+            return;
+        };
+        h.store
+            .create_instance(new_instance("a", "c", json!(1)))
+            .await
+            .unwrap();
+        let existing = StoreUrl::parse(&url)
+            .unwrap()
+            .open_existing()
+            .await
+            .unwrap();
+        assert!(existing.describe("a").await.unwrap().is_some());
+        match StoreUrl::parse(&missing).unwrap().open_existing().await {
+            Err(StoreError::NotARetraceStore { .. }) => {}
+            Err(other) => panic!("expected NotARetraceStore, got {other}"),
+            Ok(_) => panic!("expected NotARetraceStore, a store was opened"),
+        }
+        assert!(h.still_missing(&missing).await, "nothing is created");
+        // The creating form creates it.
+        let created = retrace_runtime::open_store(&missing).await.unwrap();
+        assert!(created.describe("a").await.unwrap().is_none());
+        assert!(!h.still_missing(&missing).await);
     }
 
     pub(super) async fn dead_workers_reaped(h: &Harness) {

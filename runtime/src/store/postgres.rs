@@ -8,10 +8,12 @@
 //! network or through a local socket.
 //!
 //! # Commit protocol
-//! Every operation is one transaction on a pooled connection, and a call returns only after its
-//! `COMMIT` was acknowledged (with the server's durability setting: `synchronous_commit=on` by
-//! default, so after the WAL flush). There is no group commit here: the server batches WAL
-//! flushes of concurrent transactions itself.
+//! Every operation is one transaction on a pooled connection (or one statement, atomic on its
+//! own), and a call returns only after its `COMMIT` was acknowledged (with the server's
+//! durability setting: `synchronous_commit=on` by default, so after the WAL flush). There is no
+//! group commit here: the server batches WAL flushes of concurrent transactions itself.
+//! Independent statements of one transaction are pipelined (sent together, run in order) to
+//! save round trips; a load is one round trip (`BEGIN`, three reads, `COMMIT`).
 //!
 //! # Concurrency
 //! Where SQLite has one writer, PostgreSQL runs transactions side by side, so the store takes row
@@ -29,10 +31,21 @@
 //! store need synchronized clocks (NTP), with lease durations well above their skew.
 //!
 //! # Wake-ups
-//! Transactions that make an instance ready or end one also `NOTIFY` a channel named after the
-//! schema. A dedicated connection `LISTEN`s on it and bumps [`Store::changes`], so an idle
-//! worker on any host picks up new work within milliseconds; when that connection is down the
-//! workers' polling still finds the work, and the listener reconnects with backoff.
+//! After committing a change that makes an instance ready or ends one (the changes on which the
+//! SQLite store bumps [`Store::changes`]), the store bumps its own channel at once and sends a
+//! `NOTIFY` on a channel named after the schema, from a dedicated connection that also `LISTEN`s
+//! on it and bumps [`Store::changes`] for every notification; so an idle worker on any host
+//! picks up new work within milliseconds. Bursts of changes are coalesced into one `NOTIFY`.
+//! The `NOTIFY` is sent after the commit rather than inside the transaction, because PostgreSQL
+//! serializes the commits of notifying transactions. A notification lost (the listening
+//! connection down, a crash between commit and `NOTIFY`) only delays the work until the
+//! workers' next poll; the listener reconnects with backoff.
+//!
+//! # Dead workers
+//! [`Store::register_worker`] takes a session advisory lock on a connection of the worker's
+//! own and records the worker in `workers`. The server releases that lock when the connection
+//! ends, however the process died; [`Store::reap_dead_workers`] finds registered workers whose
+//! lock is free and expires their leases at once, as the SQLite store does with lock files.
 //!
 //! # Schema
 //! Tables live in one PostgreSQL schema (the `schema` option, or the connection's current schema,
@@ -41,10 +54,11 @@
 //! [`StoreError::NewerSchema`]; a schema holding tables but no `retrace_schema` is refused with
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
+use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, FinishReceipt,
-    ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance,
-    NewInstance, RunEnd, Store,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
+    FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
+    LoadedInstance, NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -168,9 +182,13 @@ pub struct PostgresOptions {
     pub schema: Option<String>,
     /// The most pooled connections this store opens.
     pub pool_size: usize,
-    /// Whether to `LISTEN` for other processes' changes (off: the workers' polling alone finds
-    /// them).
+    /// Whether to tell other processes of changes, and hear theirs, with `LISTEN/NOTIFY` (off:
+    /// other processes' workers find the work by polling alone).
     pub listen: bool,
+    /// Whether to create the schema and the tables when they are missing (off: a missing store
+    /// is [`StoreError::NotARetraceStore`], for tools that only inspect existing stores). An
+    /// older schema version is migrated either way.
+    pub create: bool,
 }
 
 impl Default for PostgresOptions {
@@ -179,6 +197,7 @@ impl Default for PostgresOptions {
             schema: None,
             pool_size: POOL_SIZE_DEFAULT,
             listen: true,
+            create: true,
         }
     }
 }
@@ -187,6 +206,12 @@ impl PostgresOptions {
     /// These options with the tables in `schema`.
     pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = Some(schema.into());
+        self
+    }
+
+    /// These options, refusing to create a missing store (see [`PostgresOptions::create`]).
+    pub fn existing_only(mut self) -> Self {
+        self.create = false;
         self
     }
 
@@ -444,6 +469,16 @@ impl PostgresStore {
         Self::connect_with(&url, options).await
     }
 
+    /// Connects to an existing store only: like [`PostgresStore::connect`], but a schema
+    /// without Retrace tables is [`StoreError::NotARetraceStore`] and nothing is created.
+    ///
+    /// # Errors
+    /// As [`PostgresStore::connect`].
+    pub async fn connect_existing(url: &str) -> Result<Self, StoreError> {
+        let (url, options) = split_url(url)?;
+        Self::connect_with(&url, options.existing_only()).await
+    }
+
     /// Connects with explicit options (`url` must not carry `schema` or `pool_size`).
     ///
     /// # Errors
@@ -491,7 +526,13 @@ impl PostgresStore {
                 operation: "open store".into(),
                 detail: e.to_string(),
             })?;
-        let schema = prepare_schema(&pool, options.schema.as_deref(), &base_display).await?;
+        let schema = prepare_schema(
+            &pool,
+            options.schema.as_deref(),
+            options.create,
+            &base_display,
+        )
+        .await?;
         let display = format!("{base_display} schema {schema}");
         let channel = format!("retrace_changes_{:016x}", fnv1a(&schema));
         let (changes, _) = watch::channel(0);
@@ -636,6 +677,7 @@ macro_rules! autocommit {
 async fn prepare_schema(
     pool: &Pool,
     schema: Option<&str>,
+    create: bool,
     display: &str,
 ) -> Result<String, StoreError> {
     let operation = "open store";
@@ -644,13 +686,23 @@ async fn prepare_schema(
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
-        if let Some(schema) = schema {
+        if let (Some(schema), true) = (schema, create) {
             tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
                 .await?;
         }
         let row = tx.query_one("SELECT current_schema()", &[]).await?;
         let current: Option<String> = row.try_get(0)?;
         let Some(current) = current else {
+            if !create {
+                return Err(StoreError::NotARetraceStore {
+                    path: display.to_string(),
+                    detail: format!(
+                        "schema {} does not exist (nothing was created)",
+                        schema.unwrap_or("of the search_path")
+                    ),
+                }
+                .into());
+            }
             return Err(StoreError::Database {
                 operation: operation.into(),
                 detail: format!(
@@ -700,6 +752,12 @@ async fn prepare_schema(
             return Err(StoreError::NotARetraceStore {
                 path: where_,
                 detail: format!("{tables} table(s) of another program and no retrace_schema"),
+            }
+            .into());
+        } else if !create {
+            return Err(StoreError::NotARetraceStore {
+                path: where_,
+                detail: "no Retrace tables (nothing was created)".into(),
             }
             .into());
         } else {
@@ -917,7 +975,8 @@ async fn mark_ready(tx: &impl GenericClient, instance_id: &str) -> TxResult<()> 
     Ok(())
 }
 
-/// Creates an instance inside the current transaction.
+/// Creates an instance with its start in its inbox, in one statement (atomic on its own, or
+/// part of the caller's transaction).
 async fn create_in_tx(
     tx: &impl GenericClient,
     new: &NewInstance,
@@ -926,12 +985,21 @@ async fn create_in_tx(
     let input = to_json(&new.input)?;
     let parent_id = new.parent.as_ref().map(|p| p.instance_id.clone());
     let parent_seq = new.parent.as_ref().map(|p| i64::from(p.seq));
+    let start = to_json(&Event::InstanceStarted {
+        coordinator: new.coordinator.clone(),
+        input: new.input.clone(),
+        parent: new.parent.clone(),
+    })?;
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq, ready,
-                                    created_at, updated_at)
-             VALUES ($1, $2, 'running', $3, $4, $5, TRUE, $6, $6)
-             ON CONFLICT (id) DO NOTHING",
+            "WITH created AS (
+                 INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq,
+                                        ready, created_at, updated_at)
+                 VALUES ($1, $2, 'running', $3, $4, $5, TRUE, $6, $6)
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id)
+             INSERT INTO inbox (instance_id, dedupe, body, created_at)
+             SELECT id, 'start:0', $7, $6 FROM created",
         )
         .await?;
     let n = tx
@@ -944,25 +1012,19 @@ async fn create_in_tx(
                 &parent_id,
                 &parent_seq,
                 &(now as i64),
+                &start,
             ],
         )
         .await?;
-    if n == 0 {
-        let existing =
-            get_instance(tx, &new.id, false)
-                .await?
-                .ok_or_else(|| StoreError::NotFound {
-                    instance_id: new.id.clone(),
-                })?;
-        return Ok(CreateOutcome::Existing(existing));
+    if n > 0 {
+        return Ok(CreateOutcome::Created);
     }
-    let start = Event::InstanceStarted {
-        coordinator: new.coordinator.clone(),
-        input: new.input.clone(),
-        parent: new.parent.clone(),
-    };
-    insert_inbox(tx, &new.id, Some("start:0"), &start, now).await?;
-    Ok(CreateOutcome::Created)
+    let existing = get_instance(tx, &new.id, false)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            instance_id: new.id.clone(),
+        })?;
+    Ok(CreateOutcome::Existing(existing))
 }
 
 /// Tells a parent that its child ended, inside the current transaction.
@@ -1516,6 +1578,116 @@ async fn claim_tasks_in_tx(
     Ok(tasks)
 }
 
+/// Records the final outcome of a held attempt and, when the instance is free for the caller
+/// and has nothing else to deliver, commits the activation that delivered it, in one
+/// transaction; see [`Store::finish_and_activate`].
+async fn finish_and_activate_in_tx(
+    tx: &impl GenericClient,
+    task: &ActivityTask,
+    c: &ActivationCommit,
+    now: u64,
+) -> TxResult<DirectFinish> {
+    let outcome =
+        match c.events.first() {
+            Some(
+                e @ (Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. }),
+            ) if *seq == task.seq => e,
+            _ => {
+                return Err(StoreError::Database {
+                    operation: "finish and activate".into(),
+                    detail: format!(
+                        "the activation does not start with the outcome of call {}",
+                        task.seq
+                    ),
+                }
+                .into())
+            }
+        };
+    let seq = i64::from(task.seq);
+    // Instance row first, then the task row: the lock order every transaction follows.
+    let lock_stmt = tx
+        .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
+        .await?;
+    let task_stmt = tx
+        .prepare_cached(
+            "SELECT attempt, lease_owner, generation FROM tasks
+             WHERE instance_id = $1 AND seq = $2 FOR UPDATE",
+        )
+        .await?;
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&task.instance_id];
+    let task_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&task.instance_id, &seq];
+    let (_, row) = futures::try_join!(
+        tx.query_opt(&lock_stmt, &lock_params),
+        tx.query_opt(&task_stmt, &task_params),
+    )?;
+    let held = match &row {
+        Some(row) => {
+            row.try_get::<_, i64>(0)? == i64::from(task.attempt)
+                && row.try_get::<_, Option<String>>(1)?.as_deref() == Some(c.owner.as_str())
+                && row.try_get::<_, i64>(2)? as u64 == task.generation
+        }
+        None => false,
+    };
+    if !held {
+        return Ok(DirectFinish::Finished(FinishReceipt {
+            accepted: false,
+            instance_claimed: false,
+        }));
+    }
+    let claim = tx
+        .prepare_cached(
+            "UPDATE instances SET lease_owner = $2, lease_until = $3
+             WHERE id = $1 AND status = 'running'
+               AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4)",
+        )
+        .await?;
+    let claimed = tx
+        .execute(
+            &claim,
+            &[
+                &task.instance_id,
+                &c.owner,
+                &((now + c.lease_ms) as i64),
+                &(now as i64),
+            ],
+        )
+        .await?
+        > 0;
+    let delete = tx
+        .prepare_cached("DELETE FROM tasks WHERE instance_id = $1 AND seq = $2")
+        .await?;
+    if claimed && c.instance_id == task.instance_id {
+        let stmt = tx
+            .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1)")
+            .await?;
+        let inbox_empty: bool = tx
+            .query_one(&stmt, &[&task.instance_id])
+            .await?
+            .try_get(0)?;
+        if inbox_empty {
+            // commit_in_tx checks position, run and lease before it writes anything, so a
+            // refusal leaves the transaction clean for the plain finish below.
+            match commit_in_tx(tx, c, now).await {
+                Ok(receipt) => {
+                    tx.execute(&delete, &[&task.instance_id, &seq]).await?;
+                    return Ok(DirectFinish::Activated(receipt));
+                }
+                Err(TxError::Store(StoreError::Conflict { .. } | StoreError::LeaseLost { .. })) => {
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let dedupe = format!("seq:{}:{}", task.generation, task.seq);
+    insert_inbox(tx, &task.instance_id, Some(&dedupe), outcome, now).await?;
+    tx.execute(&delete, &[&task.instance_id, &seq]).await?;
+    mark_ready(tx, &task.instance_id).await?;
+    Ok(DirectFinish::Finished(FinishReceipt {
+        accepted: true,
+        instance_claimed: claimed,
+    }))
+}
+
 async fn finish_in_tx(
     tx: &impl GenericClient,
     owner: &str,
@@ -1909,14 +2081,174 @@ async fn import_in_tx(
     Ok(CreateOutcome::Created)
 }
 
+/// Writes a copied instance (see [`super::migrate`]): row, history, inbox, tasks and timers,
+/// without leases.
+async fn copy_in_tx(tx: &impl GenericClient, i: &RawCopy) -> TxResult<CopyOutcome> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO instances (id, coordinator, status, input, output, error, reason,
+                                    custom_status, parent_id, parent_seq, generation, next_pos,
+                                    next_activation, ready, lease_owner, lease_until, created_at,
+                                    updated_at, ended_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL, 0, $15,
+                     $16, $17)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .await?;
+    let inserted = tx
+        .execute(
+            &stmt,
+            &[
+                &i.id,
+                &i.coordinator,
+                &i.status,
+                &i.input,
+                &i.output,
+                &i.error,
+                &i.reason,
+                &i.custom_status,
+                &i.parent_id,
+                &i.parent_seq,
+                &i.generation,
+                &i.next_pos,
+                &i.next_activation,
+                &i.ready,
+                &i.created_at,
+                &i.updated_at,
+                &i.ended_at,
+            ],
+        )
+        .await?;
+    if inserted == 0 {
+        let stmt = tx
+            .prepare_cached(
+                "SELECT generation, next_pos, status,
+                        (SELECT count(*) FROM events WHERE instance_id = $1),
+                        coordinator, created_at
+                 FROM instances WHERE id = $1",
+            )
+            .await?;
+        let row = tx.query_one(&stmt, &[&i.id]).await?;
+        let same = row.try_get::<_, i64>(0)? == i.generation
+            && row.try_get::<_, i64>(1)? == i.next_pos
+            && row.try_get::<_, String>(2)? == i.status
+            && row.try_get::<_, i64>(3)? == i.events.len() as i64
+            && row.try_get::<_, String>(4)? == i.coordinator
+            && row.try_get::<_, i64>(5)? == i.created_at;
+        return Ok(if same {
+            CopyOutcome::AlreadyThere
+        } else {
+            CopyOutcome::Different
+        });
+    }
+    if !i.events.is_empty() {
+        let positions: Vec<i64> = i.events.iter().map(|e| e.0).collect();
+        let activations: Vec<i64> = i.events.iter().map(|e| e.1).collect();
+        let kinds: Vec<&str> = i.events.iter().map(|e| e.2.as_str()).collect();
+        let recorded: Vec<i64> = i.events.iter().map(|e| e.3).collect();
+        let bodies: Vec<&str> = i.events.iter().map(|e| e.4.as_str()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
+                 SELECT $1, e.pos, e.activation, e.kind, e.recorded_at, e.body
+                 FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[], $6::TEXT[])
+                      AS e(pos, activation, kind, recorded_at, body)",
+            )
+            .await?;
+        tx.execute(
+            &stmt,
+            &[&i.id, &positions, &activations, &kinds, &recorded, &bodies],
+        )
+        .await?;
+    }
+    // One by one, so that the new inbox ids keep the arrival order.
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO inbox (instance_id, dedupe, body, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    for (dedupe, body, created_at) in &i.inbox {
+        tx.execute(&stmt, &[&i.id, dedupe, body, created_at])
+            .await?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
+                                due_at, lease_owner, last_error, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10)",
+        )
+        .await?;
+    for t in &i.tasks {
+        tx.execute(
+            &stmt,
+            &[
+                &i.id,
+                &t.seq,
+                &t.generation,
+                &t.name,
+                &t.input,
+                &t.retry,
+                &t.attempt,
+                &t.due_at,
+                &t.last_error,
+                &t.created_at,
+            ],
+        )
+        .await?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    for (seq, generation, fire_at) in &i.timers {
+        tx.execute(&stmt, &[&i.id, seq, generation, fire_at])
+            .await?;
+    }
+    // Pair the source's contiguity check with one on what was written.
+    let stmt = tx
+        .prepare_cached(
+            "SELECT count(*), COALESCE(max(pos) + 1, 0) FROM events WHERE instance_id = $1",
+        )
+        .await?;
+    let row = tx.query_one(&stmt, &[&i.id]).await?;
+    let (count, end): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if count != i.next_pos || end != i.next_pos {
+        return Err(StoreError::Corrupt {
+            instance_id: i.id.clone(),
+            what: "copied history".into(),
+            detail: format!(
+                "{count} events written, ending at {end}, expected {}",
+                i.next_pos
+            ),
+        }
+        .into());
+    }
+    Ok(CopyOutcome::Copied)
+}
+
+impl PostgresStore {
+    /// Wakes the workers of every process (after changes made behind the store's back, such as
+    /// a migration).
+    pub(crate) fn wake_workers(&self) {
+        self.bump();
+    }
+
+    /// Copies one instance of another store, with all its rows, in one transaction; see
+    /// [`super::migrate`].
+    pub(crate) async fn copy_instance(&self, i: &RawCopy) -> Result<CopyOutcome, StoreError> {
+        write_tx!(self, "copy instance", |tx| copy_in_tx(&tx, i).await)
+    }
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn create_instance(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
-        let outcome = write_tx!(self, "create instance", |tx| async {
-            let outcome = create_in_tx(&tx, &new, now_ms()).await?;
-            if outcome == CreateOutcome::Created {}
-            TxResult::Ok(outcome)
-        }
+        let outcome = autocommit!(self, "create instance", |client| create_in_tx(
+            &client,
+            &new,
+            now_ms()
+        )
         .await)?;
         if outcome == CreateOutcome::Created {
             self.bump();
@@ -2002,7 +2334,7 @@ impl Store for PostgresStore {
         owner: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
-        write_tx!(self, "stop instance", |tx| async {
+        autocommit!(self, "stop instance", |tx| async {
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET status = 'stopped', reason = $3, ready = FALSE,
@@ -2026,11 +2358,11 @@ impl Store for PostgresStore {
         owner: &str,
         reason: &str,
     ) -> Result<(), StoreError> {
-        write_tx!(self, "note waiting instance", |tx| async {
+        autocommit!(self, "note waiting instance", |tx| async {
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET reason = $3, lease_owner = NULL, lease_until = 0
-                     WHERE id = $1 AND lease_owner = $2",
+                     WHERE id = $1 AND (lease_owner = $2 OR lease_owner IS NULL)",
                 )
                 .await?;
             tx.execute(&stmt, &[&instance_id, &owner, &reason]).await?;
@@ -2067,6 +2399,46 @@ impl Store for PostgresStore {
             self.bump();
         }
         Ok(receipt)
+    }
+
+    async fn finish_and_activate(
+        &self,
+        task: &ActivityTask,
+        commit: ActivationCommit,
+    ) -> Result<DirectFinish, StoreError> {
+        let ended = commit.end.is_some();
+        let done = write_tx!(self, "finish and activate", |tx| finish_and_activate_in_tx(
+            &tx,
+            task,
+            &commit,
+            now_ms()
+        )
+        .await)?;
+        let bump = match &done {
+            DirectFinish::Activated(receipt) => ended || !receipt.woken.is_empty(),
+            DirectFinish::Finished(receipt) => receipt.accepted && !receipt.instance_claimed,
+        };
+        if bump {
+            self.bump();
+        }
+        Ok(done)
+    }
+
+    async fn mark_unclaimed(&self, known: &[String], min_wait_ms: u64) -> Result<u64, StoreError> {
+        autocommit!(self, "mark unclaimed instances", |client| async {
+            let before = now_ms().saturating_sub(min_wait_ms) as i64;
+            let stmt = client
+                .prepare_cached(
+                    "UPDATE instances
+                     SET reason = 'waiting for a worker that knows coordinator ' || coordinator
+                     WHERE ready AND status = 'running' AND reason IS NULL
+                       AND lease_owner IS NULL AND updated_at < $2
+                       AND NOT (coordinator = ANY($1))",
+                )
+                .await?;
+            TxResult::Ok(client.execute(&stmt, &[&known, &before]).await?)
+        }
+        .await)
     }
 
     async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, StoreError> {
@@ -2159,20 +2531,46 @@ impl Store for PostgresStore {
         event: Event,
         dedupe_key: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let accepted = write_tx!(self, "deliver event", |tx| async {
-            let info = get_instance(&tx, instance_id, true).await?.ok_or_else(|| {
-                StoreError::NotFound {
-                    instance_id: instance_id.to_string(),
-                }
-            })?;
-            if info.status.is_final() {
-                return TxResult::Ok(false);
-            }
-            let accepted = insert_inbox(&tx, instance_id, dedupe_key, &event, now_ms()).await?;
-            mark_ready(&tx, instance_id).await?;
-            Ok(accepted)
+        // One statement: lock the instance, put the event in its inbox unless it has ended,
+        // and mark it ready if it runs.
+        let (status, accepted) = autocommit!(self, "deliver event", |client| async {
+            let stmt = client
+                .prepare_cached(
+                    "WITH target AS (
+                         SELECT id, status FROM instances WHERE id = $1 FOR UPDATE),
+                     accepted AS (
+                         INSERT INTO inbox (instance_id, dedupe, body, created_at)
+                         SELECT id, $2, $3, $4 FROM target
+                         WHERE status IN ('running', 'stopped')
+                         ON CONFLICT (instance_id, dedupe) DO NOTHING
+                         RETURNING 1),
+                     marked AS (
+                         UPDATE instances SET ready = TRUE
+                         WHERE id = (SELECT id FROM target WHERE status = 'running')
+                         RETURNING 1)
+                     SELECT (SELECT status FROM target),
+                            (SELECT count(*) FROM accepted) > 0,
+                            (SELECT count(*) FROM marked)",
+                )
+                .await?;
+            let body = to_json(&event)?;
+            let row = client
+                .query_one(
+                    &stmt,
+                    &[&instance_id, &dedupe_key, &body, &(now_ms() as i64)],
+                )
+                .await?;
+            TxResult::Ok((
+                row.try_get::<_, Option<String>>(0)?,
+                row.try_get::<_, bool>(1)?,
+            ))
         }
         .await)?;
+        if status.is_none() {
+            return Err(StoreError::NotFound {
+                instance_id: instance_id.to_string(),
+            });
+        }
         self.bump();
         Ok(accepted)
     }
@@ -2190,9 +2588,15 @@ impl Store for PostgresStore {
 
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
         write_tx!(self, "resume instance", |tx| async {
+            // Lock first, so that the inbox check below sees every delivery committed before.
+            let lock = tx
+                .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
+                .await?;
+            tx.query_opt(&lock, &[&instance_id]).await?;
             let stmt = tx
                 .prepare_cached(
-                    "UPDATE instances SET status = 'running', reason = NULL, ready = TRUE,
+                    "UPDATE instances SET status = 'running', reason = NULL,
+                            ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
                             lease_owner = NULL, lease_until = 0, updated_at = $2
                      WHERE id = $1 AND status IN ('stopped', 'running')",
                 )
@@ -2243,7 +2647,7 @@ impl Store for PostgresStore {
     }
 
     async fn list_instances(&self, filter: &ListFilter) -> Result<Vec<InstanceInfo>, StoreError> {
-        read_tx!(self, "list instances", |tx| async {
+        autocommit!(self, "list instances", |tx| async {
             let sql = format!(
                 "SELECT {INSTANCE_COLUMNS} FROM instances
                  WHERE ($1::TEXT IS NULL OR status = $1) AND ($2::TEXT IS NULL OR coordinator = $2)

@@ -7,6 +7,10 @@
 //! | `sqlite::memory:`, `sqlite://:memory:` | an in-memory [`SqliteStore`] (nothing durable) |
 //! | `postgres://user@host:port/db`, `postgresql://…` | [`PostgresStore`]; `?schema=name` picks the PostgreSQL schema, `?pool_size=n` the pool |
 //! | anything without a scheme | a path: [`SqliteStore`] on that file |
+//!
+//! [`open_store`] (and [`StoreUrl::open`]) create the store when it is missing, as workers and
+//! clients want; [`StoreUrl::open_existing`] never does, for tools that inspect stores.
+//! [`migrate_urls`](super::migrate::migrate_urls) copies an SQLite store into a PostgreSQL one.
 
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
@@ -77,6 +81,27 @@ impl StoreUrl {
             StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
             StoreUrl::SqliteMemory => Arc::new(SqliteStore::open_in_memory()?),
             StoreUrl::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
+        })
+    }
+}
+
+impl StoreUrl {
+    /// Opens the existing store this URL names, never creating one: for tools that inspect
+    /// stores workers wrote, so that a typo does not leave an empty store behind. An older
+    /// schema is migrated, as by [`StoreUrl::open`].
+    ///
+    /// # Errors
+    /// [`StoreError::NotARetraceStore`] when there is no Retrace store there (a missing file,
+    /// an empty schema, another program's data); those of [`SqliteStore::open_existing`] and
+    /// [`PostgresStore::connect_existing`].
+    pub async fn open_existing(&self) -> Result<SharedStore, StoreError> {
+        Ok(match self {
+            StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open_existing(path)?),
+            StoreUrl::SqliteMemory => Err(StoreError::NotARetraceStore {
+                path: ":memory:".into(),
+                detail: "an in-memory store never exists beforehand".into(),
+            })?,
+            StoreUrl::Postgres(url) => Arc::new(PostgresStore::connect_existing(url).await?),
         })
     }
 }
