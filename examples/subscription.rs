@@ -2,8 +2,11 @@
 //! history bounded with continue-as-new.
 //!
 //! ```text
-//! cargo run --release --example subscription -- [--db PATH] [--period-ms MS] [--periods N]
+//! cargo run --release --example subscription -- [--db URL] [--period-ms MS] [--periods N]
 //! ```
+//!
+//! `--db` (default `subscription.db`) is a store URL: a plain path or `sqlite://PATH` for an
+//! SQLite file, `postgres://user@host:port/db?schema=name` for PostgreSQL.
 //!
 //! Each run of the coordinator charges one period, sleeps until the next one on a durable timer
 //! (the instance is a row in the database while it sleeps, whatever the period: a month costs the
@@ -105,7 +108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
-    let store: SharedStore = Arc::new(SqliteStore::open(&db)?);
+    let store: SharedStore = retrace::open_store(&db).await?;
     let billing = Arc::new(Billing::default());
     let worker = Worker::builder(store.clone())
         .coordinator(&RENEWAL, subscription)

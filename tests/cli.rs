@@ -1,6 +1,11 @@
 //! The `retrace` binary, driven as a child process against stores made by the trip example: a
 //! completed one, a crashed one (`--crash-after`), a compensated one (`--fail-every 1`), and one
-//! stopped by nondeterminism (a worker with changed code); plus fork, import and export.
+//! stopped by nondeterminism (a worker with changed code); plus fork, import and export, and
+//! `migrate` from SQLite to PostgreSQL.
+//!
+//! The PostgreSQL tests run when `RETRACE_PG_URL` names a server (`.ci/run` sets it), each in a
+//! schema of its own (`retrace_cli_<random>`), dropped at the end whatever the outcome; without
+//! it they say on stderr that they were not run and why, and pass.
 //!
 //! The trip example is run as built by `cargo test` (examples are built with the tests); when
 //! it is missing (`cargo test --test cli` alone), this test builds it first.
@@ -8,14 +13,17 @@
 #[path = "../examples/trip_booking/coordinator.rs"]
 #[allow(dead_code)]
 mod coordinator;
+#[path = "common/pg.rs"]
+mod pg;
 
 use coordinator::{
-    book_trip, Itinerary, Reservation, TripRequest, BOOK_FLIGHT, BOOK_HOTEL, BOOK_TRIP, CANCEL_CAR,
-    CANCEL_FLIGHT, CANCEL_HOTEL, RESERVE_CAR,
+    book_trip, Itinerary, Payment, Reservation, TripRequest, BOOK_FLIGHT, BOOK_HOTEL, BOOK_TRIP,
+    CANCEL_CAR, CANCEL_FLIGHT, CANCEL_HOTEL, RESERVE_CAR,
 };
 use retrace::sdk::Context;
 use retrace::{
-    ActivityContext, ActivityError, Client, Error, InstanceStatus, SharedStore, SqliteStore, Worker,
+    ActivityContext, ActivityError, Client, Error, Event, InstanceStatus, ListFilter, SharedStore,
+    SqliteStore, Worker,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -109,6 +117,16 @@ fn retrace(db: &Path, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
         .arg("--db")
         .arg(db)
+        .args(args)
+        .env_remove("RETRACE_DB")
+        .output()
+        .unwrap();
+    finish(out)
+}
+
+/// `retrace ARGS...`, with no store named (for `migrate`, which names its own).
+fn retrace_bare(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
         .args(args)
         .env_remove("RETRACE_DB")
         .output()
@@ -273,6 +291,7 @@ fn every_subcommand_has_help_and_errors_are_clear() {
         "resume",
         "fork",
         "timeline",
+        "migrate",
     ] {
         let out = retrace(&missing, &[sub, "--help"]).ok();
         assert!(out.contains("Usage: retrace"), "{sub}: {out}");
@@ -656,4 +675,189 @@ fn export_and_import_round_trip_between_stores() {
     std::fs::write(&bogus, r#"{"hello": "world"}"#).unwrap();
     let err = retrace(&other, &["import", bogus.to_str().unwrap()]).fails();
     assert!(err.contains("not a Retrace history export"), "{err}");
+}
+
+#[test]
+fn migrate_refuses_sources_and_targets_it_cannot_use_and_touches_nothing() {
+    let dir = TempDir::new("cli-migrate-refuse");
+    let db = completed_store(&dir);
+    let db_url = format!("sqlite://{}", db.display());
+
+    // The target must be PostgreSQL; an SQLite target is refused and not created.
+    let other = dir.file("other.db");
+    let err = retrace_bare(&[
+        "migrate",
+        "--from",
+        &db_url,
+        "--to",
+        other.to_str().unwrap(),
+    ])
+    .fails();
+    assert!(err.contains("must be a PostgreSQL store"), "{err}");
+    assert!(!other.exists(), "an SQLite target is not created");
+
+    // A missing or foreign source is refused before the target is even contacted (port 1
+    // answers nothing: reaching it would be a connection error instead).
+    let nowhere = "postgres://postgres@127.0.0.1:1/nothing?schema=never";
+    let missing = dir.file("missing.db");
+    let err = retrace_bare(&[
+        "migrate",
+        "--from",
+        missing.to_str().unwrap(),
+        "--to",
+        nowhere,
+    ])
+    .fails();
+    assert!(err.contains("no such file"), "{err}");
+    assert!(!missing.exists(), "the source is not created");
+    let text = dir.file("notes.txt");
+    std::fs::write(&text, "not a database\n".repeat(100)).unwrap();
+    let err = retrace_bare(&["migrate", "--from", text.to_str().unwrap(), "--to", nowhere]).fails();
+    assert!(err.contains("not a Retrace store"), "{err}");
+    let err = retrace_bare(&["migrate", "--from", "mysql://h/db", "--to", nowhere]).fails();
+    assert!(err.contains("unknown store scheme"), "{err}");
+
+    // Both stores are required.
+    let err = retrace_bare(&["migrate", "--from", &db_url]).fails();
+    assert!(err.contains("--to"), "{err}");
+}
+
+/// Every event of `id` in `store`, as JSON values.
+async fn history_json(store: &SharedStore, id: &str) -> Vec<Value> {
+    store
+        .history(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| serde_json::to_value(e).unwrap())
+        .collect()
+}
+
+/// Fails when a call position of `id` has two outcomes.
+async fn assert_one_outcome_per_call(store: &SharedStore, id: &str) {
+    let mut outcomes = std::collections::HashSet::new();
+    for e in store.history(id).await.unwrap() {
+        let seq = match e.event {
+            Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. } => seq,
+            _ => continue,
+        };
+        assert!(outcomes.insert(seq), "{id}: call {seq} has two outcomes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_crashed_sqlite_store_to_postgres_and_a_rerun_duplicates_nothing() {
+    let Some(schema) = pg::PgSchema::new(
+        "retrace_cli",
+        "cli: migrate_moves_a_crashed_sqlite_store_to_postgres_and_a_rerun_duplicates_nothing",
+    ) else {
+        return;
+    };
+    let dir = TempDir::new("cli-migrate");
+    let db = crashed_store(&dir);
+    let from = db.to_str().unwrap();
+    let to = schema.url();
+
+    // The crashed worker's leases are handed over (its lock file says it is dead); then a
+    // worker of ours holds a live lease on a new trip: the migration must refuse.
+    let source = open(&db);
+    source.reap_dead_workers().await.unwrap();
+    let client = Client::new(source.clone());
+    let request = TripRequest {
+        trip: 9,
+        traveller: "traveller-9".into(),
+        payment_timeout_ms: 60_000,
+    };
+    client.start(&BOOK_TRIP, "trip-9", &request).await.unwrap();
+    let claimed = source
+        .claim_ready("cli-test-holder", &["book_trip".to_string()], 10, 60_000)
+        .await
+        .unwrap();
+    assert!(claimed.contains(&"trip-9".to_string()), "{claimed:?}");
+    let err = retrace_bare(&["migrate", "--from", from, "--to", &to]).fails();
+    assert!(err.contains("live lease"), "{err}");
+    let listed = retrace(Path::new(&to), &["list", "--json"]).json();
+    assert_eq!(listed, serde_json::json!([]), "nothing was copied");
+
+    // Once the leases are released, everything is copied, once.
+    source.release_leases("cli-test-holder").await.unwrap();
+    let ids: Vec<String> = source
+        .list_instances(&ListFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let mut before = Vec::new();
+    for id in &ids {
+        before.push(history_json(&source, id).await);
+    }
+    let out = retrace_bare(&["migrate", "--from", from, "--to", &to]).ok();
+    assert!(out.contains("4 instance(s) copied"), "{out}");
+    assert!(out.contains("0 already there"), "{out}");
+    let report = retrace_bare(&["migrate", "--from", from, "--to", &to, "--json"]).json();
+    assert_eq!(report["copied"], 0, "a re-run copies nothing: {report}");
+    assert_eq!(report["already_there"], 4, "{report}");
+    assert_eq!(report["events"], 0, "{report}");
+    assert_eq!(report["different"], serde_json::json!([]), "{report}");
+
+    // The CLI reads the PostgreSQL store like the SQLite one: same instances, same exports.
+    for id in &ids {
+        let sqlite: Value = serde_json::from_str(&retrace(&db, &["export", id]).ok()).unwrap();
+        let postgres: Value =
+            serde_json::from_str(&retrace(Path::new(&to), &["export", id]).ok()).unwrap();
+        assert_eq!(postgres, sqlite, "{id}: the copy is the original");
+    }
+    let running = retrace(Path::new(&to), &["list", "--status", "running", "--json"]).json();
+    assert_eq!(running.as_array().unwrap().len(), 4, "{running}");
+    drop(client);
+    drop(source);
+
+    // A worker on PostgreSQL finishes every trip from where it was: the copied history is a
+    // prefix of the final one, and no call has two outcomes.
+    let target = retrace::open_store(&to).await.unwrap();
+    let w = worker(&target, false);
+    let client = Client::new(target.clone());
+    for id in &ids {
+        let payment = Payment { amount_cents: 1 };
+        client
+            .signal_once(id, "payment", &payment, &format!("pay-{id}"))
+            .await
+            .unwrap();
+    }
+    for (id, before) in ids.iter().zip(&before) {
+        let info = within(id, client.wait(id)).await.unwrap();
+        assert_eq!(info.status, InstanceStatus::Completed, "{info:?}");
+        let after = history_json(&target, id).await;
+        assert_eq!(
+            &after[..before.len()],
+            &before[..],
+            "{id}: history rewritten"
+        );
+        assert_one_outcome_per_call(&target, id).await;
+    }
+    w.shutdown().await.unwrap();
+
+    // The target moved on: a third run overwrites nothing and says which instances differ.
+    let err = retrace_bare(&["migrate", "--from", from, "--to", &to]).fails();
+    assert!(err.contains("4 instance(s) exist"), "{err}");
+    assert!(err.contains("left alone"), "{err}");
+    for id in &ids {
+        assert_eq!(
+            target.describe(id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
+        );
+    }
+    drop(client);
+    drop(target);
+
+    // `--db` never creates a store: a schema that does not exist stays so.
+    let missing = format!("{}_missing", schema.name());
+    let err = retrace(Path::new(&schema.url_of(&missing)), &["list"]).fails();
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(
+        !schema.exists(&missing),
+        "the tool must not create a schema"
+    );
 }

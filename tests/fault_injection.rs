@@ -1,17 +1,28 @@
 //! Crash safety under load: several worker processes run the trip example on one store while
 //! random ones are SIGKILLed and restarted. At the end every trip is booked or compensated
 //! exactly once, no call position has two outcomes, compensations ran only for steps that
-//! succeeded, the simulated services hold reservations exactly for booked trips, and both
-//! databases pass `PRAGMA integrity_check`.
+//! succeeded, the simulated services hold reservations exactly for booked trips, and the SQLite
+//! databases (the store, when it is SQLite, and the services) pass `PRAGMA integrity_check`.
+//!
+//! It runs on an SQLite store and, when `RETRACE_PG_URL` names a server (`.ci/run` sets it), on a
+//! PostgreSQL store in a schema of its own (`retrace_fault_<random>`, dropped at the end whatever
+//! the outcome). Without `RETRACE_PG_URL` the PostgreSQL variant says on stderr that it was not
+//! run and why. Both variants check the store through the public `Store` API (`list_instances`,
+//! `history`), with the same code; they run one after the other, not to starve each other.
 //!
 //! Small by default so that CI stays fast. A long run:
 //! `RETRACE_FAULT_KILLS=200 RETRACE_FAULT_TRIPS=2000 cargo test --release --test fault_injection`.
 //! A failing schedule is reproduced with `RETRACE_FAULT_SEED=<seed printed by the failure>`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "common/pg.rs"]
+mod pg;
+
+use retrace::{Event, InstanceStatus, ListFilter, StoreUrl};
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -85,8 +96,69 @@ impl Drop for Fleet {
     }
 }
 
+/// The test's folder, removed on drop whatever the outcome.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the store holds at the end: each instance's id, status and history.
+type Instances = Vec<(String, InstanceStatus, Vec<Event>)>;
+
+/// Reads every instance and its history through the public `Store` API.
+fn read_store(url: &str) -> Instances {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = StoreUrl::parse(url).unwrap().open_existing().await.unwrap();
+        let mut out = Vec::new();
+        for info in store.list_instances(&ListFilter::default()).await.unwrap() {
+            let history = store.history(&info.id).await.unwrap();
+            let events = history.into_iter().map(|e| e.event).collect();
+            out.push((info.id, info.status, events));
+        }
+        out
+    })
+}
+
+fn integrity_check(path: &Path) {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let integrity: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok", "{}", path.display());
+}
+
+/// One variant at a time: each starts several worker processes, and the machine may be small.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
+    run_fault_injection(None);
+}
+
+#[test]
+fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice_on_postgres() {
+    let Some(schema) = pg::PgSchema::new(
+        "retrace_fault",
+        "fault_injection: the PostgreSQL variant \
+         (workers_killed_at_random_lose_nothing_and_apply_nothing_twice_on_postgres)",
+    ) else {
+        return;
+    };
+    run_fault_injection(Some(&schema));
+}
+
+/// Runs the trip example's worker processes on an SQLite store in a fresh folder, or on the
+/// PostgreSQL schema `pg`, SIGKILLs random ones, and checks the invariants.
+fn run_fault_injection(pg: Option<&pg::PgSchema>) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let backend = if pg.is_some() { "postgres" } else { "sqlite" };
     let seed = env_or("RETRACE_FAULT_SEED", {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -97,13 +169,23 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
     let trips = env_or("RETRACE_FAULT_TRIPS", 150);
     let workers = env_or("RETRACE_FAULT_WORKERS", 3) as usize;
     let mut rng = Rng(seed);
-    let dir = std::env::temp_dir().join(format!("retrace-fault-{}-{seed}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("trips.db");
-    let args: Vec<String> = [
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "retrace-fault-{backend}-{}-{seed}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let db = dir.0.join("trips.db");
+    let (store_url, services_db) = match pg {
+        None => (
+            db.to_str().unwrap().to_string(),
+            dir.0.join("trips.db.services"),
+        ),
+        Some(schema) => (schema.url(), dir.0.join("trips.services")),
+    };
+    let mut args: Vec<String> = [
         "--db",
-        db.to_str().unwrap(),
+        &store_url,
         "--trips",
         &trips.to_string(),
         "--fail-every",
@@ -118,6 +200,12 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if pg.is_some() {
+        args.extend([
+            "--services".to_string(),
+            services_db.to_str().unwrap().to_string(),
+        ]);
+    }
     let mut fleet = Fleet {
         exe: trip_example(),
         args,
@@ -127,7 +215,8 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
         let c = fleet.spawn();
         fleet.children.push(c);
     }
-    let context = format!("seed {seed} (RETRACE_FAULT_SEED={seed} reproduces the schedule)");
+    let context =
+        format!("{backend}, seed {seed} (RETRACE_FAULT_SEED={seed} reproduces the schedule)");
 
     // The fault schedule: SIGKILL a random worker process at random times and start a new one.
     let mut survived = 0;
@@ -185,71 +274,65 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
         );
     }
 
-    let store = rusqlite::Connection::open(&db).unwrap();
-    let integrity: String = store
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
-    let unfinished: i64 = store
-        .query_row(
-            "SELECT count(*) FROM instances WHERE status NOT IN ('completed', 'failed')",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(unfinished, 0, "{context}");
-    let doubled: i64 = store
-        .query_row(
-            "SELECT count(*) FROM (SELECT instance_id, json_extract(body, '$.seq') AS seq
-             FROM events WHERE kind IN ('activity_completed', 'activity_failed')
-             GROUP BY 1, 2 HAVING count(*) > 1)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(doubled, 0, "call positions with two outcomes; {context}");
-
-    // Compensations only for steps that succeeded, per trip history.
-    let mut stmt = store
-        .prepare("SELECT instance_id, kind, body FROM events ORDER BY instance_id, pos")
-        .unwrap();
-    let rows: Vec<(String, String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let mut scheduled: HashMap<(String, u64), String> = HashMap::new();
-    let mut succeeded: HashSet<(String, String)> = HashSet::new();
-    let mut cancels: Vec<(String, String)> = Vec::new();
-    for (id, kind, body) in &rows {
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        let seq = v["seq"].as_u64().unwrap_or(u64::MAX);
-        match kind.as_str() {
-            "activity_scheduled" => {
-                let name = v["name"].as_str().unwrap().to_string();
-                if let Some(step) = name.strip_prefix("cancel_") {
-                    cancels.push((id.clone(), step.to_string()));
-                }
-                scheduled.insert((id.clone(), seq), name);
-            }
-            "activity_completed" => {
-                let name = scheduled[&(id.clone(), seq)].clone();
-                let step = match name.as_str() {
-                    "reserve_car" => "car",
-                    "book_hotel" => "hotel",
-                    "book_flight" => "flight",
-                    _ => continue,
-                };
-                succeeded.insert((id.clone(), step.to_string()));
-            }
-            _ => {}
-        }
+    if pg.is_none() {
+        integrity_check(&db);
     }
-    for (id, step) in &cancels {
-        assert!(
-            succeeded.contains(&(id.clone(), step.clone())),
-            "{id} cancelled {step} it never booked; {context}"
-        );
+    let instances = read_store(&store_url);
+    assert_eq!(
+        instances.len() as u64,
+        trips,
+        "one instance per trip; {context}"
+    );
+    let unfinished: Vec<_> = instances
+        .iter()
+        .filter(|(_, status, _)| {
+            !matches!(status, InstanceStatus::Completed | InstanceStatus::Failed)
+        })
+        .map(|(id, status, _)| format!("{id} ({status})"))
+        .collect();
+    assert!(
+        unfinished.is_empty(),
+        "unfinished: {unfinished:?}; {context}"
+    );
+
+    // Per trip history: one outcome per call position, compensations only for steps that
+    // succeeded, and at most once each.
+    let mut cancels: Vec<(String, String)> = Vec::new();
+    for (id, _, history) in &instances {
+        let mut scheduled: HashMap<u32, String> = HashMap::new();
+        let mut outcomes: HashSet<u32> = HashSet::new();
+        let mut succeeded: HashSet<&str> = HashSet::new();
+        for event in history {
+            match event {
+                Event::ActivityScheduled { seq, name, .. } => {
+                    if let Some(step) = name.strip_prefix("cancel_") {
+                        assert!(
+                            succeeded.contains(step),
+                            "{id} cancelled {step} it never booked; {context}"
+                        );
+                        cancels.push((id.clone(), step.to_string()));
+                    }
+                    scheduled.insert(*seq, name.clone());
+                }
+                Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. } => {
+                    assert!(
+                        outcomes.insert(*seq),
+                        "{id}: call position {seq} has two outcomes; {context}"
+                    );
+                    if matches!(event, Event::ActivityFailed { .. }) {
+                        continue;
+                    }
+                    match scheduled.get(seq).map(String::as_str) {
+                        Some("reserve_car") => succeeded.insert("car"),
+                        Some("book_hotel") => succeeded.insert("hotel"),
+                        Some("book_flight") => succeeded.insert("flight"),
+                        Some(_) => continue,
+                        None => panic!("{id}: outcome of unscheduled call {seq}; {context}"),
+                    };
+                }
+                _ => {}
+            }
+        }
     }
     let unique_cancels: HashSet<_> = cancels.iter().collect();
     assert_eq!(
@@ -259,11 +342,8 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
     );
 
     // The services hold live reservations exactly for the booked trips.
-    let services = rusqlite::Connection::open(dir.join("trips.db.services")).unwrap();
-    let integrity: String = services
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
+    integrity_check(&services_db);
+    let services = rusqlite::Connection::open(&services_db).unwrap();
     let mut stmt = services
         .prepare("SELECT trip, count(*) FROM reservations WHERE status = 'live' GROUP BY trip")
         .unwrap();
@@ -272,15 +352,13 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    let mut stmt = store.prepare("SELECT id, status FROM instances").unwrap();
-    let statuses: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    for (id, status) in statuses {
+    for (id, status, _) in &instances {
         let trip: i64 = id.trim_start_matches("trip-").parse().unwrap();
-        let expected = if status == "completed" { 3 } else { 0 };
+        let expected = if *status == InstanceStatus::Completed {
+            3
+        } else {
+            0
+        };
         assert_eq!(
             live.get(&trip).copied().unwrap_or(0),
             expected,
@@ -289,5 +367,4 @@ fn workers_killed_at_random_lose_nothing_and_apply_nothing_twice() {
     }
     eprintln!("fault injection: {workers} worker processes, {trips} trips, survived {survived} SIGKILLs; {context}");
     drop(fleet);
-    let _ = std::fs::remove_dir_all(&dir);
 }

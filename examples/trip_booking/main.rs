@@ -2,13 +2,22 @@
 //! cancel the steps that succeeded, in reverse order.
 //!
 //! ```text
-//! cargo run --release --example trip_booking -- [--db PATH] [--trips N] [--fail-every K]
-//!     [--flaky P] [--crash-after S] [--payment-timeout SECS] [--unpaid-every K]
+//! cargo run --release --example trip_booking -- [--db URL] [--services PATH] [--trips N]
+//!     [--fail-every K] [--flaky P] [--crash-after S] [--payment-timeout SECS]
+//!     [--unpaid-every K]
 //! ```
 //!
-//! The three remote services are simulated in their own SQLite file beside the store
-//! (`PATH.services`). Like real services, they dedupe requests by the idempotency key Retrace
-//! hands to each activity call, so retries after a timeout ("did it act or not?") are safe.
+//! - `--db URL` (default `trips.db`): the store, as a store URL: a plain path or
+//!   `sqlite://PATH` for an SQLite file, `postgres://user@host:port/db?schema=name` for
+//!   PostgreSQL (see `retrace::StoreUrl`). Several processes may run on one store.
+//! - `--services PATH`: the SQLite file of the simulated services. Default: `PATH.services`
+//!   beside an SQLite store; for a PostgreSQL store, `trips-<schema>.services` (or
+//!   `trips-<db>.services` without `?schema=`) in the current directory; in memory for
+//!   `sqlite::memory:`. Processes sharing a store must share this file too.
+//!
+//! The three remote services are simulated in their own SQLite file. Like real services, they
+//! dedupe requests by the idempotency key Retrace hands to each activity call, so retries after
+//! a timeout ("did it act or not?") are safe.
 //!
 //! - `--fail-every K`: the airline refuses (non-retryable) the flight of every trip whose number
 //!   is divisible by K; those trips compensate.
@@ -25,7 +34,7 @@
 //! `summary trips=N booked=b compensated=c live_car=x live_hotel=y live_flight=z service_calls=k`.
 
 use retrace::prelude::*;
-use retrace::{ClientError, CommitNotice};
+use retrace::{ClientError, CommitNotice, StoreUrl};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -189,6 +198,7 @@ fn service_down(e: rusqlite::Error) -> ActivityError {
 
 struct Args {
     db: String,
+    services: Option<String>,
     trips: u64,
     fail_every: u64,
     flaky: f64,
@@ -200,6 +210,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         db: "trips.db".to_string(),
+        services: None,
         trips: 1,
         fail_every: 0,
         flaky: 0.0,
@@ -212,6 +223,7 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--db" => args.db = value()?,
+            "--services" => args.services = Some(value()?),
             "--trips" => args.trips = value()?.parse().map_err(|e| format!("--trips: {e}"))?,
             "--fail-every" => {
                 args.fail_every = value()?.parse().map_err(|e| format!("--fail-every: {e}"))?
@@ -236,8 +248,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--help" | "-h" => {
                 return Err(
-                    "usage: trip_booking [--db PATH] [--trips N] [--fail-every K] \
-                            [--flaky P] [--crash-after S] [--payment-timeout SECS] \
+                    "usage: trip_booking [--db URL] [--services PATH] [--trips N] \
+                     [--fail-every K] [--flaky P] [--crash-after S] [--payment-timeout SECS] \
                      [--unpaid-every K]"
                         .to_string(),
                 )
@@ -252,6 +264,46 @@ fn parse_args() -> Result<Args, String> {
         return Err("--flaky must be in [0, 1)".to_string());
     }
     Ok(args)
+}
+
+/// Where the simulated services keep their state: `--services`, or beside an SQLite store
+/// (`PATH.services`), or `trips-<schema or db>.services` in the current directory for a
+/// PostgreSQL store.
+fn services_path(args: &Args, store: &StoreUrl) -> String {
+    if let Some(path) = &args.services {
+        return path.clone();
+    }
+    match store {
+        StoreUrl::Sqlite(path) => format!("{}.services", path.display()),
+        StoreUrl::Postgres(url) => {
+            let (base, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+            let schema = query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("schema="))
+                .filter(|s| !s.is_empty());
+            let after_host = base.split_once("://").map_or(base, |(_, rest)| rest);
+            let db = after_host
+                .split_once('/')
+                .map(|(_, db)| db)
+                .filter(|db| !db.is_empty());
+            let name: String = schema
+                .or(db)
+                .unwrap_or("postgres")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!("trips-{name}.services")
+        }
+        // An in-memory store forgets everything: so do its services.
+        StoreUrl::SqliteMemory => ":memory:".to_string(),
+        _ => "trips.services".to_string(),
+    }
 }
 
 /// A customer who pays after a short delay, through the client's signal API. The signal id makes
@@ -281,12 +333,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .with_writer(std::io::stderr)
         .init();
     let args = parse_args()?;
+    let url = StoreUrl::parse(&args.db)?;
     let services = Arc::new(Services::open(
-        &format!("{}.services", args.db),
+        &services_path(&args, &url),
         args.flaky,
         args.fail_every,
     )?);
-    let store: SharedStore = Arc::new(SqliteStore::open(&args.db)?);
+    let store: SharedStore = url.open().await?;
 
     let outcomes = Arc::new(AtomicU64::new(0));
     let crash_after = args.crash_after;

@@ -8,6 +8,10 @@ pub const LEASE_DEFAULT: Duration = Duration::from_secs(3);
 pub const POLL_INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
 /// Activity bodies running at once in one worker.
 pub const ACTIVITIES_CONCURRENT_MAX: usize = 1024;
+/// A cached execution stays cached while it waits on a timer due within this horizon (or on an
+/// activity or child); one waiting only on signals or later timers is dropped after its
+/// activation and replayed when its event comes.
+pub const CACHE_TIMER_HORIZON_MS: u64 = 5_000;
 /// Executions kept in a worker's hot cache.
 pub const CACHE_CAPACITY_DEFAULT: usize = 10_000;
 /// Instances or tasks claimed by one poll.

@@ -22,8 +22,8 @@
 use crate::clock::now_ms;
 use crate::error::StoreError;
 use crate::limits::{
-    ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CLAIM_BATCH_MAX, LEASE_DEFAULT,
-    POLL_INTERVAL_DEFAULT,
+    ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CACHE_TIMER_HORIZON_MS, CLAIM_BATCH_MAX,
+    LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
 };
 use crate::store::{
     ActivationCommit, ActivityTask, AttemptOutcome, DirectFinish, InstanceStatus, SharedStore,
@@ -610,9 +610,15 @@ impl Inner {
         Ok(false)
     }
 
-    /// Keeps an execution that has not finished, if the cache is on.
+    /// Keeps an execution that has not finished, if the cache is on and the execution is hot:
+    /// it waits on an activity, a child or an imminent timer. One that waits only on signals or
+    /// distant timers may wait for days; holding it would cost memory per waiting instance
+    /// (about 3 KiB each, measured by W5) for a replay saved only when its event comes.
     fn cache_put(&self, id: &str, generation: u64, execution: Execution) {
-        if !self.cache_enabled || execution.is_finished() {
+        if !self.cache_enabled
+            || execution.is_finished()
+            || !execution.awaits_work(CACHE_TIMER_HORIZON_MS)
+        {
             return;
         }
         let mut cache = lock(&self.cache);

@@ -101,17 +101,30 @@ impl Shared {
         let command = build(seq);
         match self.recorded.get(seq as usize) {
             Some(recorded) => {
-                let recorded_identity = recorded.command_identity().unwrap_or_default();
-                let requested_identity = command.command_identity().unwrap_or_default();
-                if recorded_identity != requested_identity && self.nondeterminism.is_none() {
+                // The common case, an activity call, is compared without formatting the two
+                // identities (replay of a long history issues one per recorded call).
+                let same = match (recorded, &command) {
+                    (
+                        Event::ActivityScheduled { name: a, .. },
+                        Event::ActivityScheduled { name: b, .. },
+                    ) => a == b,
+                    _ => recorded.command_identity() == command.command_identity(),
+                };
+                if !same && self.nondeterminism.is_none() {
                     self.nondeterminism = Some(Nondeterminism {
                         instance_id: self.instance_id.clone(),
                         position: seq,
-                        recorded: recorded_identity,
-                        requested: requested_identity,
+                        recorded: recorded.command_identity().unwrap_or_default(),
+                        requested: command.command_identity().unwrap_or_default(),
                     });
                 }
-                (seq, Some(recorded.clone()))
+                // Only side effects and patch markers read the recorded command back.
+                let echo = matches!(
+                    recorded,
+                    Event::SideEffect { .. } | Event::PatchMarker { .. }
+                )
+                .then(|| recorded.clone());
+                (seq, echo)
             }
             None => {
                 self.recorded.push(command.clone());

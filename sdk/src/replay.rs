@@ -140,6 +140,23 @@ impl Execution {
         self.terminal_recorded
     }
 
+    /// Whether the code waits on work already under way whose outcome should come back soon:
+    /// an activity call, a child instance, or a timer due within `soon_ms` of the last
+    /// activation's time. An execution that waits only on signals or distant timers may wait
+    /// forever; a runtime uses this to keep only hot executions in memory.
+    pub fn awaits_work(&self, soon_ms: u64) -> bool {
+        let shared = lock(&self.shared);
+        let horizon = shared.now_ms.saturating_add(soon_ms);
+        shared
+            .pending
+            .iter()
+            .any(|seq| match shared.recorded.get(*seq as usize) {
+                Some(Event::ActivityScheduled { .. } | Event::ChildStarted { .. }) => true,
+                Some(Event::TimerStarted { fire_at_ms, .. }) => *fire_at_ms <= horizon,
+                _ => false,
+            })
+    }
+
     /// The custom status last set by the code.
     pub fn custom_status(&self) -> Option<Value> {
         lock(&self.shared).custom_status.clone()

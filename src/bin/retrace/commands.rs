@@ -9,24 +9,31 @@ use crate::{open, Cli, CliError, Command, StatusArg, TimelineFormat};
 use retrace::runtime::store::transfer::export_instance;
 use retrace::runtime::store::{CreateOutcome, ForkOutcome, ImportedInstance};
 use retrace::sdk::HistoryExport;
-use retrace::{Client, InstanceInfo, InstanceStatus, ListFilter, SharedStore, StoreError};
+use retrace::{
+    migrate_urls, Client, InstanceInfo, InstanceStatus, ListFilter, SharedStore, StoreError,
+    StoreUrl,
+};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::Path;
 
 /// Runs the command line.
 pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
-    let path = open::db_path(cli.db.as_deref())?;
+    if let Command::Migrate { from, to, json } = &cli.command {
+        return migrate(from, to, *json).await;
+    }
+    let target = open::Target::from_arg(cli.db.as_deref())?;
+    let place = target.place();
     match cli.command {
         Command::List {
             status,
             coordinator,
             limit,
             json,
-        } => list(&open::existing(&path)?, status, coordinator, limit, json).await,
-        Command::Show { id, json } => show(&open::existing(&path)?, &path, &id, json).await,
+        } => list(&target.existing().await?, status, coordinator, limit, json).await,
+        Command::Show { id, json } => show(&target.existing().await?, place, &id, json).await,
         Command::Export { id, output } => {
-            export(&open::existing(&path)?, &path, &id, output.as_deref()).await
+            export(&target.existing().await?, place, &id, output.as_deref()).await
         }
         Command::Import {
             file,
@@ -34,8 +41,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
             create,
             json,
         } => {
-            let store = open::existing_or_new(&path, create)?;
-            import(&store, &path, &file, id.as_deref(), json).await
+            let store = target.existing_or_new(create).await?;
+            import(&store, place, &file, id.as_deref(), json).await
         }
         Command::Signal {
             id,
@@ -44,35 +51,81 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
             once,
             json,
         } => {
-            let store = open::existing(&path)?;
-            signal(&store, &path, &id, &name, &payload, once.as_deref(), json).await
+            let store = target.existing().await?;
+            signal(&store, place, &id, &name, &payload, once.as_deref(), json).await
         }
         Command::Cancel { id, reason, json } => {
-            cancel(&open::existing(&path)?, &path, &id, &reason, json).await
+            cancel(&target.existing().await?, place, &id, &reason, json).await
         }
         Command::Terminate { id, reason, json } => {
-            terminate(&open::existing(&path)?, &path, &id, &reason, json).await
+            terminate(&target.existing().await?, place, &id, &reason, json).await
         }
-        Command::Resume { id, json } => resume(&open::existing(&path)?, &path, &id, json).await,
+        Command::Resume { id, json } => resume(&target.existing().await?, place, &id, json).await,
         Command::Fork {
             id,
             at,
             new_id,
             json,
-        } => fork(&open::existing(&path)?, &path, &id, at, &new_id, json).await,
+        } => fork(&target.existing().await?, place, &id, at, &new_id, json).await,
         Command::Timeline { id, format, output } => {
-            let store = open::existing(&path)?;
-            timeline(&store, &path, &id, format, output.as_deref()).await
+            let store = target.existing().await?;
+            timeline(&store, place, &id, format, output.as_deref()).await
         }
+        Command::Migrate { from, to, json } => migrate(&from, &to, json).await,
     }
 }
 
+/// Copies the SQLite store `from` into the PostgreSQL store `to` and says what was copied.
+/// Instances of the same id that differ in the target are left alone, listed, and make the
+/// command fail, so that a script notices.
+async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
+    let (source, target) = (StoreUrl::parse(from)?, StoreUrl::parse(to)?);
+    // A missing or foreign source is refused before the target is touched (connecting to the
+    // target creates its schema).
+    if let StoreUrl::Sqlite(_) = source {
+        drop(source.open_existing().await?);
+    }
+    let report = migrate_urls(from, to).await?;
+    if json {
+        print_json(&json!({
+            "from": source.to_string(),
+            "to": target.to_string(),
+            "copied": report.copied,
+            "already_there": report.already_there,
+            "different": report.different,
+            "events": report.events,
+            "inbox": report.inbox,
+            "tasks": report.tasks,
+            "timers": report.timers,
+        }))?;
+    } else {
+        println!(
+            "migrated {source} to {target}: {} instance(s) copied ({} events, {} undelivered \
+             message(s), {} activity task(s), {} timer(s)); {} already there",
+            report.copied,
+            report.events,
+            report.inbox,
+            report.tasks,
+            report.timers,
+            report.already_there
+        );
+    }
+    if report.different.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::new(format!(
+        "{} instance(s) exist in {target} with other contents and were left alone: {}",
+        report.different.len(),
+        report.different.join(", ")
+    )))
+}
+
 /// The instance, or a message naming the id and the store.
-async fn describe(store: &SharedStore, path: &Path, id: &str) -> Result<InstanceInfo, CliError> {
+async fn describe(store: &SharedStore, place: &str, id: &str) -> Result<InstanceInfo, CliError> {
     store
         .describe(id)
         .await?
-        .ok_or_else(|| CliError::new(format!("no instance {id} in {}", path.display())))
+        .ok_or_else(|| CliError::new(format!("no instance {id} in {place}")))
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
@@ -205,8 +258,8 @@ async fn list(
     Ok(())
 }
 
-async fn show(store: &SharedStore, path: &Path, id: &str, json: bool) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<(), CliError> {
+    let info = describe(store, place, id).await?;
     let history = store.history(id).await?;
     let rows = rows(&history);
     if json {
@@ -288,11 +341,11 @@ async fn show(store: &SharedStore, path: &Path, id: &str, json: bool) -> Result<
 
 async fn export(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     output: Option<&Path>,
 ) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     let history = store.history(id).await?;
     let text = export_instance(&info, history).to_json()?;
     emit(&text, output)
@@ -316,7 +369,7 @@ fn now_ms() -> u64 {
 
 async fn import(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     file: &Path,
     id: Option<&str>,
     json: bool,
@@ -333,7 +386,7 @@ async fn import(
         CreateOutcome::Existing(_) => {
             return Err(CliError::new(format!(
                 "instance {new_id} already exists in {}; pass --id NEW to import under another id",
-                path.display()
+                place
             )))
         }
     }
@@ -369,7 +422,7 @@ fn not_ended(info: &InstanceInfo, what: &str) -> Result<(), CliError> {
 
 async fn signal(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     name: &str,
     payload_text: &str,
@@ -381,7 +434,7 @@ async fn signal(
             "the payload is not JSON ({e}); quote text as JSON, for example '\"yes\"'"
         ))
     })?;
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     not_ended(&info, "takes no more signals")?;
     let client = Client::new(store.clone());
     let accepted = match once {
@@ -404,12 +457,12 @@ async fn signal(
 
 async fn cancel(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     reason: &str,
     json: bool,
 ) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     not_ended(&info, "cannot be cancelled")?;
     Client::new(store.clone()).cancel(id, reason).await?;
     if json {
@@ -425,12 +478,12 @@ async fn cancel(
 
 async fn terminate(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     reason: &str,
     json: bool,
 ) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     not_ended(&info, "cannot be terminated")?;
     Client::new(store.clone()).terminate(id, reason).await?;
     if json {
@@ -440,8 +493,8 @@ async fn terminate(
     Ok(())
 }
 
-async fn resume(store: &SharedStore, path: &Path, id: &str, json: bool) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+async fn resume(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<(), CliError> {
+    let info = describe(store, place, id).await?;
     if info.status.is_final() {
         return Err(CliError::new(format!(
             "instance {id} is {}: only a stopped (or waiting) instance can be resumed; to re-run \
@@ -466,13 +519,13 @@ async fn resume(store: &SharedStore, path: &Path, id: &str, json: bool) -> Resul
 
 async fn fork(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     at: u64,
     new_id: &str,
     json: bool,
 ) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     let outcome = store.fork_instance(id, at, new_id).await?;
     let ForkOutcome::Forked {
         kept_events,
@@ -482,7 +535,7 @@ async fn fork(
     else {
         return Err(CliError::new(format!(
             "instance {new_id} already exists in {}; choose another --new-id",
-            path.display()
+            place
         )));
     };
     if json {
@@ -508,12 +561,12 @@ async fn fork(
 
 async fn timeline(
     store: &SharedStore,
-    path: &Path,
+    place: &str,
     id: &str,
     format: TimelineFormat,
     output: Option<&Path>,
 ) -> Result<(), CliError> {
-    let info = describe(store, path, id).await?;
+    let info = describe(store, place, id).await?;
     let history = store.history(id).await?;
     let timeline = Timeline::build(&info, &history);
     let text = match format {

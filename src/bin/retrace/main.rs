@@ -5,12 +5,16 @@
 //! retrace --db trips.db show trip-7
 //! retrace --db trips.db timeline trip-7 --format svg > trip-7.svg
 //! retrace --db trips.db export trip-7 > trip-7.json
+//! retrace --db 'postgres://postgres@127.0.0.1:5432/app?schema=trips' list
+//! retrace migrate --from sqlite://trips.db --to 'postgres://postgres@127.0.0.1:5432/app?schema=trips'
 //! ```
 //!
-//! The store is named by `--db PATH` or the `RETRACE_DB` environment variable, and must exist:
-//! the tool never creates one (except `import --create`). Every command exits non-zero with a
-//! one-line message on stderr when the instance or the store is missing; `--json` prints
-//! machine-readable output for scripts.
+//! The store is named by `--db URL` or the `RETRACE_DB` environment variable: a path or
+//! `sqlite://PATH` for an SQLite file, `postgres://…` (with `?schema=name` if wanted) for
+//! PostgreSQL. It must exist: the tool never creates one (except `import --create`). Every
+//! command exits non-zero with a one-line message on stderr when the instance or the store is
+//! missing; `--json` prints machine-readable output for scripts. `migrate` names its two stores
+//! with `--from` and `--to` instead.
 //!
 //! Modules, one per concept: `open` (finding the store), `commands` (one function per
 //! subcommand), `events` (reading a history as rows and calls), `table` (text tables and
@@ -29,13 +33,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Look at and operate a Retrace store: list instances, read histories, export and import them,
-/// signal, cancel, terminate, resume and fork instances, and draw a run's timeline.
+/// signal, cancel, terminate, resume and fork instances, draw a run's timeline, and migrate an
+/// SQLite store to PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "retrace", version, propagate_version = true)]
 struct Cli {
-    /// The store (an SQLite file written by Retrace). It must exist.
-    #[arg(long, global = true, env = "RETRACE_DB", value_name = "PATH")]
-    db: Option<PathBuf>,
+    /// The store: an SQLite file written by Retrace (a path or sqlite://PATH) or a PostgreSQL
+    /// store (postgres://user@host:port/db?schema=name). It must exist.
+    #[arg(long, global = true, env = "RETRACE_DB", value_name = "URL")]
+    db: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -185,6 +191,21 @@ enum Command {
         /// Write to this file instead of standard output.
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
+    },
+    /// Copy every instance of an SQLite store into a PostgreSQL store, with its history, pending
+    /// work, timers and undelivered signals. Refuses while the source has live leases (stop its
+    /// workers first); copies each instance in one transaction; running it again copies only
+    /// what is missing and duplicates nothing. The source is only read. Ignores --db.
+    Migrate {
+        /// The SQLite store to copy (a path or sqlite://PATH).
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// The PostgreSQL store to copy into (postgres://…?schema=name), created if missing.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
