@@ -54,6 +54,7 @@
 //! [`StoreError::NewerSchema`]; a schema holding tables but no `retrace_schema` is refused with
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
+use super::codec::{decode_json, final_result, lock_map, to_json};
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
@@ -252,10 +253,6 @@ impl Drop for WorkerLock {
     }
 }
 
-fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
@@ -372,25 +369,6 @@ fn map_pool(operation: &str, e: PoolError) -> StoreError {
             detail: other.to_string(),
         },
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Database {
-        operation: "encode".into(),
-        detail: e.to_string(),
-    })
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(
-    instance_id: &str,
-    what: impl FnOnce() -> String,
-    text: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        instance_id: instance_id.to_string(),
-        what: what(),
-        detail: e.to_string(),
-    })
 }
 
 /// FNV-1a, a stable hash for naming the notification channel (the same in every process).
@@ -1052,21 +1030,6 @@ async fn notify_parent(
     let dedupe = format!("child:{}", parent.seq);
     insert_inbox(tx, &parent.instance_id, Some(&dedupe), &event, now).await?;
     mark_ready(tx, &parent.instance_id).await
-}
-
-fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> {
-    match info.status {
-        InstanceStatus::Completed => Some(Ok(info.output.clone().unwrap_or(Value::Null))),
-        InstanceStatus::Failed | InstanceStatus::Cancelled => Some(Err(info
-            .error
-            .clone()
-            .unwrap_or_else(|| Error::application("failed", "instance failed")))),
-        InstanceStatus::Terminated => Some(Err(Error::application(
-            "terminated",
-            info.reason.clone().unwrap_or_default(),
-        ))),
-        _ => None,
-    }
 }
 
 async fn delete_pending_work(tx: &impl GenericClient, instance_id: &str) -> TxResult<()> {

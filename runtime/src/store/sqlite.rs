@@ -13,6 +13,7 @@
 //! `docs/storage-format.md`. Opening a file of a newer schema or a file that is not a Retrace
 //! store is an error that changes nothing in the file.
 
+use super::codec::{decode_json, final_result, lock_map, to_json};
 use super::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
     FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
@@ -585,25 +586,6 @@ fn clone_error(e: &StoreError) -> StoreError {
     }
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Database {
-        operation: "encode".into(),
-        detail: e.to_string(),
-    })
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(
-    instance_id: &str,
-    what: impl FnOnce() -> String,
-    text: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
-        instance_id: instance_id.to_string(),
-        what: what(),
-        detail: e.to_string(),
-    })
-}
-
 const INSTANCE_COLUMNS: &str = "id, coordinator, status, input, output, error, reason, custom_status, \
      parent_id, parent_seq, generation, next_pos, next_activation, created_at, updated_at, ended_at";
 
@@ -793,21 +775,6 @@ fn notify_parent(
     let dedupe = format!("child:{}", parent.seq);
     insert_inbox(conn, &parent.instance_id, Some(&dedupe), &event, now)?;
     mark_ready(conn, &parent.instance_id)
-}
-
-fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> {
-    match info.status {
-        InstanceStatus::Completed => Some(Ok(info.output.clone().unwrap_or(Value::Null))),
-        InstanceStatus::Failed | InstanceStatus::Cancelled => Some(Err(info
-            .error
-            .clone()
-            .unwrap_or_else(|| Error::application("failed", "instance failed")))),
-        InstanceStatus::Terminated => Some(Err(Error::application(
-            "terminated",
-            info.reason.clone().unwrap_or_default(),
-        ))),
-        _ => None,
-    }
 }
 
 fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
@@ -1333,10 +1300,6 @@ fn lock_file_name(owner: &str) -> String {
             }
         })
         .collect()
-}
-
-fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn json_list(names: &[String]) -> Result<String, StoreError> {

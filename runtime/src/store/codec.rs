@@ -1,0 +1,51 @@
+//! Helpers every store shares: JSON encoding of payloads, decoding with the instance and the
+//! field named in the error, and what an ended instance reports to its parent.
+
+use super::{InstanceInfo, InstanceStatus};
+use crate::error::StoreError;
+use retrace_sdk::Error;
+use serde_json::Value;
+use std::sync::{Mutex, MutexGuard};
+
+/// Encodes a payload for storage.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Database {
+        operation: "encode".into(),
+        detail: e.to_string(),
+    })
+}
+
+/// Decodes a stored payload; a failure names the instance and what was being read.
+pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
+    instance_id: &str,
+    what: impl FnOnce() -> String,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        instance_id: instance_id.to_string(),
+        what: what(),
+        detail: e.to_string(),
+    })
+}
+
+/// What an ended instance reports to a parent waiting on it; `None` while it runs.
+pub(crate) fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> {
+    match info.status {
+        InstanceStatus::Completed => Some(Ok(info.output.clone().unwrap_or(Value::Null))),
+        InstanceStatus::Failed | InstanceStatus::Cancelled => Some(Err(info
+            .error
+            .clone()
+            .unwrap_or_else(|| Error::application("failed", "instance failed")))),
+        InstanceStatus::Terminated => Some(Err(Error::application(
+            "terminated",
+            info.reason.clone().unwrap_or_default(),
+        ))),
+        _ => None,
+    }
+}
+
+/// Locks a store-internal map. A poisoned lock means a panic while holding it; the maps stay
+/// valid (single inserts and removes), so the data is used as is.
+pub(crate) fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
