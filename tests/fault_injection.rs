@@ -81,7 +81,8 @@ impl Fleet {
         Command::new(&self.exe)
             .args(&self.args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // Little is written there (no RUST_LOG): only why a process failed, if it did.
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap()
     }
@@ -238,9 +239,13 @@ fn run_fault_injection(pg: Option<&pg::PgSchema>) {
     for child in &mut fleet.children {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
+                let mut why = String::new();
+                if !status.success() {
+                    let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut why);
+                }
                 assert!(
                     status.success(),
-                    "a worker process failed: {status}; {context}"
+                    "a worker process failed: {status}: {why}; {context}"
                 );
                 break;
             }

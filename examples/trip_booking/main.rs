@@ -313,10 +313,31 @@ async fn pay_later(client: Client, trip_id: String, delay_secs: f64) -> Result<(
     let payment = Payment {
         amount_cents: 120_000,
     };
-    client
-        .signal_once(&trip_id, "payment", &payment, &format!("payment-{trip_id}"))
+    let signal_id = format!("payment-{trip_id}");
+    with_retries(|| client.signal_once(&trip_id, "payment", &payment, &signal_id))
         .await
         .map(|_| ())
+}
+
+/// Retries a client call while the store reports a transient error (a lock held for longer than
+/// the busy timeout while several worker processes share one SQLite file, a full disk).
+async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut delay = std::time::Duration::from_millis(10);
+    for _ in 0..20 {
+        match call().await {
+            Err(ClientError::Store(e)) if e.is_transient() => {
+                eprintln!("transient store error, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+    call().await
 }
 
 #[tokio::main]
@@ -386,7 +407,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             payment_timeout_ms,
         };
         let id = format!("trip-{trip}");
-        handles.push(client.start(&BOOK_TRIP, &id, &req).await?);
+        handles.push(with_retries(|| client.start(&BOOK_TRIP, &id, &req)).await?);
         if args.unpaid_every == 0 || !trip.is_multiple_of(args.unpaid_every) {
             customers.push(tokio::spawn(pay_later(
                 client.clone(),
@@ -406,7 +427,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     for customer in customers {
         customer.await??;
     }
-    worker.shutdown().await?;
+    // Leases that cannot be handed back now (the store busy) expire on their own.
+    if let Err(e) = worker.shutdown().await {
+        eprintln!("warning: leases not handed back at shutdown: {e}");
+    }
     println!(
         "summary trips={} booked={booked} compensated={compensated} live_car={} live_hotel={} \
          live_flight={} service_calls={}",

@@ -195,7 +195,8 @@ impl Client {
         self.store.resume(id).await.map_err(|e| not_found(id, e))
     }
 
-    /// Waits until the instance has ended or stopped, and returns its description.
+    /// Waits until the instance has ended or stopped, and returns its description. Transient
+    /// store errors (busy, full) while waiting are retried at the next poll.
     ///
     /// # Errors
     /// [`ClientError::NotFound`], store errors.
@@ -203,9 +204,17 @@ impl Client {
         let mut changes = self.store.changes();
         loop {
             changes.borrow_and_update();
-            let info = self.describe(id).await?;
-            if info.status.is_final() || info.status == InstanceStatus::Stopped {
-                return Ok(info);
+            match self.describe(id).await {
+                Ok(info) if info.status.is_final() || info.status == InstanceStatus::Stopped => {
+                    return Ok(info);
+                }
+                Ok(_) => {}
+                // A read can meet a lock for a moment (another process recovering the WAL after
+                // a crash): waiting goes on.
+                Err(ClientError::Store(e)) if e.is_transient() => {
+                    tracing::debug!(instance_id = %id, error = %e, "transient store error while waiting");
+                }
+                Err(e) => return Err(e),
             }
             tokio::select! {
                 _ = changes.changed() => {}

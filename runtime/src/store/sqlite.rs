@@ -1195,13 +1195,22 @@ fn read_events(conn: &Connection, id: &str, from: u64) -> Result<Vec<HistoryEven
              WHERE instance_id = ?1 AND pos >= ?2 ORDER BY pos",
         )
         .map_err(db("read history"))?;
+    // Sized up front from the instance row: growing vectors of thousands of events by doubling
+    // showed as page faults and copies in the profile of a cold load (W6).
+    let expected: usize = conn
+        .prepare_cached("SELECT next_pos FROM instances WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| r.get::<_, i64>(0)).optional())
+        .map_err(db("read history"))?
+        .map_or(0, |next| {
+            usize::try_from(next.saturating_sub(from as i64)).unwrap_or(0)
+        });
     let mut rows = stmt
         .query(params![id, from as i64])
         .map_err(db("read history"))?;
-    let mut events = Vec::new();
+    let mut events = Vec::with_capacity(expected.min(PARALLEL_DECODE_MIN));
     // Past the first rows, bodies are kept raw and decoded on two threads: JSON decoding is
     // most of the cost of loading a long history (W6: 20,000 events).
-    let mut rest: Vec<RawEvent> = Vec::new();
+    let mut rest: Vec<RawEvent> = Vec::with_capacity(expected.saturating_sub(PARALLEL_DECODE_MIN));
     while let Some(r) = rows.next().map_err(db("read history"))? {
         let read = |r: &Row<'_>| -> rusqlite::Result<(i64, i64, i64)> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -1246,6 +1255,7 @@ fn read_events(conn: &Connection, id: &str, from: u64) -> Result<Vec<HistoryEven
         };
         (first, second)
     });
+    events.reserve_exact(rest.len());
     events.extend(first?);
     events.extend(second?);
     Ok(events)
