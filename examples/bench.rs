@@ -1,8 +1,9 @@
-//! The standard benchmark of `shared/BENCH.md`: every workload against a fresh SQLite file.
+//! The standard benchmark of `shared/BENCH.md`: every workload against a fresh SQLite file, and
+//! W1, W2 and W4 also against PostgreSQL.
 //!
 //! ```text
 //! cargo run --release --example bench -- <W1|W2|W3|W4|W5|W6|baseline|all> [--db PATH]
-//!     [--durability full|normal]
+//!     [--store URL] [--durability full|normal]
 //! ```
 //!
 //! - `--db PATH`: the database file of a single workload, or the prefix of one file per workload
@@ -10,6 +11,10 @@
 //!   and `-shm`). Without it, files go to a temporary directory removed at the end.
 //! - `--durability`: `full` (the default: WAL, `synchronous=FULL`) or `normal`. Every workload
 //!   prints the setting it used on the line before its result line.
+//! - `--store URL`: `sqlite://PATH` (the same as `--db PATH`) or `postgres://user@host:port/db`.
+//!   With PostgreSQL, W1, W2 and W4 each run in a fresh schema `retrace_bench_<workload>_<random>`
+//!   (the URL must not name one), dropped at the end; the other workloads are SQLite-only and are
+//!   skipped. The line before each result line starts with `store=sqlite` or `store=postgres`.
 //!
 //! Each workload prints its result line last, in exactly the form `BENCH.md` gives; `all` runs
 //! `baseline` first, then W1 to W6, in one invocation, and writes a ratio summary to stderr.
@@ -22,7 +27,10 @@
 use futures::future::join_all;
 use retrace::prelude::*;
 use retrace::sdk::{coordinator_fn, Execution};
-use retrace::{CommitNotice, Durability, SqliteOptions, Store};
+use retrace::{
+    CommitNotice, Durability, Event, InstanceStatus, ListFilter, PostgresStore, SqliteOptions,
+    Store, StoreUrl,
+};
 use rusqlite::Connection;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -73,7 +81,7 @@ async fn waiter(ctx: Context, _input: ()) -> Result<u64, Error> {
 // ----- options ---------------------------------------------------------------------------------
 
 const USAGE: &str = "usage: bench <W1|W2|W3|W4|W5|W6|baseline|all> [--db PATH] \
-                     [--durability full|normal]";
+                     [--store sqlite://PATH|postgres://…] [--durability full|normal]";
 
 #[derive(Clone)]
 struct Options {
@@ -82,6 +90,8 @@ struct Options {
     db: Option<PathBuf>,
     /// Where files go without `--db`.
     scratch: PathBuf,
+    /// The `--store postgres://…` argument, if any.
+    pg: Option<String>,
     durability: Durability,
 }
 
@@ -90,10 +100,23 @@ impl Options {
         let mut args = std::env::args().skip(1);
         let mut workload = None;
         let mut db = None;
+        let mut pg = None;
         let mut durability = Durability::Full;
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--db" => db = Some(PathBuf::from(args.next().ok_or(USAGE)?)),
+                "--store" => {
+                    let url = args.next().ok_or(USAGE)?;
+                    match StoreUrl::parse(&url)? {
+                        StoreUrl::Sqlite(path) => db = Some(path),
+                        StoreUrl::Postgres(url) => pg = Some(url),
+                        _ => {
+                            return Err(
+                                "the benchmark needs a file or a server, not :memory:".into()
+                            )
+                        }
+                    }
+                }
                 "--durability" => {
                     durability = match args.next().as_deref() {
                         Some("full" | "FULL") => Durability::Full,
@@ -115,8 +138,78 @@ impl Options {
             workload,
             db,
             scratch,
+            pg,
             durability,
         })
+    }
+
+    /// A fresh store for `workload`: a fresh SQLite file, or with `--store postgres://…` a new
+    /// schema, dropped when the returned guard is.
+    fn fresh_place(&self, workload: &str, all: bool) -> Res<(Place, Option<PgSchema>)> {
+        let Some(url) = &self.pg else {
+            return Ok((Place::Sqlite(self.fresh_db(workload, all)?), None));
+        };
+        let (server, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=').map_or(pair, |(k, _)| k) {
+                "schema" => return Err("--store: the benchmark picks its own schema".into()),
+                "pool_size" => {}
+                _ => kept.push(pair),
+            }
+        }
+        let server = match kept.is_empty() {
+            true => server.to_string(),
+            false => format!("{server}?{}", kept.join("&")),
+        };
+        let name = format!(
+            "retrace_bench_{}_{:016x}",
+            workload.to_lowercase(),
+            std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                (std::process::id(), Instant::now()),
+            )
+        );
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let place = Place::Postgres(format!("{url}{sep}schema={name}"));
+        Ok((place, Some(PgSchema { server, name })))
+    }
+
+    /// Opens the store of `place`: as a shared store, and as the SQLite store it is, if it is.
+    async fn open_place(&self, place: &Place) -> Res<(SharedStore, Option<Arc<SqliteStore>>)> {
+        Ok(match place {
+            Place::Sqlite(path) => {
+                let store = self.open_store(path)?;
+                (store.clone(), Some(store))
+            }
+            Place::Postgres(url) => (Arc::new(PostgresStore::connect(url).await?), None),
+        })
+    }
+
+    /// Closes an SQLite store and removes its scratch file; a PostgreSQL schema goes with its
+    /// guard.
+    fn finish_place(&self, sqlite: Option<Arc<SqliteStore>>, place: &Place) -> Res<()> {
+        match (sqlite, place) {
+            (Some(store), Place::Sqlite(path)) => finish_db(self, store, path),
+            _ => Ok(()),
+        }
+    }
+
+    /// The store of a child process: `--db PATH` or `--store postgres://…?schema=…`.
+    fn child_place(&self) -> Res<Place> {
+        match (&self.pg, &self.db) {
+            (Some(url), _) => Ok(Place::Postgres(url.clone())),
+            (None, Some(path)) => Ok(Place::Sqlite(path.clone())),
+            (None, None) => Err("--db or --store is required".into()),
+        }
+    }
+
+    /// With `--store postgres://…`, says that `workload` is SQLite-only: the caller skips it.
+    fn sqlite_only(&self, workload: &str) -> bool {
+        if self.pg.is_some() {
+            println!("{workload} is SQLite-only: skipped with --store postgres://");
+        }
+        self.pg.is_some()
     }
 
     /// A fresh database file for `workload`: nothing of an earlier run is left at that path.
@@ -155,11 +248,82 @@ impl Options {
 
     fn print_setting(&self, path: &Path) {
         println!(
-            "durability={} (WAL, synchronous={}) db={}",
+            "store=sqlite durability={} (WAL, synchronous={}) db={}",
             self.durability_name(),
             self.durability_name(),
             path.display()
         );
+    }
+
+    /// [`Options::print_setting`] for either store.
+    fn print_place(&self, place: &Place) {
+        match place {
+            Place::Sqlite(path) => self.print_setting(path),
+            Place::Postgres(url) => println!(
+                "store=postgres url={} (the server's durability; --durability is SQLite's)",
+                StoreUrl::Postgres(url.clone())
+            ),
+        }
+    }
+}
+
+/// Where one workload's store is.
+#[derive(Clone)]
+enum Place {
+    Sqlite(PathBuf),
+    /// A PostgreSQL store URL with its `schema=`.
+    Postgres(String),
+}
+
+/// A benchmark's PostgreSQL schema, dropped (with everything in it) when this is dropped.
+struct PgSchema {
+    /// The server's URL, without the store's own parameters.
+    server: String,
+    name: String,
+}
+
+impl PgSchema {
+    /// A plain connection to the server whose searches start in this schema.
+    async fn connect(&self) -> Res<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.server, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("SET search_path TO {}", self.name))
+            .await?;
+        Ok(client)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let server = self.server.clone();
+        let sql = format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {} CASCADE",
+            self.name
+        );
+        // A thread and a runtime of its own: this runs from async code and from unwinding.
+        let dropped = std::thread::spawn(move || -> Res<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let (client, connection) =
+                    tokio_postgres::connect(&server, tokio_postgres::NoTls).await?;
+                let connection = tokio::spawn(connection);
+                client.batch_execute(&sql).await?;
+                drop(client);
+                let _ = connection.await;
+                Ok(())
+            })
+        })
+        .join();
+        // Silent when it worked: the result line stays last.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop schema {}: {e}", self.name),
+            Err(_) => eprintln!("could not drop schema {}: the thread panicked", self.name),
+        }
     }
 }
 
@@ -211,7 +375,7 @@ impl Ended {
     }
 }
 
-fn worker(store: Arc<SqliteStore>, ended: &Arc<Ended>) -> Worker {
+fn worker(store: SharedStore, ended: &Arc<Ended>) -> Worker {
     Worker::builder(store)
         .coordinator(&STEPS, steps)
         .coordinator(&FAN_OUT, fan_out)
@@ -282,6 +446,9 @@ struct Figures {
 const BASELINE_BODY: &str = r#"{"type":"activity_completed","seq":7,"output":8,"attempt":1,"pad":"0123456789abcdef0123456789abcdef"}"#;
 
 fn baseline(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    if opts.sqlite_only("baseline") {
+        return Ok(());
+    }
     let path = opts.fresh_db("baseline", all)?;
     let conn = Connection::open(&path)?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
@@ -340,8 +507,9 @@ fn baseline(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 // ----- W1: throughput --------------------------------------------------------------------------
 
 async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
-    let path = opts.fresh_db("W1", all)?;
-    let store = opts.open_store(&path)?;
+    // Declared first, dropped last: the schema goes once nothing uses it.
+    let (place, _schema) = opts.fresh_place("W1", all)?;
+    let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
     let client = Client::new(store.clone());
@@ -361,11 +529,7 @@ async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let wall = started.elapsed().as_secs_f64();
     worker.shutdown().await?;
 
-    let conn = Connection::open(&path)?;
-    let completed = count(
-        &conn,
-        "SELECT count(*) FROM instances WHERE status = 'completed' AND output = '10'",
-    )?;
+    let completed = completed_with(store.as_ref(), u64::from(steps_each)).await?;
     if completed != instances as u64 {
         return Err(format!("W1: {completed} of {instances} instances completed with 10").into());
     }
@@ -374,15 +538,26 @@ async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         "W1 created {instances} instances in {:.3} s",
         created.as_secs_f64()
     );
-    finish_db(opts, store, &path)?;
+    opts.finish_place(sqlite, &place)?;
     let steps_per_s = steps_total / wall;
     figures.w1_steps_per_s = Some(steps_per_s);
-    opts.print_setting(&path);
+    opts.print_place(&place);
     println!(
         "W1 wall_s={wall:.4} workflows_per_s={:.1} steps_per_s={steps_per_s:.1}",
         instances as f64 / wall
     );
     Ok(())
+}
+
+/// How many instances completed with `output`, through the public `Store` API.
+async fn completed_with(store: &dyn Store, output: u64) -> Res<u64> {
+    let filter = ListFilter {
+        status: Some(InstanceStatus::Completed),
+        ..ListFilter::default()
+    };
+    let listed = store.list_instances(&filter).await?;
+    let right = Some(serde_json::Value::from(output));
+    Ok(listed.iter().filter(|i| i.output == right).count() as u64)
 }
 
 /// Closes the store and removes a scratch file.
@@ -398,8 +573,8 @@ fn finish_db(opts: &Options, store: Arc<SqliteStore>, path: &Path) -> Res<()> {
 // ----- W2: latency -----------------------------------------------------------------------------
 
 async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
-    let path = opts.fresh_db("W2", all)?;
-    let store = opts.open_store(&path)?;
+    let (place, _schema) = opts.fresh_place("W2", all)?;
+    let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
     let client = Client::new(store.clone());
@@ -414,7 +589,7 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         }
     }
     worker.shutdown().await?;
-    finish_db(opts, store, &path)?;
+    opts.finish_place(sqlite, &place)?;
     sort(&mut samples);
     let p50 = percentile(&samples, 0.50);
     let p99 = percentile(&samples, 0.99);
@@ -424,7 +599,7 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         samples[samples.len() - 1]
     );
     figures.w2_p50_ms = Some(p50);
-    opts.print_setting(&path);
+    opts.print_place(&place);
     println!("W2 p50_ms={p50:.3} p99_ms={p99:.3}");
     Ok(())
 }
@@ -432,6 +607,9 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 // ----- W3: fan-out -----------------------------------------------------------------------------
 
 async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    if opts.sqlite_only("W3") {
+        return Ok(());
+    }
     let path = opts.fresh_db("W3", all)?;
     let store = opts.open_store(&path)?;
     let ended = Arc::new(Ended::default());
@@ -464,25 +642,81 @@ const W4_INSTANCES: u64 = 1_000;
 const W4_STEPS: u32 = 10;
 const W4_KILL_AT: u64 = 5_000;
 
-fn child(opts: &Options, sub: &str, path: &Path) -> Res<Command> {
+fn child(opts: &Options, sub: &str, place: &Place) -> Res<Command> {
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg(sub)
-        .arg("--db")
-        .arg(path)
-        .arg("--durability")
-        .arg(opts.durability_arg());
+    cmd.arg(sub);
+    match place {
+        Place::Sqlite(path) => cmd.arg("--db").arg(path),
+        Place::Postgres(url) => cmd.arg("--store").arg(url),
+    };
+    cmd.arg("--durability").arg(opts.durability_arg());
     Ok(cmd)
 }
 
+/// Journaled steps, by the same SQL on both stores.
+const JOURNALED: &str = "SELECT count(*) FROM events WHERE kind = 'activity_completed'";
+
+/// Counts W4's journaled steps while the first process runs.
+enum StepProbe {
+    Sqlite(PathBuf, Option<Connection>),
+    Postgres(tokio_postgres::Client),
+}
+
+impl StepProbe {
+    async fn new(place: &Place, schema: Option<&PgSchema>) -> Res<StepProbe> {
+        Ok(match (place, schema) {
+            (Place::Postgres(_), Some(schema)) => StepProbe::Postgres(schema.connect().await?),
+            (Place::Sqlite(path), _) => StepProbe::Sqlite(path.clone(), None),
+            _ => return Err("W4: a PostgreSQL store without its schema".into()),
+        })
+    }
+
+    /// `None` until the store's tables exist.
+    async fn journaled(&mut self) -> Option<u64> {
+        match self {
+            StepProbe::Sqlite(path, conn) => {
+                if conn.is_none() && path.exists() {
+                    *conn = Connection::open(&*path).ok();
+                }
+                count(conn.as_ref()?, JOURNALED).ok()
+            }
+            StepProbe::Postgres(client) => {
+                let row = client.query_one(JOURNALED, &[]).await.ok()?;
+                Some(row.get::<_, i64>(0) as u64)
+            }
+        }
+    }
+}
+
+/// W4's verdict from the store alone, through the public `Store` API: (instances completed with
+/// the right output, call positions with an outcome, call positions with more than one).
+async fn w4_verdict(store: &dyn Store) -> Res<(u64, u64, u64)> {
+    let completed = completed_with(store, u64::from(W4_STEPS)).await?;
+    let (mut outcomes, mut duplicated) = (0u64, 0u64);
+    for info in store.list_instances(&ListFilter::default()).await? {
+        let mut per_seq = std::collections::HashMap::<u32, u64>::new();
+        for e in store.history(&info.id).await? {
+            if let Event::ActivityCompleted { seq, .. } | Event::ActivityFailed { seq, .. } =
+                e.event
+            {
+                *per_seq.entry(seq).or_default() += 1;
+            }
+        }
+        outcomes += per_seq.len() as u64;
+        duplicated += per_seq.values().filter(|&&n| n > 1).count() as u64;
+    }
+    Ok((completed, outcomes, duplicated))
+}
+
 async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
-    let path = opts.fresh_db("W4", all)?;
+    let (place, schema) = opts.fresh_place("W4", all)?;
 
     // First process: starts everything, and is killed half-way.
-    let mut crash = child(opts, "__w4-crash", &path)?
+    let mut crash = child(opts, "__w4-crash", &place)?
         .stdout(Stdio::null())
         .spawn()?;
     let poll_started = Instant::now();
-    let mut conn: Option<Connection> = None;
+    let mut probe = StepProbe::new(&place, schema.as_ref()).await?;
     let journaled = loop {
         if poll_started.elapsed() > Duration::from_secs(120) {
             let _ = crash.kill();
@@ -491,17 +725,8 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         if let Some(status) = crash.try_wait()? {
             return Err(format!("W4: the first process exited early ({status})").into());
         }
-        if conn.is_none() && path.exists() {
-            conn = Connection::open(&path).ok();
-        }
         // The schema may not exist yet: an error just means "not yet".
-        let n = conn.as_ref().and_then(|c| {
-            count(
-                c,
-                "SELECT count(*) FROM events WHERE kind = 'activity_completed'",
-            )
-            .ok()
-        });
+        let n = probe.journaled().await;
         if n.unwrap_or(0) >= W4_KILL_AT {
             // Child::kill is SIGKILL on unix: no destructor, no lease handed back.
             crash.kill()?;
@@ -510,12 +735,11 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
-    drop(conn);
-    let conn = Connection::open(&path)?;
-    let after_kill = count(
-        &conn,
-        "SELECT count(*) FROM events WHERE kind = 'activity_completed'",
-    )?;
+    let after_kill = probe
+        .journaled()
+        .await
+        .ok_or("W4: cannot count journaled steps")?;
+    drop(probe);
     println!(
         "W4 killed the first process with SIGKILL at {journaled} journaled steps \
          ({after_kill} in the file after the kill)"
@@ -523,7 +747,7 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 
     // Second process: finishes them.
     let started = Instant::now();
-    let mut recover = child(opts, "__w4-recover", &path)?
+    let mut recover = child(opts, "__w4-recover", &place)?
         .stdout(Stdio::piped())
         .spawn()?;
     let stdout = recover
@@ -541,24 +765,11 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let status = recover.wait()?;
     let recover_s = recover_s.ok_or(format!("W4: the second process failed ({status})"))?;
 
-    // Verdict from the file alone.
-    let completed = count(
-        &conn,
-        "SELECT count(*) FROM instances WHERE status = 'completed' AND output = '10'",
-    )?;
-    let outcomes = count(
-        &conn,
-        "SELECT count(*) FROM (SELECT DISTINCT instance_id, json_extract(body, '$.seq')
-                               FROM events
-                               WHERE kind IN ('activity_completed', 'activity_failed'))",
-    )?;
-    let duplicated = count(
-        &conn,
-        "SELECT count(*) FROM (SELECT instance_id, json_extract(body, '$.seq') AS seq
-                               FROM events
-                               WHERE kind IN ('activity_completed', 'activity_failed')
-                               GROUP BY instance_id, seq HAVING count(*) > 1)",
-    )?;
+    // Verdict from the store alone.
+    let (store, sqlite) = opts.open_place(&place).await?;
+    let (completed, outcomes, duplicated) = w4_verdict(store.as_ref()).await?;
+    drop(store);
+    opts.finish_place(sqlite, &place)?;
     let lost_instances = W4_INSTANCES.saturating_sub(completed);
     let lost_steps = (W4_INSTANCES * u64::from(W4_STEPS)).saturating_sub(outcomes);
     let lost = lost_instances + lost_steps;
@@ -566,19 +777,15 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         "W4 lost_instances={lost_instances} lost_steps={lost_steps} (lease default {} ms)",
         retrace::runtime::limits::LEASE_DEFAULT.as_millis()
     );
-    drop(conn);
-    if opts.db.is_none() {
-        remove_db(&path)?;
-    }
     figures.w4 = Some((recover_s, lost, duplicated));
-    opts.print_setting(&path);
+    opts.print_place(&place);
     println!("W4 recover_s={recover_s:.4} lost={lost} duplicated={duplicated}");
     Ok(())
 }
 
 /// The first W4 process: starts every instance, works until killed.
-async fn w4_crash(opts: &Options, path: &Path) -> Res<()> {
-    let store = opts.open_store(path)?;
+async fn w4_crash(opts: &Options, place: &Place) -> Res<()> {
+    let (store, _sqlite) = opts.open_place(place).await?;
     let ended = Arc::new(Ended::default());
     let _worker = worker(store.clone(), &ended);
     let client = Client::new(store.clone());
@@ -594,22 +801,22 @@ async fn w4_crash(opts: &Options, path: &Path) -> Res<()> {
 }
 
 /// The second W4 process: a new worker on the same file, until every instance completed.
-async fn w4_recover(opts: &Options, path: &Path) -> Res<()> {
+async fn w4_recover(opts: &Options, place: &Place) -> Res<()> {
     let started = Instant::now();
-    let store = opts.open_store(path)?;
+    let (store, sqlite) = opts.open_place(place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
-    let conn = Connection::open(path)?;
+    let running = ListFilter {
+        status: Some(InstanceStatus::Running),
+        limit: Some(1),
+        ..ListFilter::default()
+    };
     loop {
-        let done = count(
-            &conn,
-            "SELECT count(*) FROM instances WHERE status <> 'running'",
-        )?;
-        if done >= W4_INSTANCES {
+        if store.list_instances(&running).await?.is_empty() {
             break;
         }
         if started.elapsed() > Duration::from_secs(120) {
-            return Err(format!("W4 recovery: only {done} instances ended in 120 s").into());
+            return Err("W4 recovery: instances still running after 120 s".into());
         }
         // Wake on this worker's commits, or poll (instances ended before the kill).
         let _ = tokio::time::timeout(Duration::from_millis(5), ended.notify.notified()).await;
@@ -620,15 +827,20 @@ async fn w4_recover(opts: &Options, path: &Path) -> Res<()> {
         ended.activations.load(Ordering::Relaxed)
     );
     worker.shutdown().await?;
-    store.close();
+    if let Some(sqlite) = sqlite {
+        sqlite.close();
+    }
     Ok(())
 }
 
 // ----- W5: suspension --------------------------------------------------------------------------
 
 async fn w5(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    if opts.sqlite_only("W5") {
+        return Ok(());
+    }
     let path = opts.fresh_db("W5", all)?;
-    let out = child(opts, "__w5", &path)?
+    let out = child(opts, "__w5", &Place::Sqlite(path.clone()))?
         .stderr(Stdio::inherit())
         .output()?;
     if !out.status.success() {
@@ -701,6 +913,9 @@ async fn w5_child(opts: &Options, path: &Path) -> Res<()> {
 // ----- W6: replay ------------------------------------------------------------------------------
 
 async fn w6(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
+    if opts.sqlite_only("W6") {
+        return Ok(());
+    }
     let path = opts.fresh_db("W6", all)?;
     let store = opts.open_store(&path)?;
     let ended = Arc::new(Ended::default());
@@ -813,8 +1028,8 @@ async fn run(opts: Options) -> Res<()> {
     // Hidden subcommands: the child processes of W4 and W5.
     let child_db = || -> Res<PathBuf> { opts.db.clone().ok_or_else(|| "--db is required".into()) };
     match workload.as_str() {
-        "__w4-crash" => return w4_crash(&opts, &child_db()?).await,
-        "__w4-recover" => return w4_recover(&opts, &child_db()?).await,
+        "__w4-crash" => return w4_crash(&opts, &opts.child_place()?).await,
+        "__w4-recover" => return w4_recover(&opts, &opts.child_place()?).await,
         "__w5" => return w5_child(&opts, &child_db()?).await,
         _ => {}
     }
