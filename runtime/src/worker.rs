@@ -26,7 +26,8 @@ use crate::limits::{
     LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
 };
 use crate::store::{
-    ActivationCommit, ActivityTask, AttemptOutcome, DirectFinish, InstanceStatus, SharedStore,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, DirectFinish, InstanceStatus,
+    SharedStore,
 };
 use futures::FutureExt;
 use retrace_sdk::{
@@ -113,6 +114,14 @@ where
             }
         }
     }
+}
+
+/// An activation just committed, as [`Inner::after_commit`] needs it.
+struct Committed {
+    generation: u64,
+    activation: u32,
+    ended: bool,
+    timers_due: Vec<u64>,
 }
 
 /// How long a ready instance of a coordinator no worker here knows waits before it is marked.
@@ -575,29 +584,49 @@ impl Inner {
             Err(e) => return Err(e),
         };
         tracing::debug!(activation = activation_number, ended, events = %summary, "activation committed");
-        self.notify(CommitNotice::Activation {
-            instance_id: id.to_string(),
+        let committed = Committed {
+            generation,
             activation: activation_number,
             ended,
+            timers_due,
+        };
+        self.after_commit(id, execution, &receipt, committed, unknown_activity)
+            .await?;
+        Ok(receipt.ready_again)
+    }
+
+    /// What follows a committed activation, on either path: report it, keep the execution,
+    /// start the tasks claimed with it, wake the poller for its timers, and say why the instance
+    /// waits when it scheduled an activity this worker does not run.
+    async fn after_commit(
+        self: &Arc<Self>,
+        id: &str,
+        execution: Execution,
+        receipt: &CommitReceipt,
+        committed: Committed,
+        unknown_activity: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.notify(CommitNotice::Activation {
+            instance_id: id.to_string(),
+            activation: committed.activation,
+            ended: committed.ended,
         });
-        self.cache_put(id, generation, execution);
-        for task in receipt.claimed_tasks {
+        self.cache_put(id, committed.generation, execution);
+        for task in receipt.claimed_tasks.iter().cloned() {
             self.spawn_task(task);
         }
-        for at in timers_due {
+        for at in committed.timers_due {
             self.wake_poller_at(at);
         }
-        if !receipt.ready_again {
-            if let Some(name) = unknown_activity {
-                // Not a failure: another worker may run it. Say why the instance waits.
-                let reason = format!(
-                    "waiting for a worker that runs activity {name} (worker {} does not)",
-                    self.owner
-                );
-                self.store.note_waiting(id, &self.owner, &reason).await?;
-            }
+        if let (false, Some(name)) = (receipt.ready_again, unknown_activity) {
+            // Not a failure: another worker may run it. Say why the instance waits.
+            let reason = format!(
+                "waiting for a worker that runs activity {name} (worker {} does not)",
+                self.owner
+            );
+            self.store.note_waiting(id, &self.owner, &reason).await?;
         }
-        Ok(receipt.ready_again)
+        Ok(())
     }
 
     /// An instance whose stored history or inbox cannot be decoded stops with the reason; its
@@ -694,27 +723,17 @@ impl Inner {
         match self.store.finish_and_activate(task, commit).await {
             Ok(DirectFinish::Activated(receipt)) => {
                 self.notify(outcome_notice);
-                self.notify(CommitNotice::Activation {
-                    instance_id: id.to_string(),
+                let committed = Committed {
+                    generation,
                     activation: activation_number,
                     ended,
-                });
-                self.cache_put(id, generation, execution);
-                for claimed in receipt.claimed_tasks {
-                    self.spawn_task(claimed);
-                }
-                for at in timers_due {
-                    self.wake_poller_at(at);
-                }
-                if let (false, Some(name)) = (receipt.ready_again, unknown_activity) {
-                    // Not a failure: another worker may run it. Say why the instance waits.
-                    let reason = format!(
-                        "waiting for a worker that runs activity {name} (worker {} does not)",
-                        self.owner
-                    );
-                    if let Err(e) = self.store.note_waiting(id, &self.owner, &reason).await {
-                        tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
-                    }
+                    timers_due,
+                };
+                if let Err(e) = self
+                    .after_commit(id, execution, &receipt, committed, unknown_activity)
+                    .await
+                {
+                    tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
                 }
                 self.release_instance(id, receipt.ready_again);
             }
