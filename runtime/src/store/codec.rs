@@ -1,7 +1,7 @@
 //! Helpers every store shares: JSON encoding of payloads, decoding with the instance and the
 //! field named in the error, and what an ended instance reports to its parent.
 
-use super::{InstanceInfo, InstanceStatus};
+use super::{InstanceInfo, InstanceStatus, RunEnd};
 use crate::error::StoreError;
 use retrace_sdk::Error;
 use serde_json::Value;
@@ -48,4 +48,22 @@ pub(crate) fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> 
 /// valid (single inserts and removes), so the data is used as is.
 pub(crate) fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The status, output and error columns written when a run ends.
+pub(crate) fn end_columns(
+    end: &RunEnd,
+) -> Result<(&'static str, Option<String>, Option<String>), StoreError> {
+    Ok(match end {
+        RunEnd::Completed(v) => ("completed", Some(to_json(v)?), None),
+        RunEnd::Failed(e) => ("failed", None, Some(to_json(e)?)),
+        RunEnd::Cancelled(reason) => (
+            "cancelled",
+            None,
+            Some(to_json(&Error::Cancelled {
+                reason: reason.clone(),
+            })?),
+        ),
+        RunEnd::ContinueAsNew(_) => ("running", None, None),
+    })
 }

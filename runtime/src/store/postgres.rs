@@ -54,7 +54,7 @@
 //! [`StoreError::NewerSchema`]; a schema holding tables but no `retrace_schema` is refused with
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
-use super::codec::{decode_json, final_result, lock_map, to_json};
+use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
@@ -1358,18 +1358,7 @@ async fn commit_in_tx(
             receipt.ready_again = true;
         }
         Some(end) => {
-            let (status, output, error): (&str, Option<String>, Option<String>) = match end {
-                RunEnd::Completed(v) => ("completed", Some(to_json(v)?), None),
-                RunEnd::Failed(e) => ("failed", None, Some(to_json(e)?)),
-                RunEnd::Cancelled(reason) => (
-                    "cancelled",
-                    None,
-                    Some(to_json(&Error::Cancelled {
-                        reason: reason.clone(),
-                    })?),
-                ),
-                RunEnd::ContinueAsNew(_) => ("running", None, None),
-            };
+            let (status, output, error) = end_columns(end)?;
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET status = $2, output = $3, error = $4, next_pos = $5,

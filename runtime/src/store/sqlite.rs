@@ -13,7 +13,7 @@
 //! `docs/storage-format.md`. Opening a file of a newer schema or a file that is not a Retrace
 //! store is an error that changes nothing in the file.
 
-use super::codec::{decode_json, final_result, lock_map, to_json};
+use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
 use super::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
     FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
@@ -1028,18 +1028,7 @@ fn commit_in_tx(
             receipt.ready_again = true;
         }
         Some(end) => {
-            let (status, output, error): (&str, Option<String>, Option<String>) = match end {
-                RunEnd::Completed(v) => ("completed", Some(to_json(v)?), None),
-                RunEnd::Failed(e) => ("failed", None, Some(to_json(e)?)),
-                RunEnd::Cancelled(reason) => (
-                    "cancelled",
-                    None,
-                    Some(to_json(&Error::Cancelled {
-                        reason: reason.clone(),
-                    })?),
-                ),
-                RunEnd::ContinueAsNew(_) => ("running", None, None),
-            };
+            let (status, output, error) = end_columns(end)?;
             conn.prepare_cached(
                 "UPDATE instances SET status = ?2, output = ?3, error = ?4, next_pos = ?5,
                         next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
