@@ -391,6 +391,44 @@ fn completed_store_lists_shows_and_draws() {
 }
 
 #[test]
+fn flaky_run_draws_a_bar_per_attempt() {
+    let dir = TempDir::new("cli-flaky");
+    let db = dir.file("flaky.db");
+    let out = trips(&db, &["--trips", "3", "--flaky", "0.5"]).ok();
+    assert!(out.contains("booked=3"), "{out}");
+    let mut retried = 0;
+    for id in ["trip-1", "trip-2", "trip-3"] {
+        let mermaid = retrace(&db, &["timeline", id, "--format", "mermaid"]).ok();
+        // Some call of the run needed several attempts: one bar each, failed ones marked.
+        let retried_calls = (0..8)
+            .filter(|seq| {
+                let bars = mermaid
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with(&format!("call {seq} attempt ")))
+                    .count();
+                bars > 1
+            })
+            .count();
+        if retried_calls > 0 {
+            retried += 1;
+            assert!(mermaid.contains("failed, retry :crit"), "{mermaid}");
+            let svg = retrace(&db, &["timeline", id, "--format", "svg"]).ok();
+            assert_balanced_xml(&svg);
+            assert!(
+                svg.contains("attempt 1 failed after"),
+                "failed attempts carry their error in a tooltip: {svg}"
+            );
+            let show = retrace(&db, &["show", id]).ok();
+            assert!(show.contains("activity attempts"), "{show}");
+            assert!(show.contains("retry"), "{show}");
+            let shown = retrace(&db, &["show", id, "--json"]).json();
+            assert!(shown["attempts"].as_array().unwrap().len() > 1, "{shown}");
+        }
+    }
+    assert!(retried > 0, "no call of three flaky trips was retried");
+}
+
+#[test]
 fn compensated_store_shows_errors_in_full_and_draws_compensations() {
     let dir = TempDir::new("cli-compensated");
     let db = compensated_store(&dir);

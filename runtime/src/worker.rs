@@ -437,7 +437,13 @@ impl Inner {
             let again = match self.activate_once(&id).await {
                 Ok(again) => again,
                 Err(e) => {
-                    tracing::warn!(instance_id = %id, error = %e, "activation failed; will retry after the lease expires");
+                    tracing::warn!(instance_id = %id, error = %e, "activation failed; handing the instance back for another try");
+                    // Hand the lease back (the renewer would otherwise keep it alive forever);
+                    // the instance stays ready and is claimed again at the next poll.
+                    let reason = format!("last activation failed, will be retried: {e}");
+                    if let Err(e) = self.store.note_waiting(&id, &self.owner, &reason).await {
+                        tracing::warn!(instance_id = %id, error = %e, "could not hand the instance back; its lease will expire");
+                    }
                     false
                 }
             };
@@ -746,8 +752,11 @@ impl Inner {
                 self.release_instance(id, receipt.instance_claimed);
             }
             Err(e) => {
-                tracing::warn!(instance_id = %id, error = %e, "could not record the activity outcome; the call will be retried after the lease expires");
+                // Nothing of the combined commit was written: the caller records the outcome on
+                // the regular path.
+                tracing::debug!(instance_id = %id, error = %e, "direct finish failed; taking the regular path");
                 self.release_instance(id, false);
+                return false;
             }
         }
         true
@@ -844,12 +853,26 @@ impl Inner {
                 return;
             }
         }
-        match self
-            .store
-            .finish_task(&self.owner, &task, outcome, self.lease_ms())
-            .instrument(tracing::debug_span!("store_commit"))
-            .await
-        {
+        // The outcome is known and only this worker holds the task (its renewer keeps the lease
+        // alive): keep trying to record it while the worker runs, or the call would wait
+        // forever. A dead worker's lease expires and the call is retried elsewhere.
+        let mut delay = Duration::from_millis(10);
+        let recorded = loop {
+            let attempt = self
+                .store
+                .finish_task(&self.owner, &task, outcome.clone(), self.lease_ms())
+                .instrument(tracing::debug_span!("store_commit"))
+                .await;
+            match attempt {
+                Err(e) if !self.stopping() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not record the activity outcome; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                other => break other,
+            }
+        };
+        match recorded {
             Ok(receipt) => {
                 if receipt.accepted {
                     self.notify(CommitNotice::ActivityOutcome {
@@ -867,7 +890,7 @@ impl Inner {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not record the activity outcome; the call will be retried after the lease expires");
+                tracing::warn!(error = %e, "worker stopping before the activity outcome was recorded; the call will be retried after the lease expires");
             }
         }
     }

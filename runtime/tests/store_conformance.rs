@@ -14,8 +14,8 @@
 
 use futures::FutureExt;
 use retrace_runtime::store::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
-    FinishReceipt, NewInstance,
+    ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, CommitReceipt, CreateOutcome,
+    DirectFinish, FinishReceipt, NewInstance,
 };
 use retrace_runtime::{
     Client, InstanceStatus, ListFilter, PostgresOptions, PostgresStore, SharedStore, SqliteStore,
@@ -407,6 +407,7 @@ conformance!(
     children_report_to_parents,
     stop_and_resume,
     finish_and_activate_commits_both,
+    attempts_are_journaled,
     mark_unclaimed_notes_unknown_coordinators,
     list_and_describe,
     changes_wake_waiters,
@@ -417,6 +418,56 @@ conformance!(
     open_existing_creates_nothing,
     workers_run_coordinators,
 );
+
+/// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
+/// claimed before the upgrade is journaled when it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_v1_store_gets_an_attempt_journal() {
+    let dir = std::env::temp_dir().join(format!("retrace-v1-{}", random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("v1.db");
+    let t1 = {
+        let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+        instance_with_task(&s, "a").await;
+        s.claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    {
+        // Back to the version 1 schema.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE attempts; ALTER TABLE tasks DROP COLUMN claimed_at;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, retrace_runtime::store::sqlite::SCHEMA_VERSION);
+    assert!(s.attempts("a").await.unwrap().is_empty());
+    let retry = AttemptOutcome::Retry {
+        next_attempt_at_ms: now_ms(),
+        error: ActivityError::retryable("flaky", "first"),
+    };
+    assert!(
+        s.finish_task("w1", &t1, retry, LEASE_MS)
+            .await
+            .unwrap()
+            .accepted
+    );
+    let attempts = s.attempts("a").await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].outcome, AttemptEnd::Retry);
+    // Claimed before the journal existed: its start is unknown, and taken as its end.
+    assert_eq!(attempts[0].started_at_ms, attempts[0].ended_at_ms);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 // ----- helpers -----
 
@@ -1603,6 +1654,113 @@ mod cases {
         );
     }
 
+    pub(super) async fn attempts_are_journaled(h: &Harness) {
+        let s = &h.store;
+        assert!(s.attempts("nobody").await.unwrap().is_empty());
+        instance_with_task(s, "a").await;
+        let before = now_ms();
+        let t1 = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        let retry = AttemptOutcome::Retry {
+            next_attempt_at_ms: now_ms(),
+            error: ActivityError::retryable("flaky", "first"),
+        };
+        assert!(
+            s.finish_task("w1", &t1, retry, LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let t2 = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(t2.attempt, 2);
+        let receipt = s
+            .finish_task("w1", &t2, completed(&t2, json!(7)), LEASE_MS)
+            .await
+            .unwrap();
+        assert!(receipt.accepted);
+        // A stale finish of attempt 1 is dropped, and journals nothing.
+        assert!(
+            !s.finish_task("w1", &t1, completed(&t1, json!(0)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        let after = now_ms();
+        let attempts = s.attempts("a").await.unwrap();
+        assert_eq!(attempts.len(), 2, "{attempts:?}");
+        for (a, n) in attempts.iter().zip(1..) {
+            assert_eq!(
+                (a.instance_id.as_str(), a.generation, a.seq, a.attempt),
+                ("a", 0, 0, n)
+            );
+            assert!(before <= a.started_at_ms && a.started_at_ms <= a.ended_at_ms);
+            assert!(a.ended_at_ms <= after);
+        }
+        assert_eq!(attempts[0].outcome, AttemptEnd::Retry);
+        assert_eq!(attempts[0].error.as_deref(), Some("flaky: first"));
+        assert!(attempts[0].ended_at_ms <= attempts[1].started_at_ms);
+        assert_eq!(attempts[1].outcome, AttemptEnd::Completed);
+        assert_eq!(attempts[1].error, None);
+        // The history stays replay-only: the outcome alone, of the last attempt.
+        activate(s, "w1", "a", vec![], false).await.unwrap();
+        let history = history_events(s, "a").await;
+        assert_eq!(
+            history
+                .iter()
+                .filter(|e| matches!(
+                    e,
+                    Event::ActivityCompleted { .. } | Event::ActivityFailed { .. }
+                ))
+                .collect::<Vec<_>>(),
+            vec![&Event::ActivityCompleted {
+                seq: 0,
+                output: json!(7),
+                attempt: 2
+            }]
+        );
+
+        // The direct path journals too; ending the instance keeps its attempts.
+        instance_with_task(s, "b").await;
+        let t = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        let info = s.describe("b").await.unwrap().unwrap();
+        let commit = ActivationCommit::plan(
+            "b",
+            "w1",
+            info.generation,
+            info.next_position,
+            info.next_activation,
+            vec![Event::ActivityCompleted {
+                seq: t.seq,
+                output: json!(1),
+                attempt: t.attempt,
+            }],
+            vec![],
+            None,
+            &|_| true,
+            LEASE_MS,
+        );
+        s.finish_and_activate(&t, commit).await.unwrap();
+        s.terminate("b", "done").await.unwrap();
+        let attempts = s.attempts("b").await.unwrap();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        assert_eq!(
+            (attempts[0].seq, attempts[0].attempt, attempts[0].outcome),
+            (0, 1, AttemptEnd::Completed)
+        );
+    }
+
     pub(super) async fn finish_and_activate_commits_both(h: &Harness) {
         let s = &h.store;
         let outcome = |t: &ActivityTask, v: Value| Event::ActivityCompleted {
@@ -2112,7 +2270,7 @@ mod cases {
                 let executions = Arc::clone(&executions);
                 async move {
                     // Every third instance's calls fail once, retryably.
-                    if n % 3 == 0 && ctx.attempt() == 1 {
+                    if n.is_multiple_of(3) && ctx.attempt() == 1 {
                         return Err(ActivityError::retryable("flaky", "first attempt fails"));
                     }
                     *executions

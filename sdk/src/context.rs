@@ -148,6 +148,25 @@ impl Shared {
     /// lock is released.
     pub(crate) fn deliver(&mut self, event: &Event) -> Vec<Waker> {
         let mut wake = Vec::new();
+        // An outcome resolves a position only if the command there is of its kind: an outcome
+        // meant for an earlier run (a child of the run before a continue-as-new) cannot resolve
+        // another command that happens to hold the same position now.
+        let recorded = event.seq().and_then(|seq| self.recorded.get(seq as usize));
+        let fits = match (event, recorded) {
+            (Event::ActivityCompleted { .. } | Event::ActivityFailed { .. }, Some(command)) => {
+                matches!(command, Event::ActivityScheduled { .. })
+            }
+            (Event::TimerFired { .. }, Some(command)) => {
+                matches!(command, Event::TimerStarted { .. })
+            }
+            (Event::ChildCompleted { .. }, Some(command)) => {
+                matches!(command, Event::ChildStarted { .. })
+            }
+            _ => true,
+        };
+        if !fits {
+            return wake;
+        }
         match event {
             Event::ActivityCompleted { seq, output, .. } => {
                 wake.extend(self.resolve(*seq, Ok(output.clone())));

@@ -446,6 +446,7 @@ pub fn describe_event(e: &HistoryEvent) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::{coordinator_fn, Activity, Context, Coordinator, RetrySpec};

@@ -385,6 +385,67 @@ pub enum DirectFinish {
     Finished(FinishReceipt),
 }
 
+/// How one activity attempt ended, as journaled by [`Store::attempts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptEnd {
+    /// The attempt succeeded: the call's final outcome.
+    Completed,
+    /// The attempt failed for good: the call's final outcome.
+    Failed,
+    /// The attempt failed and another attempt was scheduled.
+    Retry,
+}
+
+impl AttemptEnd {
+    /// The stored spelling: `completed`, `failed` or `retry`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptEnd::Completed => "completed",
+            AttemptEnd::Failed => "failed",
+            AttemptEnd::Retry => "retry",
+        }
+    }
+
+    /// The value of a stored spelling.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "completed" => Some(AttemptEnd::Completed),
+            "failed" => Some(AttemptEnd::Failed),
+            "retry" => Some(AttemptEnd::Retry),
+            _ => None,
+        }
+    }
+}
+
+/// One activity attempt from the store's attempt journal ([`Store::attempts`]).
+///
+/// The journal is kept beside the history, never in it: the history records only the attempt
+/// that produced each call's outcome (and must stay exactly what replay needs), while the
+/// journal records every attempt whose outcome was accepted, for tools (`retrace timeline`,
+/// `retrace show`). It is written in the transaction that records the attempt's outcome, so an
+/// attempt whose outcome was dropped (its lease was lost) is not in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The calling instance.
+    pub instance_id: String,
+    /// The run (continue-as-new generation) the call belongs to.
+    pub generation: u64,
+    /// The call position.
+    pub seq: u32,
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// When a worker claimed the task for this attempt (the body starts right after), in ms
+    /// since the Unix epoch.
+    pub started_at_ms: u64,
+    /// When the attempt's outcome was recorded, in ms since the Unix epoch.
+    pub ended_at_ms: u64,
+    /// How the attempt ended.
+    pub outcome: AttemptEnd,
+    /// The error of a failed attempt (`kind: message`).
+    pub error: Option<String>,
+}
+
 /// A filter for [`Store::list_instances`].
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -629,6 +690,15 @@ pub trait Store: Send + Sync + 'static {
             },
             CreateOutcome::Existing(info) => ForkOutcome::Existing(Box::new(info)),
         })
+    }
+
+    /// The attempt journal of `instance_id`: every activity attempt whose outcome was recorded,
+    /// of every run kept, ordered by generation, call position and attempt. Deleting an
+    /// instance's pending work (its end, a termination) keeps its attempts; continue-as-new
+    /// keeps the attempts of earlier runs (filter on [`AttemptRecord::generation`]). Default:
+    /// a store without a journal returns nothing, and tools fall back to the history.
+    async fn attempts(&self, _instance_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        Ok(vec![])
     }
 }
 

@@ -57,9 +57,9 @@
 use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
-    FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
-    LoadedInstance, NewInstance, RunEnd, Store,
+    ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
+    CreateOutcome, DirectFinish, FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo,
+    InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -78,7 +78,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Config, IsolationLevel, NoTls, Row};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The application name in `retrace_schema`, telling our tables from another program's.
 const APPLICATION: &str = "retrace";
@@ -100,7 +100,8 @@ const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Migrations, index `i` moves a schema from version `i` to `i + 1`. The same tables as the
 /// SQLite store, with PostgreSQL types; JSON payloads are kept as text, byte for byte as encoded.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE instances (
     id              TEXT PRIMARY KEY,
     coordinator     TEXT NOT NULL,
@@ -172,7 +173,22 @@ CREATE TABLE workers (
     lock_key      BIGINT NOT NULL,
     registered_at BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE tasks ADD COLUMN claimed_at BIGINT;
+CREATE TABLE attempts (
+    instance_id TEXT NOT NULL,
+    generation  BIGINT NOT NULL,
+    seq         BIGINT NOT NULL,
+    attempt     BIGINT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    ended_at    BIGINT NOT NULL,
+    outcome     TEXT NOT NULL,
+    error       TEXT,
+    PRIMARY KEY (instance_id, generation, seq, attempt)
+);
+"#,
+];
 
 /// Options of [`PostgresStore::connect_with`].
 #[derive(Debug, Clone)]
@@ -1488,7 +1504,8 @@ async fn claim_tasks_in_tx(
                  WHERE due_at <= $3 AND name = ANY($4)
                  ORDER BY due_at LIMIT $5
                  FOR UPDATE SKIP LOCKED)
-             UPDATE tasks t SET lease_owner = $1, due_at = $2, attempt = t.attempt + 1
+             UPDATE tasks t SET lease_owner = $1, due_at = $2, attempt = t.attempt + 1,
+                                claimed_at = $3
              FROM due WHERE t.instance_id = due.instance_id AND t.seq = due.seq
              RETURNING t.instance_id, t.seq, t.name, t.input, t.retry, t.attempt, t.generation",
         )
@@ -1562,7 +1579,7 @@ async fn finish_and_activate_in_tx(
         .await?;
     let task_stmt = tx
         .prepare_cached(
-            "SELECT attempt, lease_owner, generation FROM tasks
+            "SELECT attempt, lease_owner, generation, claimed_at FROM tasks
              WHERE instance_id = $1 AND seq = $2 FOR UPDATE",
         )
         .await?;
@@ -1580,12 +1597,14 @@ async fn finish_and_activate_in_tx(
         }
         None => false,
     };
-    if !held {
+    let Some(row) = row.filter(|_| held) else {
         return Ok(DirectFinish::Finished(FinishReceipt {
             accepted: false,
             instance_claimed: false,
         }));
-    }
+    };
+    let (end, error) = attempt_end(outcome);
+    record_attempt(tx, task, row.try_get(3)?, end, error, now).await?;
     let claim = tx
         .prepare_cached(
             "UPDATE instances SET lease_owner = $2, lease_until = $3
@@ -1655,7 +1674,7 @@ async fn finish_in_tx(
     let seq = i64::from(task.seq);
     let task_stmt = tx
         .prepare_cached(
-            "SELECT attempt, lease_owner, generation FROM tasks
+            "SELECT attempt, lease_owner, generation, claimed_at FROM tasks
              WHERE instance_id = $1 AND seq = $2 FOR UPDATE",
         )
         .await?;
@@ -1691,6 +1710,11 @@ async fn finish_in_tx(
     if !held {
         return Ok(rejected);
     }
+    let (end, error) = match outcome {
+        AttemptOutcome::Final(event) => attempt_end(event),
+        AttemptOutcome::Retry { error, .. } => (AttemptEnd::Retry, Some(error.to_string())),
+    };
+    record_attempt(tx, task, row.try_get(3)?, end, error, now).await?;
     match outcome {
         AttemptOutcome::Final(event) => {
             let dedupe = format!("seq:{}:{}", task.generation, task.seq);
@@ -1756,6 +1780,56 @@ async fn finish_in_tx(
                 instance_claimed: false,
             })
         }
+    }
+}
+
+/// Journals the attempt `task` held: started when claimed (`claimed_at`; `now` for a task
+/// claimed before the journal existed), ended `now`. Part of the transaction that records the
+/// attempt's outcome.
+async fn record_attempt(
+    tx: &impl GenericClient,
+    task: &ActivityTask,
+    claimed_at: Option<i64>,
+    end: AttemptEnd,
+    error: Option<String>,
+    now: u64,
+) -> TxResult<()> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO attempts
+                 (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (instance_id, generation, seq, attempt) DO UPDATE
+             SET started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
+                 outcome = EXCLUDED.outcome, error = EXCLUDED.error",
+        )
+        .await?;
+    let now = now as i64;
+    tx.execute(
+        &stmt,
+        &[
+            &task.instance_id,
+            &(task.generation as i64),
+            &i64::from(task.seq),
+            &i64::from(task.attempt),
+            &claimed_at.unwrap_or(now),
+            &now,
+            &end.as_str(),
+            &error,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How a final outcome event ends its attempt, and its error.
+fn attempt_end(event: &Event) -> (AttemptEnd, Option<String>) {
+    match event {
+        Event::ActivityFailed { failure, .. } => (
+            AttemptEnd::Failed,
+            Some(format!("{}: {}", failure.kind, failure.message)),
+        ),
+        _ => (AttemptEnd::Completed, None),
     }
 }
 
@@ -2484,7 +2558,8 @@ impl Store for PostgresStore {
         dedupe_key: Option<&str>,
     ) -> Result<bool, StoreError> {
         // One statement: lock the instance, put the event in its inbox unless it has ended,
-        // and mark it ready if it runs.
+        // and mark it ready if it runs and the event was not a duplicate (a duplicate must not
+        // mark ready an instance whose inbox is empty).
         let (status, accepted) = autocommit!(self, "deliver event", |client| async {
             let stmt = client
                 .prepare_cached(
@@ -2499,6 +2574,7 @@ impl Store for PostgresStore {
                      marked AS (
                          UPDATE instances SET ready = TRUE
                          WHERE id = (SELECT id FROM target WHERE status = 'running')
+                           AND EXISTS (SELECT 1 FROM accepted)
                          RETURNING 1)
                      SELECT (SELECT status FROM target),
                             (SELECT count(*) FROM accepted) > 0,
@@ -2753,6 +2829,43 @@ impl Store for PostgresStore {
             self.bump();
         }
         Ok(outcome)
+    }
+
+    async fn attempts(&self, instance_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        autocommit!(self, "read attempts", |tx| async {
+            let stmt = tx
+                .prepare_cached(
+                    "SELECT generation, seq, attempt, started_at, ended_at, outcome, error
+                     FROM attempts WHERE instance_id = $1 ORDER BY generation, seq, attempt",
+                )
+                .await?;
+            let rows = tx.query(&stmt, &[&instance_id]).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let seq = row.try_get::<_, i64>(1)? as u32;
+                let attempt = row.try_get::<_, i64>(2)? as u32;
+                let outcome: String = row.try_get(5)?;
+                let outcome = AttemptEnd::parse(&outcome).ok_or_else(|| StoreError::Database {
+                    operation: "read attempts".into(),
+                    detail: format!(
+                        "attempt {attempt} of call {seq} of {instance_id} has an unknown \
+                         outcome {outcome:?}"
+                    ),
+                })?;
+                out.push(AttemptRecord {
+                    instance_id: instance_id.to_string(),
+                    generation: row.try_get::<_, i64>(0)? as u64,
+                    seq,
+                    attempt,
+                    started_at_ms: row.try_get::<_, i64>(3)? as u64,
+                    ended_at_ms: row.try_get::<_, i64>(4)? as u64,
+                    outcome,
+                    error: row.try_get(6)?,
+                });
+            }
+            Ok(out)
+        }
+        .await)
     }
 }
 

@@ -15,9 +15,9 @@
 
 use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
 use super::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
-    FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo, InstanceStatus, ListFilter,
-    LoadedInstance, NewInstance, RunEnd, Store,
+    ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
+    CreateOutcome, DirectFinish, FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo,
+    InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -35,12 +35,13 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
 /// Migrations, index `i` moves a store from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE instances (
     id              TEXT PRIMARY KEY,
     coordinator     TEXT NOT NULL,
@@ -104,7 +105,22 @@ CREATE TABLE timers (
     PRIMARY KEY (instance_id, seq)
 );
 CREATE INDEX timers_due ON timers(fire_at);
-"#];
+"#,
+    r#"
+ALTER TABLE tasks ADD COLUMN claimed_at INTEGER;
+CREATE TABLE attempts (
+    instance_id TEXT NOT NULL,
+    generation  INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    ended_at    INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    error       TEXT,
+    PRIMARY KEY (instance_id, generation, seq, attempt)
+) WITHOUT ROWID;
+"#,
+];
 
 /// How hard each commit waits for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -149,7 +165,11 @@ impl Default for SqliteOptions {
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+/// A store operation for the writer thread. Given the connection, it runs inside the batch's
+/// transaction and returns whether it succeeded and how to answer once the batch is decided.
+/// Given `None`, it does not run and only builds its (error) answer: an operation never runs
+/// outside the batch's transaction.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -411,13 +431,21 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let reply: Reply = Box::new(move |commit| {
-                let _ = tx.send(commit.and(result));
-            });
-            (ok, reply)
+        let job: Job = Box::new(move |conn: Option<&Connection>| match conn {
+            Some(conn) => {
+                let result = f(conn);
+                let ok = result.is_ok();
+                let reply: Reply = Box::new(move |commit| {
+                    let _ = tx.send(commit.and(result));
+                });
+                (ok, reply)
+            }
+            None => {
+                let reply: Reply = Box::new(move |commit: Result<(), StoreError>| {
+                    let _ = tx.send(Err(commit.err().unwrap_or(StoreError::Closed)));
+                });
+                (false, reply)
+            }
         });
         {
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -507,20 +535,35 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let err = map_err("begin transaction", "", e);
             for job in batch.drain(..) {
-                // The job must still run to build its reply; its writes are discarded.
-                let (_, reply) = job(&conn);
-                reply(Err(clone_error(&err)));
+                refuse(job, &err);
             }
-            let _ = conn.execute_batch("ROLLBACK");
             continue;
         }
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        // Set when no transaction could be restarted: the rest of the batch is refused unrun.
+        let mut lost: Option<StoreError> = None;
         for job in batch.drain(..) {
+            if let Some(err) = &lost {
+                refuse(job, err);
+                continue;
+            }
             // Cached statements: parsing these twice per operation showed in the profile.
-            let savepoint = conn
+            if let Err(e) = conn
                 .prepare_cached("SAVEPOINT op")
-                .and_then(|mut s| s.execute([]));
-            let (ok, reply) = job(&conn);
+                .and_then(|mut s| s.execute([]))
+            {
+                // Without its savepoint a failing operation could not be undone alone.
+                refuse(job, &map_err("savepoint", "", e));
+                continue;
+            }
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Some(&conn))));
+            let Ok((ok, reply)) = ran else {
+                // A bug in an operation: undo it alone; its caller sees the store as closed
+                // for that call, and the writer goes on serving the others.
+                tracing::error!("a store operation panicked; its writes were undone");
+                let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+                continue;
+            };
             if conn.is_autocommit() {
                 // SQLite rolled the whole transaction back itself (a full disk, an I/O error):
                 // every operation of the batch so far is undone. None of them may be
@@ -537,19 +580,22 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 }
                 if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
                     tracing::error!(error = %e, "could not restart the group-commit transaction");
+                    lost = Some(map_err("begin transaction", "", e));
                 }
                 continue;
             }
-            if savepoint.is_ok() {
-                if ok {
-                    let _ = conn
-                        .prepare_cached("RELEASE op")
-                        .and_then(|mut s| s.execute([]));
-                } else {
-                    let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
-                }
+            if ok {
+                let _ = conn
+                    .prepare_cached("RELEASE op")
+                    .and_then(|mut s| s.execute([]));
+            } else {
+                let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
             }
             replies.push(reply);
+        }
+        if lost.is_some() {
+            // No transaction is open and every operation has been answered.
+            continue;
         }
         match conn.execute_batch("COMMIT") {
             Ok(()) => {
@@ -567,6 +613,12 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             }
         }
     }
+}
+
+/// Answers an operation with `err` without running it.
+fn refuse(job: Job, err: &StoreError) {
+    let (_, reply) = job(None);
+    reply(Err(clone_error(err)));
 }
 
 fn clone_error(e: &StoreError) -> StoreError {
@@ -775,6 +827,45 @@ fn notify_parent(
     let dedupe = format!("child:{}", parent.seq);
     insert_inbox(conn, &parent.instance_id, Some(&dedupe), &event, now)?;
     mark_ready(conn, &parent.instance_id)
+}
+
+/// Journals the attempt `task` held, from its task row (which must still exist): started when
+/// claimed, ended `now`. Part of the transaction that records the attempt's outcome.
+fn record_attempt(
+    conn: &Connection,
+    task: &ActivityTask,
+    outcome: AttemptEnd,
+    error: Option<String>,
+    now: u64,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts
+             (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
+         SELECT instance_id, generation, seq, attempt, COALESCE(claimed_at, ?3), ?3, ?4, ?5
+         FROM tasks WHERE instance_id = ?1 AND seq = ?2",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            task.instance_id,
+            task.seq,
+            now as i64,
+            outcome.as_str(),
+            error
+        ])
+    })
+    .map_err(db("journal activity attempt"))?;
+    Ok(())
+}
+
+/// How a final outcome event ends its attempt, and its error.
+fn attempt_end(event: &Event) -> (AttemptEnd, Option<String>) {
+    match event {
+        Event::ActivityFailed { failure, .. } => (
+            AttemptEnd::Failed,
+            Some(format!("{}: {}", failure.kind, failure.message)),
+        ),
+        _ => (AttemptEnd::Completed, None),
+    }
 }
 
 fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
@@ -1103,6 +1194,8 @@ fn finish_and_activate_in_tx(
             instance_claimed: false,
         }));
     }
+    let (end, error) = attempt_end(outcome);
+    record_attempt(conn, task, end, error, now)?;
     let claimed = conn
         .prepare_cached(
             "UPDATE instances SET lease_owner = ?2, lease_until = ?3
@@ -1444,7 +1537,8 @@ impl Store for SqliteStore {
             let now = now_ms();
             let mut stmt = conn
                 .prepare_cached(
-                    "UPDATE tasks SET lease_owner = ?1, due_at = ?2, attempt = attempt + 1
+                    "UPDATE tasks SET lease_owner = ?1, due_at = ?2, attempt = attempt + 1,
+                                     claimed_at = ?3
                      WHERE rowid IN (SELECT rowid FROM tasks
                                      WHERE due_at <= ?3
                                        AND name IN (SELECT value FROM json_each(?4))
@@ -1531,6 +1625,8 @@ impl Store for SqliteStore {
                 }
                 match outcome {
                     AttemptOutcome::Final(event) => {
+                        let (end, error) = attempt_end(&event);
+                        record_attempt(conn, &task, end, error, now)?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), &event, now)?;
                         conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
@@ -1550,6 +1646,7 @@ impl Store for SqliteStore {
                         Ok(FinishReceipt { accepted: true, instance_claimed: claimed > 0 })
                     }
                     AttemptOutcome::Retry { next_attempt_at_ms, error } => {
+                        record_attempt(conn, &task, AttemptEnd::Retry, Some(error.to_string()), now)?;
                         conn.prepare_cached(
                             "UPDATE tasks SET lease_owner = NULL, due_at = ?3, last_error = ?4
                              WHERE instance_id = ?1 AND seq = ?2",
@@ -1707,7 +1804,11 @@ impl Store for SqliteStore {
                     return Ok(false);
                 }
                 let accepted = insert_inbox(conn, &id, dedupe.as_deref(), &event, now_ms())?;
-                mark_ready(conn, &id)?;
+                // A duplicate must not mark ready an instance whose inbox is empty: it would be
+                // claimed and found idle at every poll.
+                if accepted {
+                    mark_ready(conn, &id)?;
+                }
                 Ok(accepted)
             })
             .await?;
@@ -1959,6 +2060,53 @@ impl Store for SqliteStore {
             self.bump();
         }
         Ok(outcome)
+    }
+
+    async fn attempts(&self, instance_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+        let id = instance_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT generation, seq, attempt, started_at, ended_at, outcome, error
+                     FROM attempts WHERE instance_id = ?1 ORDER BY generation, seq, attempt",
+                )
+                .map_err(db("read attempts"))?;
+            let rows = stmt
+                .query_map([&id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, u32>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, Option<String>>(6)?,
+                    ))
+                })
+                .map_err(db("read attempts"))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db("read attempts"))?;
+            rows.into_iter()
+                .map(|(generation, seq, attempt, started, ended, outcome, error)| {
+                    let outcome =
+                        AttemptEnd::parse(&outcome).ok_or_else(|| StoreError::Database {
+                            operation: "read attempts".into(),
+                            detail: format!("attempt {attempt} of call {seq} of {id} has an unknown outcome {outcome:?}"),
+                        })?;
+                    Ok(AttemptRecord {
+                        instance_id: id.clone(),
+                        generation: generation as u64,
+                        seq,
+                        attempt,
+                        started_at_ms: started as u64,
+                        ended_at_ms: ended as u64,
+                        outcome,
+                        error,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 }
 

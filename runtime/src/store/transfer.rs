@@ -374,6 +374,7 @@ fn pending_work(id: &str, events: &[HistoryEvent]) -> Result<PendingWork, StoreE
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use retrace_sdk::RetrySpec;

@@ -261,12 +261,21 @@ async fn list(
 async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<(), CliError> {
     let info = describe(store, place, id).await?;
     let history = store.history(id).await?;
+    // The attempt journal of the current run (empty for a store that keeps none).
+    let attempts: Vec<_> = store
+        .attempts(id)
+        .await?
+        .into_iter()
+        .filter(|a| a.generation == info.generation)
+        .collect();
+    let calls = calls(&history);
     let rows = rows(&history);
     if json {
         return print_json(&json!({
             "instance": info,
             "events": rows,
-            "calls": calls(&history),
+            "calls": calls,
+            "attempts": attempts,
         }));
     }
     let activations = history.last().map_or(0, |e| u64::from(e.activation) + 1);
@@ -336,6 +345,36 @@ async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<
         ]);
     }
     print!("{}", table.render());
+    if !attempts.is_empty() {
+        let start_ms = history
+            .first()
+            .map_or(info.created_at_ms, |e| e.recorded_at_ms);
+        let mut table = Table::new(
+            &[
+                "SEQ", "ACTIVITY", "ATTEMPT", "TIME", "DURATION", "OUTCOME", "ERROR",
+            ],
+            32,
+        );
+        for a in &attempts {
+            let name = calls
+                .iter()
+                .find(|c| c.seq == Some(a.seq) && c.kind == crate::events::CallKind::Activity)
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            table.row(vec![
+                a.seq.to_string(),
+                name,
+                a.attempt.to_string(),
+                offset(a.started_at_ms.saturating_sub(start_ms)),
+                duration(a.ended_at_ms.saturating_sub(a.started_at_ms)),
+                a.outcome.as_str().to_string(),
+                a.error.clone().unwrap_or_default(),
+            ]);
+        }
+        println!();
+        println!("activity attempts (from the store's attempt journal)");
+        print!("{}", table.render());
+    }
     Ok(())
 }
 
@@ -568,7 +607,8 @@ async fn timeline(
 ) -> Result<(), CliError> {
     let info = describe(store, place, id).await?;
     let history = store.history(id).await?;
-    let timeline = Timeline::build(&info, &history);
+    let attempts = store.attempts(id).await?;
+    let timeline = Timeline::build(&info, &history, &attempts);
     let text = match format {
         TimelineFormat::Mermaid => timeline.to_mermaid(),
         TimelineFormat::Svg => crate::svg::render(&timeline),

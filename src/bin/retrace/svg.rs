@@ -3,6 +3,8 @@
 //! Lanes are rows with their name on the left; time runs left to right from the run's first
 //! event. Green bars completed, red bars failed, dashed outlines have no outcome yet, hatched
 //! orange bars are compensations, a dark border marks calls that needed more than one attempt.
+//! When the store journals attempts, each attempt is its own bar (failed ones red, the gaps
+//! between them the retry backoffs), its tooltip naming the attempt's error.
 //! Hovering a bar shows everything known about the call.
 
 use crate::table::duration;
@@ -155,7 +157,7 @@ fn render_bar(s: &mut String, bar: &Bar, kind: LaneKind, lane_y: u32, x_of: &dyn
 fn render_legend(s: &mut String, y: u32) {
     let items: [(&str, &str, &str); 6] = [
         ("#43a047", "none", "activity call completed"),
-        ("#e53935", "none", "failed"),
+        ("#e53935", "none", "failed (call or attempt)"),
         ("#ffffff", "#1e88e5", "no outcome yet"),
         ("#ef6c00", "none", "compensation"),
         ("#8e24aa", "none", "timer"),

@@ -5,9 +5,15 @@
 //! from scheduled to delivered, labelled with its attempts; then timers, signal waits and
 //! children. Bars of calls without an outcome reach the end of the axis and are drawn open.
 //! Compensations (see `events`) are marked.
+//!
+//! When the store journals attempts ([`retrace::runtime::store::Store::attempts`]), an activity
+//! call is drawn as one bar per attempt instead, from the attempt's claim to its recorded
+//! outcome: failed attempts in red with their error in the tooltip, the gaps between them being
+//! the retry backoffs. Without a journal (an older store, an imported history), one bar per call.
 
 use crate::events::{calls, Call, CallKind, Outcome};
 use crate::table::{duration, utc};
+use retrace::runtime::store::{AttemptEnd, AttemptRecord};
 use retrace::sdk::{Event, HistoryEvent};
 use retrace::InstanceInfo;
 
@@ -67,12 +73,26 @@ pub(crate) struct Timeline {
 }
 
 impl Timeline {
-    /// The timeline of `info`'s current run, whose history is `history`.
-    pub(crate) fn build(info: &InstanceInfo, history: &[HistoryEvent]) -> Self {
+    /// The timeline of `info`'s current run, whose history is `history`, with the attempts
+    /// journaled for it (`attempts` of other runs are ignored).
+    pub(crate) fn build(
+        info: &InstanceInfo,
+        history: &[HistoryEvent],
+        attempts: &[AttemptRecord],
+    ) -> Self {
         let start_ms = history
             .first()
             .map_or(info.created_at_ms, |e| e.recorded_at_ms);
-        let last_ms = history.last().map_or(start_ms, |e| e.recorded_at_ms);
+        // An attempt may have ended after the last event (its outcome not yet delivered).
+        let last_attempt_ms = attempts
+            .iter()
+            .filter(|a| a.generation == info.generation)
+            .map(|a| a.ended_at_ms)
+            .max();
+        let last_ms = history
+            .last()
+            .map_or(start_ms, |e| e.recorded_at_ms)
+            .max(last_attempt_ms.unwrap_or(0));
         let ended = history.last().and_then(|e| match &e.event {
             Event::InstanceCompleted { .. } => Some(BarState::Done),
             Event::InstanceFailed { .. }
@@ -118,14 +138,21 @@ impl Timeline {
                 CallKind::Signal => (LaneKind::Signal, format!("signal {}", call.name)),
                 CallKind::Child => (LaneKind::Child, format!("child {}", call.name)),
             };
-            let bar = bar_of(&call, end_ms, ended.is_some());
+            let tried: Vec<&AttemptRecord> = match (call.kind, call.seq) {
+                (CallKind::Activity, Some(seq)) => attempts
+                    .iter()
+                    .filter(|a| a.generation == info.generation && a.seq == seq)
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let bars = if tried.is_empty() {
+                vec![bar_of(&call, end_ms, ended.is_some())]
+            } else {
+                attempt_bars(&call, &tried, end_ms, ended.is_some())
+            };
             match lanes.iter_mut().find(|l| l.kind == kind && l.name == name) {
-                Some(lane) => lane.bars.push(bar),
-                None => lanes.push(Lane {
-                    name,
-                    kind,
-                    bars: vec![bar],
-                }),
+                Some(lane) => lane.bars.extend(bars),
+                None => lanes.push(Lane { name, kind, bars }),
             }
         }
         Timeline {
@@ -243,6 +270,81 @@ fn bar_of(call: &Call, axis_end_ms: u64, run_ended: bool) -> Bar {
         compensation: call.compensation,
         detail,
     }
+}
+
+/// One bar per journaled attempt of an activity call; a call still without an outcome gets an
+/// open bar from its last attempt's end (a backoff or an attempt running now; or, after a final
+/// attempt, the wait for the activation that delivers its outcome).
+fn attempt_bars(
+    call: &Call,
+    tried: &[&AttemptRecord],
+    axis_end_ms: u64,
+    run_ended: bool,
+) -> Vec<Bar> {
+    let retried = tried.len() > 1;
+    let seq = call.seq.map_or_else(String::new, |s| format!("call {s} "));
+    let mut bars: Vec<Bar> = tried
+        .iter()
+        .map(|a| {
+            let took = duration(a.ended_at_ms.saturating_sub(a.started_at_ms));
+            let (state, what) = match a.outcome {
+                AttemptEnd::Completed => (BarState::Done, format!("done in {took}")),
+                AttemptEnd::Failed => (BarState::Failed, format!("failed for good after {took}")),
+                AttemptEnd::Retry => (BarState::Failed, format!("failed after {took}, retried")),
+            };
+            let mut label = match a.outcome {
+                AttemptEnd::Completed => format!("{seq}attempt {} {took}", a.attempt),
+                AttemptEnd::Failed => format!("{seq}attempt {} failed", a.attempt),
+                AttemptEnd::Retry => format!("{seq}attempt {} failed, retry", a.attempt),
+            };
+            if call.compensation {
+                label = format!("compensation {label}");
+            }
+            let mut detail = format!(
+                "{} (call {}, position {}): attempt {} {what}",
+                call.name,
+                call.seq.unwrap_or_default(),
+                call.position,
+                a.attempt
+            );
+            if let Some(error) = &a.error {
+                detail.push_str(&format!(": {error}"));
+            }
+            detail.push_str(&format!(
+                "; started {} UTC, ended {} UTC",
+                utc(a.started_at_ms),
+                utc(a.ended_at_ms)
+            ));
+            if call.compensation {
+                detail.push_str("; compensation (scheduled after the run began unwinding)");
+            }
+            Bar {
+                label,
+                start_ms: a.started_at_ms,
+                end_ms: a.ended_at_ms,
+                state,
+                retried,
+                compensation: call.compensation,
+                detail,
+            }
+        })
+        .collect();
+    if matches!(call.outcome, Outcome::Pending) {
+        let retrying = tried.last().is_some_and(|a| a.outcome == AttemptEnd::Retry);
+        let from = tried.last().map_or(call.started_at_ms, |a| a.ended_at_ms);
+        let mut open = bar_of(call, axis_end_ms, run_ended);
+        if open.state == BarState::Pending {
+            open.start_ms = from.min(axis_end_ms);
+            open.label = if retrying {
+                format!("{seq}next attempt pending")
+            } else {
+                format!("{seq}pending, outcome not yet delivered")
+            };
+        }
+        open.retried = retried;
+        bars.push(open);
+    }
+    bars
 }
 
 /// Text Mermaid accepts in a title, section or task name: no `:`, `#` or `;`.
