@@ -438,7 +438,7 @@ async fn sqlite_v1_store_gets_an_attempt_journal() {
         // Back to the version 1 schema.
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
-            "DROP TABLE attempts; ALTER TABLE tasks DROP COLUMN claimed_at;
+            "DROP TABLE attempts; DROP TABLE delivered; ALTER TABLE tasks DROP COLUMN claimed_at;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -1015,6 +1015,18 @@ mod cases {
         );
         activate(s, "w1", "a", vec![], false).await.unwrap();
         assert_eq!(history_events(s, "a").await, events);
+        // The inbox is empty now; a resend with a delivered key is still refused, and does not
+        // make the instance ready.
+        assert!(!s
+            .deliver("a", signal("y", json!(8)), Some("k1"))
+            .await
+            .unwrap());
+        assert!(s.load("a", 0).await.unwrap().inbox.is_empty());
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 1, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
 
         // A signal for an unknown instance is an error; for an ended one it is dropped.
         assert!(matches!(

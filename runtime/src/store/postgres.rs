@@ -78,7 +78,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Config, IsolationLevel, NoTls, Row};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The application name in `retrace_schema`, telling our tables from another program's.
 const APPLICATION: &str = "retrace";
@@ -186,6 +186,15 @@ CREATE TABLE attempts (
     outcome     TEXT NOT NULL,
     error       TEXT,
     PRIMARY KEY (instance_id, generation, seq, attempt)
+);
+"#,
+    r#"
+-- Ids of messages delivered with a dedupe key (signal ids, cancel): kept after the message left
+-- the inbox, so that a resend is refused however late it comes.
+CREATE TABLE delivered (
+    instance_id TEXT NOT NULL,
+    dedupe      TEXT NOT NULL,
+    PRIMARY KEY (instance_id, dedupe)
 );
 "#,
 ];
@@ -2565,10 +2574,17 @@ impl Store for PostgresStore {
                 .prepare_cached(
                     "WITH target AS (
                          SELECT id, status FROM instances WHERE id = $1 FOR UPDATE),
+                     remembered AS (
+                         INSERT INTO delivered (instance_id, dedupe)
+                         SELECT id, $2 FROM target
+                         WHERE $2::TEXT IS NOT NULL AND status IN ('running', 'stopped')
+                         ON CONFLICT (instance_id, dedupe) DO NOTHING
+                         RETURNING 1),
                      accepted AS (
                          INSERT INTO inbox (instance_id, dedupe, body, created_at)
                          SELECT id, $2, $3, $4 FROM target
                          WHERE status IN ('running', 'stopped')
+                           AND ($2::TEXT IS NULL OR EXISTS (SELECT 1 FROM remembered))
                          ON CONFLICT (instance_id, dedupe) DO NOTHING
                          RETURNING 1),
                      marked AS (

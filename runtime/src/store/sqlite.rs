@@ -35,7 +35,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -118,6 +118,15 @@ CREATE TABLE attempts (
     outcome     TEXT NOT NULL,
     error       TEXT,
     PRIMARY KEY (instance_id, generation, seq, attempt)
+) WITHOUT ROWID;
+"#,
+    r#"
+-- Ids of messages delivered with a dedupe key (signal ids, cancel): kept after the message left
+-- the inbox, so that a resend is refused however late it comes.
+CREATE TABLE delivered (
+    instance_id TEXT NOT NULL,
+    dedupe      TEXT NOT NULL,
+    PRIMARY KEY (instance_id, dedupe)
 ) WITHOUT ROWID;
 "#,
 ];
@@ -1802,6 +1811,19 @@ impl Store for SqliteStore {
                 })?;
                 if info.status.is_final() {
                     return Ok(false);
+                }
+                if let Some(key) = dedupe.as_deref() {
+                    // Remembered for good: a resend after delivery is refused too.
+                    let first = conn
+                        .prepare_cached(
+                            "INSERT INTO delivered (instance_id, dedupe) VALUES (?1, ?2)
+                             ON CONFLICT (instance_id, dedupe) DO NOTHING",
+                        )
+                        .and_then(|mut s| s.execute(params![id, key]))
+                        .map_err(db("remember delivered message"))?;
+                    if first == 0 {
+                        return Ok(false);
+                    }
                 }
                 let accepted = insert_inbox(conn, &id, dedupe.as_deref(), &event, now_ms())?;
                 // A duplicate must not mark ready an instance whose inbox is empty: it would be
