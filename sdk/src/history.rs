@@ -24,7 +24,11 @@ use serde_json::Value;
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
 /// One journaled event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Serialized as a JSON object tagged by `type`. Decoding is hand-written (module `wire`)
+/// because it is the hot path of every cold replay: serde's derived decoder for internally tagged
+/// enums buffers each object before decoding it a second time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
@@ -172,6 +176,166 @@ pub enum Event {
         /// The input of the next run.
         input: Value,
     },
+}
+
+mod wire {
+    //! One-pass decoding of [`Event`]: every field of every variant into one flat struct, then
+    //! the variant named by `type` is built from it. A missing required field, a field of the
+    //! wrong type, or an unknown `type` is an error, as with a derived decoder; unknown fields
+    //! are ignored, as before.
+
+    use super::{Event, ParentRef};
+    use crate::error::{ActivityFailure, Error};
+    use crate::retry::RetrySpec;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+    use std::borrow::Cow;
+
+    const VARIANTS: &[&str] = &[
+        "instance_started",
+        "activity_completed",
+        "activity_failed",
+        "timer_fired",
+        "signal_received",
+        "child_completed",
+        "cancel_requested",
+        "patches_pinned",
+        "activity_scheduled",
+        "timer_started",
+        "signal_awaited",
+        "child_started",
+        "side_effect",
+        "patch_marker",
+        "instance_completed",
+        "instance_failed",
+        "instance_cancelled",
+        "instance_terminated",
+        "continued_as_new",
+    ];
+
+    /// A JSON value that is present, `null` included (an absent one stays `None`).
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        Value::deserialize(d).map(Some)
+    }
+
+    #[derive(Deserialize)]
+    struct Wire<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Cow<'a, str>,
+        seq: Option<u32>,
+        coordinator: Option<String>,
+        #[serde(default, deserialize_with = "present")]
+        input: Option<Value>,
+        parent: Option<ParentRef>,
+        #[serde(default, deserialize_with = "present")]
+        output: Option<Value>,
+        attempt: Option<u32>,
+        failure: Option<ActivityFailure>,
+        name: Option<String>,
+        #[serde(default, deserialize_with = "present")]
+        payload: Option<Value>,
+        result: Option<Result<Value, Error>>,
+        reason: Option<String>,
+        patches: Option<Vec<String>>,
+        retry: Option<RetrySpec>,
+        fire_at_ms: Option<u64>,
+        instance_id: Option<String>,
+        detached: Option<bool>,
+        #[serde(default, deserialize_with = "present")]
+        value: Option<Value>,
+        patch: Option<String>,
+        error: Option<Error>,
+    }
+
+    fn req<T, E: serde::de::Error>(v: Option<T>, field: &'static str) -> Result<T, E> {
+        v.ok_or_else(|| E::missing_field(field))
+    }
+
+    impl<'de> Deserialize<'de> for Event {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let w = Wire::deserialize(d)?;
+            Ok(match w.kind.as_ref() {
+                "instance_started" => Event::InstanceStarted {
+                    coordinator: req(w.coordinator, "coordinator")?,
+                    input: req(w.input, "input")?,
+                    parent: w.parent,
+                },
+                "activity_completed" => Event::ActivityCompleted {
+                    seq: req(w.seq, "seq")?,
+                    output: req(w.output, "output")?,
+                    attempt: req(w.attempt, "attempt")?,
+                },
+                "activity_failed" => Event::ActivityFailed {
+                    seq: req(w.seq, "seq")?,
+                    failure: req(w.failure, "failure")?,
+                },
+                "timer_fired" => Event::TimerFired {
+                    seq: req(w.seq, "seq")?,
+                },
+                "signal_received" => Event::SignalReceived {
+                    name: req(w.name, "name")?,
+                    payload: req(w.payload, "payload")?,
+                },
+                "child_completed" => Event::ChildCompleted {
+                    seq: req(w.seq, "seq")?,
+                    result: req(w.result, "result")?,
+                },
+                "cancel_requested" => Event::CancelRequested {
+                    reason: req(w.reason, "reason")?,
+                },
+                "patches_pinned" => Event::PatchesPinned {
+                    patches: req(w.patches, "patches")?,
+                },
+                "activity_scheduled" => Event::ActivityScheduled {
+                    seq: req(w.seq, "seq")?,
+                    name: req(w.name, "name")?,
+                    input: req(w.input, "input")?,
+                    retry: req(w.retry, "retry")?,
+                },
+                "timer_started" => Event::TimerStarted {
+                    seq: req(w.seq, "seq")?,
+                    fire_at_ms: req(w.fire_at_ms, "fire_at_ms")?,
+                },
+                "signal_awaited" => Event::SignalAwaited {
+                    seq: req(w.seq, "seq")?,
+                    name: req(w.name, "name")?,
+                },
+                "child_started" => Event::ChildStarted {
+                    seq: req(w.seq, "seq")?,
+                    instance_id: req(w.instance_id, "instance_id")?,
+                    coordinator: req(w.coordinator, "coordinator")?,
+                    input: req(w.input, "input")?,
+                    detached: w.detached.unwrap_or(false),
+                },
+                "side_effect" => Event::SideEffect {
+                    seq: req(w.seq, "seq")?,
+                    name: req(w.name, "name")?,
+                    value: req(w.value, "value")?,
+                },
+                "patch_marker" => Event::PatchMarker {
+                    seq: req(w.seq, "seq")?,
+                    patch: req(w.patch, "patch")?,
+                },
+                "instance_completed" => Event::InstanceCompleted {
+                    output: req(w.output, "output")?,
+                },
+                "instance_failed" => Event::InstanceFailed {
+                    error: req(w.error, "error")?,
+                },
+                "instance_cancelled" => Event::InstanceCancelled {
+                    reason: req(w.reason, "reason")?,
+                },
+                "instance_terminated" => Event::InstanceTerminated {
+                    reason: req(w.reason, "reason")?,
+                },
+                "continued_as_new" => Event::ContinuedAsNew {
+                    input: req(w.input, "input")?,
+                },
+                other => return Err(D::Error::unknown_variant(other, VARIANTS)),
+            })
+        }
+    }
 }
 
 /// The parent of a child instance.
@@ -360,6 +524,40 @@ mod tests {
             let back: Event = serde_json::from_str(&text).unwrap();
             assert_eq!(back, e);
         }
+    }
+
+    #[test]
+    fn the_hand_written_decoder_is_as_strict_as_a_derived_one() {
+        let decode = |text: &str| serde_json::from_str::<Event>(text);
+        let done = decode(r#"{"type":"instance_completed","output":null}"#).unwrap();
+        assert_eq!(
+            done,
+            Event::InstanceCompleted {
+                output: serde_json::Value::Null
+            }
+        );
+        let err = decode(r#"{"type":"instance_completed"}"#).unwrap_err();
+        assert!(err.to_string().contains("missing field `output`"), "{err}");
+        let err = decode(r#"{"type":"activity_completed","seq":"x","output":1,"attempt":1}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid type"), "{err}");
+        let err = decode(r#"{"type":"telepathy","seq":1}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `telepathy`"),
+            "{err}"
+        );
+        assert!(decode(r#"{"seq":1}"#).is_err(), "the type is required");
+        let child = decode(
+            r#"{"type":"child_started","seq":2,"instance_id":"c","coordinator":"k","input":[]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            child,
+            Event::ChildStarted {
+                detached: false,
+                ..
+            }
+        ));
     }
 
     #[test]
