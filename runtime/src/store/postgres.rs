@@ -2631,7 +2631,8 @@ impl Store for PostgresStore {
     }
 
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
-        write_tx!(self, "resume instance", |tx| async {
+        write_tx!(self, "resume instance", |tx| {
+            async {
             // Lock first, so that the inbox check below sees every delivery committed before.
             let lock = tx
                 .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
@@ -2641,7 +2642,10 @@ impl Store for PostgresStore {
                 .prepare_cached(
                     "UPDATE instances SET status = 'running', reason = NULL,
                             ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
-                            lease_owner = NULL, lease_until = 0, updated_at = $2
+                            -- A running instance keeps its lease: a worker may be activating it.
+                            lease_owner = CASE WHEN status = 'stopped' THEN NULL ELSE lease_owner END,
+                            lease_until = CASE WHEN status = 'stopped' THEN 0 ELSE lease_until END,
+                            updated_at = $2
                      WHERE id = $1 AND status IN ('stopped', 'running')",
                 )
                 .await?;
@@ -2656,7 +2660,8 @@ impl Store for PostgresStore {
             }
             TxResult::Ok(())
         }
-        .await)?;
+        .await
+        })?;
         self.bump();
         Ok(())
     }

@@ -1886,7 +1886,10 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE instances SET status = 'running', reason = NULL,
                             ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1),
-                            lease_owner = NULL, lease_until = 0, updated_at = ?2
+                            -- A running instance keeps its lease: a worker may be activating it.
+                            lease_owner = CASE WHEN status = 'stopped' THEN NULL ELSE lease_owner END,
+                            lease_until = CASE WHEN status = 'stopped' THEN 0 ELSE lease_until END,
+                            updated_at = ?2
                      WHERE id = ?1 AND status IN ('stopped', 'running')",
                 )
                 .and_then(|mut s| s.execute(params![id, now_ms() as i64]))
