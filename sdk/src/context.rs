@@ -48,10 +48,11 @@ pub(crate) struct Shared {
     pub(crate) next_seq: u32,
     /// Commands issued live in the current activation, not yet handed to the runtime.
     pub(crate) issued: Vec<Event>,
-    /// Outcomes delivered but not yet taken by their future.
-    pub(crate) results: HashMap<u32, Resolution>,
+    /// Outcomes delivered but not yet taken by their future. (Ordered maps: a few entries at a
+    /// time, keyed by small integers; hashing them was 8% of a long replay.)
+    pub(crate) results: BTreeMap<u32, Resolution>,
     /// Wakers of futures waiting on a command position.
-    pub(crate) wakers: HashMap<u32, Waker>,
+    pub(crate) wakers: BTreeMap<u32, Waker>,
     /// Positions issued and not yet resolved.
     pub(crate) pending: BTreeSet<u32>,
     /// Signals that arrived before anybody waited for them, per name, in arrival order.
@@ -77,8 +78,8 @@ impl Shared {
             recorded: Vec::new(),
             next_seq: 0,
             issued: Vec::new(),
-            results: HashMap::new(),
-            wakers: HashMap::new(),
+            results: BTreeMap::new(),
+            wakers: BTreeMap::new(),
             pending: BTreeSet::new(),
             signal_buffer: HashMap::new(),
             signal_waiters: BTreeMap::new(),
@@ -96,8 +97,21 @@ impl Shared {
     /// Issues a command built for the next position. Returns its position and, when the command
     /// replays a recorded one, the recorded event (so that side effects return recorded values).
     fn issue(&mut self, build: impl FnOnce(u32) -> Event) -> (u32, Option<Event>) {
+        self.issue_unless(|_| false, build)
+    }
+
+    /// As [`Shared::issue`], but when the recorded command at the next position passes `same`
+    /// (the cheap check of a replayed activity call), the command is not even built.
+    fn issue_unless(
+        &mut self,
+        same: impl FnOnce(&Event) -> bool,
+        build: impl FnOnce(u32) -> Event,
+    ) -> (u32, Option<Event>) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if self.recorded.get(seq as usize).is_some_and(same) {
+            return (seq, None);
+        }
         let command = build(seq);
         match self.recorded.get(seq as usize) {
             Some(recorded) => {
@@ -308,12 +322,18 @@ impl Context {
                 };
             }
         };
-        let op = self.wait_on(|seq| Event::ActivityScheduled {
-            seq,
-            name: name.to_string(),
-            input,
-            retry: retry.spec(),
-        });
+        // On replay, a recorded call of the same name is all there is to check (commands match
+        // by kind and name): building the command only to compare and drop it was a tenth of a
+        // long replay.
+        let op = self.wait_on_unless(
+            |recorded| matches!(recorded, Event::ActivityScheduled { name: n, .. } if n == name),
+            |seq| Event::ActivityScheduled {
+                seq,
+                name: name.to_string(),
+                input,
+                retry: retry.spec(),
+            },
+        );
         ActivityCall {
             op,
             name,
@@ -604,8 +624,17 @@ impl Context {
 
     /// Issues a command that waits for an inbound event at its position.
     fn wait_on(&self, build: impl FnOnce(u32) -> Event) -> Operation {
+        self.wait_on_unless(|_| false, build)
+    }
+
+    /// As [`Context::wait_on`], with the shortcut of [`Shared::issue_unless`].
+    fn wait_on_unless(
+        &self,
+        same: impl FnOnce(&Event) -> bool,
+        build: impl FnOnce(u32) -> Event,
+    ) -> Operation {
         let mut shared = lock(&self.shared);
-        let (seq, _) = shared.issue(build);
+        let (seq, _) = shared.issue_unless(same, build);
         // After a cancellation has been delivered, new commands still wait normally: that is how
         // compensations run after a cancel.
         shared.pending.insert(seq);

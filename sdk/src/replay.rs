@@ -242,7 +242,7 @@ impl Execution {
             inbound.insert(i + 1, pinned);
         }
         if !self.terminal_recorded {
-            self.run(&inbound, u64::MAX)?;
+            self.run(inbound.iter(), u64::MAX)?;
         }
         let mut events = inbound;
         let custom_status = {
@@ -316,10 +316,11 @@ impl Execution {
             }
             return Ok(());
         }
-        let inbound: Vec<Event> = batch
+        // Borrowed, not cloned: a long replay delivers one outcome per activation.
+        let inbound: Vec<&Event> = batch
             .iter()
             .filter(|e| e.event.family() == EventFamily::Inbound)
-            .map(|e| e.event.clone())
+            .map(|e| &e.event)
             .collect();
         let max_seq = batch
             .iter()
@@ -332,7 +333,10 @@ impl Execution {
         let terminal_position = terminal.map(|t| t.position);
         let first_seq = lock(&self.shared).next_seq;
         if !self.terminal_recorded {
-            self.run(&inbound, terminal_position.unwrap_or(u64::MAX))?;
+            self.run(
+                inbound.iter().copied(),
+                terminal_position.unwrap_or(u64::MAX),
+            )?;
         }
         // The code must not request more commands in this activation than the recorded run did:
         // neither new ones nor ones the recorded run only issued in a later activation.
@@ -396,7 +400,11 @@ impl Execution {
     }
 
     /// Delivers `inbound` and polls the coordinator until it stops making progress.
-    fn run(&mut self, inbound: &[Event], position_hint: u64) -> Result<(), ReplayError> {
+    fn run<'e>(
+        &mut self,
+        inbound: impl Iterator<Item = &'e Event>,
+        position_hint: u64,
+    ) -> Result<(), ReplayError> {
         let mut wakers = Vec::new();
         for event in inbound {
             match event {
