@@ -408,6 +408,7 @@ conformance!(
     stop_and_resume,
     finish_and_activate_commits_both,
     attempts_are_journaled,
+    a_task_claimed_with_its_activation_starts_its_attempt_then,
     mark_unclaimed_notes_unknown_coordinators,
     list_and_describe,
     changes_wake_waiters,
@@ -1664,6 +1665,30 @@ mod cases {
             s.describe("e").await.unwrap().unwrap().reason.as_deref(),
             Some("no worker knows act")
         );
+    }
+
+    pub(super) async fn a_task_claimed_with_its_activation_starts_its_attempt_then(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "c", "w1").await;
+        let scheduled_at = now_ms();
+        let mut receipt = activate(s, "w1", "c", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        assert_eq!(receipt.claimed_tasks.len(), 1);
+        let task = receipt.claimed_tasks.remove(0);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let finished = s
+            .finish_task("w1", &task, completed(&task, json!(1)), LEASE_MS)
+            .await
+            .unwrap();
+        assert!(finished.accepted);
+        let attempts = s.attempts("c").await.unwrap();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        // The attempt ran from the commit that claimed it, not from its end (a zero-length bar
+        // in `retrace timeline`).
+        let a = &attempts[0];
+        assert!(a.started_at_ms >= scheduled_at, "{a:?}");
+        assert!(a.ended_at_ms >= a.started_at_ms + 25, "{a:?}");
     }
 
     pub(super) async fn attempts_are_journaled(h: &Harness) {

@@ -1157,8 +1157,9 @@ async fn insert_tasks(
     let stmt = tx
         .prepare_cached(
             "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
-                                due_at, lease_owner, created_at)
-             SELECT $1, t.seq, $2, t.name, t.input, t.retry, t.attempt, t.due, t.owner, $10
+                                due_at, lease_owner, created_at, claimed_at)
+             SELECT $1, t.seq, $2, t.name, t.input, t.retry, t.attempt, t.due, t.owner, $10,
+                    CASE WHEN t.owner IS NULL THEN NULL ELSE $10::BIGINT END
              FROM unnest($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
                          $8::BIGINT[], $9::TEXT[])
                   AS t(seq, name, input, retry, attempt, due, owner)

@@ -532,7 +532,7 @@ impl Drop for SqliteStore {
 
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(GROUP_COMMIT_MAX);
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = next_job(&rx) {
         batch.push(first);
         while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
@@ -623,6 +623,27 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
         }
     }
 }
+
+/// The next operation, or `None` once the store is closed. An operation that follows a
+/// commit within [`WRITER_SPIN`] is taken without the writer going to sleep: waking a sleeping
+/// thread took as long as a tenth of a commit on this kind of virtual machine, once per
+/// sequential step (W2).
+fn next_job(rx: &mpsc::Receiver<Job>) -> Option<Job> {
+    let until = std::time::Instant::now() + WRITER_SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < until => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
+}
+
+/// How long the writer looks for the next operation before it sleeps.
+const WRITER_SPIN: Duration = Duration::from_micros(250);
 
 /// Answers an operation with `err` without running it.
 fn refuse(job: Job, err: &StoreError) {
@@ -919,6 +940,77 @@ fn append_events(
     Ok(())
 }
 
+/// Creates the activity tasks and timers of an activation; tasks claimed with it go into the
+/// receipt.
+fn insert_tasks_and_timers(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+    receipt: &mut CommitReceipt,
+) -> Result<(), StoreError> {
+    let lease_until = now + c.lease_ms;
+    if !c.tasks.is_empty() {
+        let mut ins = conn
+            .prepare_cached(
+                "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
+                                    due_at, lease_owner, created_at, claimed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
+                         CASE WHEN ?9 IS NULL THEN NULL ELSE ?10 END)
+                 ON CONFLICT (instance_id, seq) DO NOTHING",
+            )
+            .map_err(db("create activity task"))?;
+        for t in &c.tasks {
+            let (attempt, due, owner) = if t.claim {
+                (1u32, lease_until, Some(c.owner.as_str()))
+            } else {
+                (0u32, now, None)
+            };
+            ins.execute(params![
+                c.instance_id,
+                t.seq,
+                c.generation as i64,
+                t.name,
+                to_json(&t.input)?,
+                to_json(&t.retry)?,
+                attempt,
+                due as i64,
+                owner,
+                now as i64
+            ])
+            .map_err(db("create activity task"))?;
+            if t.claim {
+                receipt.claimed_tasks.push(ActivityTask {
+                    instance_id: c.instance_id.clone(),
+                    seq: t.seq,
+                    name: t.name.clone(),
+                    input: t.input.clone(),
+                    retry: t.retry.clone(),
+                    attempt: 1,
+                    generation: c.generation,
+                });
+            }
+        }
+    }
+    if !c.timers.is_empty() {
+        let mut ins = conn
+            .prepare_cached(
+                "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (instance_id, seq) DO NOTHING",
+            )
+            .map_err(db("create timer"))?;
+        for (seq, fire_at) in &c.timers {
+            ins.execute(params![
+                c.instance_id,
+                seq,
+                c.generation as i64,
+                *fire_at as i64
+            ])
+            .map_err(db("create timer"))?;
+        }
+    }
+    Ok(())
+}
+
 fn commit_in_tx(
     conn: &Connection,
     c: &ActivationCommit,
@@ -974,64 +1066,7 @@ fn commit_in_tx(
     }
     let lease_until = now + c.lease_ms;
     let mut receipt = CommitReceipt::default();
-    if !c.tasks.is_empty() {
-        let mut ins = conn
-            .prepare_cached(
-                "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
-                                    due_at, lease_owner, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (instance_id, seq) DO NOTHING",
-            )
-            .map_err(db("create activity task"))?;
-        for t in &c.tasks {
-            let (attempt, due, owner) = if t.claim {
-                (1u32, lease_until, Some(c.owner.as_str()))
-            } else {
-                (0u32, now, None)
-            };
-            ins.execute(params![
-                c.instance_id,
-                t.seq,
-                c.generation as i64,
-                t.name,
-                to_json(&t.input)?,
-                to_json(&t.retry)?,
-                attempt,
-                due as i64,
-                owner,
-                now as i64
-            ])
-            .map_err(db("create activity task"))?;
-            if t.claim {
-                receipt.claimed_tasks.push(ActivityTask {
-                    instance_id: c.instance_id.clone(),
-                    seq: t.seq,
-                    name: t.name.clone(),
-                    input: t.input.clone(),
-                    retry: t.retry.clone(),
-                    attempt: 1,
-                    generation: c.generation,
-                });
-            }
-        }
-    }
-    if !c.timers.is_empty() {
-        let mut ins = conn
-            .prepare_cached(
-                "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (instance_id, seq) DO NOTHING",
-            )
-            .map_err(db("create timer"))?;
-        for (seq, fire_at) in &c.timers {
-            ins.execute(params![
-                c.instance_id,
-                seq,
-                c.generation as i64,
-                *fire_at as i64
-            ])
-            .map_err(db("create timer"))?;
-        }
-    }
+    insert_tasks_and_timers(conn, c, now, &mut receipt)?;
     for child in &c.children {
         match create_in_tx(conn, child, now)? {
             CreateOutcome::Created => receipt.woken.push(child.id.clone()),
@@ -1184,27 +1219,59 @@ fn finish_and_activate_in_tx(
                 })
             }
         };
-    let row: Option<(u32, Option<String>, i64)> = conn
+    // The task must still be held by this attempt; it goes in the same transaction as the
+    // outcome is written, whichever way that is.
+    let claimed_at: Option<Option<i64>> = conn
         .prepare_cached(
-            "SELECT attempt, lease_owner, generation FROM tasks WHERE instance_id = ?1 AND seq = ?2",
+            "DELETE FROM tasks
+             WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
+               AND generation = ?5
+             RETURNING claimed_at",
         )
         .and_then(|mut s| {
-            s.query_row(params![task.instance_id, task.seq], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            s.query_row(
+                params![
+                    task.instance_id,
+                    task.seq,
+                    task.attempt,
+                    c.owner,
+                    task.generation as i64
+                ],
+                |r| r.get(0),
+            )
             .optional()
         })
         .map_err(db("finish activity task"))?;
-    let held = matches!(&row, Some((attempt, Some(o), generation))
-        if *attempt == task.attempt && *o == c.owner && *generation as u64 == task.generation);
-    if !held {
+    let Some(claimed_at) = claimed_at else {
         return Ok(DirectFinish::Finished(FinishReceipt {
             accepted: false,
             instance_claimed: false,
         }));
-    }
+    };
     let (end, error) = attempt_end(outcome);
-    record_attempt(conn, task, end, error, now)?;
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts
+             (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            task.instance_id,
+            task.generation as i64,
+            task.seq,
+            task.attempt,
+            claimed_at.unwrap_or(now as i64),
+            now as i64,
+            end.as_str(),
+            error
+        ])
+    })
+    .map_err(db("journal activity attempt"))?;
+    if c.instance_id == task.instance_id {
+        if let Some(receipt) = step_in_tx(conn, c, now)? {
+            return Ok(DirectFinish::Activated(receipt));
+        }
+    }
     let claimed = conn
         .prepare_cached(
             "UPDATE instances SET lease_owner = ?2, lease_until = ?3
@@ -1221,11 +1288,6 @@ fn finish_and_activate_in_tx(
         })
         .map_err(db("finish activity task"))?
         > 0;
-    let delete_task = || {
-        conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
-            .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
-            .map_err(db("finish activity task"))
-    };
     if claimed && c.instance_id == task.instance_id {
         let inbox_empty: bool = conn
             .prepare_cached("SELECT NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)")
@@ -1235,10 +1297,7 @@ fn finish_and_activate_in_tx(
             // commit_in_tx checks position, run and lease before it writes anything, so a
             // conflict leaves the transaction as it was.
             match commit_in_tx(conn, c, now) {
-                Ok(receipt) => {
-                    delete_task()?;
-                    return Ok(DirectFinish::Activated(receipt));
-                }
+                Ok(receipt) => return Ok(DirectFinish::Activated(receipt)),
                 Err(StoreError::Conflict { .. } | StoreError::LeaseLost { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -1247,12 +1306,65 @@ fn finish_and_activate_in_tx(
     // As finish_task: the outcome goes to the inbox, for the next activation.
     let dedupe = format!("seq:{}:{}", task.generation, task.seq);
     insert_inbox(conn, &task.instance_id, Some(&dedupe), outcome, now)?;
-    delete_task()?;
     mark_ready(conn, &task.instance_id)?;
     Ok(DirectFinish::Finished(FinishReceipt {
         accepted: true,
         instance_claimed: claimed,
     }))
+}
+
+/// The common sequential step in one statement per table: when the activation neither ends
+/// the run, nor starts children, nor publishes a status, and the instance is where the
+/// activation expects it (running, same run, same position, not leased to another worker,
+/// nothing in its inbox), moves the instance on and writes the events and tasks. Returns `None`,
+/// having written nothing, when any of that does not hold; `commit_in_tx` then decides.
+fn step_in_tx(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+) -> Result<Option<CommitReceipt>, StoreError> {
+    if c.end.is_some()
+        || !c.children.is_empty()
+        || c.custom_status.is_some()
+        || !c.consumed_inbox.is_empty()
+    {
+        return Ok(None);
+    }
+    let next_pos = c.expected_position + c.events.len() as u64;
+    let moved = conn
+        .prepare_cached(
+            "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
+                    lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL
+             WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
+               AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                c.instance_id,
+                next_pos as i64,
+                c.activation + 1,
+                now as i64,
+                c.generation as i64,
+                c.expected_position as i64,
+                c.owner
+            ])
+        })
+        .map_err(db("commit activation"))?;
+    if moved == 0 {
+        return Ok(None);
+    }
+    append_events(
+        conn,
+        &c.instance_id,
+        c.expected_position,
+        c.activation,
+        &c.events,
+        now,
+    )?;
+    let mut receipt = CommitReceipt::default();
+    insert_tasks_and_timers(conn, c, now, &mut receipt)?;
+    Ok(Some(receipt))
 }
 
 fn load_in_tx(conn: &Connection, id: &str, from: u64) -> Result<LoadedInstance, StoreError> {
@@ -1298,65 +1410,117 @@ fn read_events(conn: &Connection, id: &str, from: u64) -> Result<Vec<HistoryEven
     let mut rows = stmt
         .query(params![id, from as i64])
         .map_err(db("read history"))?;
-    let mut events = Vec::with_capacity(expected.min(PARALLEL_DECODE_MIN));
-    // Past the first rows, bodies are kept raw and decoded on two threads: JSON decoding is
-    // most of the cost of loading a long history (W6: 20,000 events).
-    let mut rest: Vec<RawEvent> = Vec::with_capacity(expected.saturating_sub(PARALLEL_DECODE_MIN));
-    while let Some(r) = rows.next().map_err(db("read history"))? {
-        let read = |r: &Row<'_>| -> rusqlite::Result<(i64, i64, i64)> {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    let mut events = Vec::with_capacity(expected);
+    let read = |r: &Row<'_>| -> rusqlite::Result<(i64, i64, i64)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    };
+    // A short history is decoded as it is read, straight from SQLite's buffer.
+    while events.len() < PARALLEL_DECODE_MIN {
+        let Some(r) = rows.next().map_err(db("read history"))? else {
+            return Ok(events);
         };
         let (pos, activation, recorded_at) = read(r).map_err(db("read history"))?;
-        // Decoded straight from SQLite's buffer: no copy of the body into a String.
         let body = r
             .get_ref(3)
             .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
             .map_err(db("read history"))?;
-        if events.len() < PARALLEL_DECODE_MIN {
-            events.push(decode_event(id, pos, activation, recorded_at, body)?);
-        } else {
-            rest.push((pos, activation, recorded_at, body.to_string()));
-        }
+        events.push(decode_event(id, pos, activation, recorded_at, body)?);
     }
-    if rest.is_empty() {
-        return Ok(events);
-    }
-    let (first, second) = rest.split_at(rest.len() / 2);
-    let decode_all = |part: &[RawEvent]| -> Result<Vec<HistoryEvent>, StoreError> {
-        part.iter()
-            .map(|(pos, activation, recorded_at, body)| {
-                decode_event(id, *pos, *activation, *recorded_at, body)
-            })
-            .collect()
-    };
-    let (first, second) = std::thread::scope(|s| {
-        let helper = std::thread::Builder::new()
+    // A long one is a pipeline: this thread steps through SQLite's rows while a second thread
+    // decodes the bodies read so far, in chunks. Reading and decoding cost about the same
+    // (W6: 20,000 events), so the load takes about as long as the slower of the two.
+    std::thread::scope(|s| {
+        let (chunks, inbox) = mpsc::sync_channel::<RawChunk>(16);
+        let decoder = std::thread::Builder::new()
             .name("retrace-decode".into())
-            .spawn_scoped(s, || decode_all(first));
-        let second = decode_all(second);
-        let first = match helper {
-            Ok(handle) => handle.join().unwrap_or_else(|_| {
-                Err(StoreError::Database {
-                    operation: "read history".into(),
-                    detail: "the history decoding thread panicked".into(),
-                })
-            }),
-            // No thread to be had: decode here.
-            Err(_) => decode_all(first),
-        };
-        (first, second)
-    });
-    events.reserve_exact(rest.len());
-    events.extend(first?);
-    events.extend(second?);
-    Ok(events)
+            .spawn_scoped(s, move || -> Result<Vec<HistoryEvent>, StoreError> {
+                for chunk in inbox {
+                    for &(pos, activation, recorded_at, start, end) in &chunk.rows {
+                        let body = chunk.text.get(start..end).unwrap_or_default();
+                        events.push(decode_event(id, pos, activation, recorded_at, body)?);
+                    }
+                }
+                Ok(events)
+            })
+            .map_err(|e| StoreError::Database {
+                operation: "read history".into(),
+                detail: format!("could not start the history decoding thread: {e}"),
+            })?;
+        let mut chunk = RawChunk::new();
+        let mut failed = None;
+        loop {
+            let row = match rows.next() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(map_err("read history", id, e));
+                    break;
+                }
+            };
+            let raw = read(row).and_then(|(pos, activation, recorded_at)| {
+                let body = row.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
+                chunk.push(pos, activation, recorded_at, body);
+                Ok(())
+            });
+            if let Err(e) = raw {
+                failed = Some(map_err("read history", id, e));
+                break;
+            }
+            if chunk.rows.len() == DECODE_CHUNK {
+                let full = std::mem::replace(&mut chunk, RawChunk::new());
+                // A send fails only when the decoder stopped at an undecodable event: its
+                // error is what the caller sees.
+                if chunks.send(full).is_err() {
+                    break;
+                }
+            }
+        }
+        if !chunk.rows.is_empty() {
+            let _ = chunks.send(chunk);
+        }
+        drop(chunks);
+        let decoded = decoder.join().unwrap_or_else(|_| {
+            Err(StoreError::Database {
+                operation: "read history".into(),
+                detail: "the history decoding thread panicked".into(),
+            })
+        });
+        match (decoded, failed) {
+            (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+            (Ok(events), None) => Ok(events),
+        }
+    })
 }
 
-/// Rows read from `events` past [`PARALLEL_DECODE_MIN`]: position, activation, time, body.
-type RawEvent = (i64, i64, i64, String);
+/// Rows read from `events` past [`PARALLEL_DECODE_MIN`], on their way to the decoding thread:
+/// position, activation, time and the body's range in `text`, which holds the chunk's bodies
+/// one after another (one allocation per chunk rather than one per row).
+struct RawChunk {
+    rows: Vec<(i64, i64, i64, usize, usize)>,
+    text: String,
+}
 
-/// Events read from one history beyond which the rest is decoded on two threads.
+impl RawChunk {
+    fn new() -> Self {
+        RawChunk {
+            rows: Vec::with_capacity(DECODE_CHUNK),
+            text: String::with_capacity(DECODE_CHUNK * 128),
+        }
+    }
+
+    fn push(&mut self, pos: i64, activation: i64, recorded_at: i64, body: &str) {
+        let start = self.text.len();
+        self.text.push_str(body);
+        self.rows
+            .push((pos, activation, recorded_at, start, self.text.len()));
+    }
+}
+
+/// Events read from one history beyond which the rest is decoded on a second thread.
 const PARALLEL_DECODE_MIN: usize = 2_048;
+
+/// Rows handed to the decoding thread at a time.
+const DECODE_CHUNK: usize = 256;
 
 fn decode_event(
     id: &str,
