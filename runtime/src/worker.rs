@@ -124,6 +124,15 @@ struct Committed {
     timers_due: Vec<u64>,
 }
 
+/// Which of the activity tasks claimed by a commit [`Inner::after_commit`] spawns.
+#[derive(Clone, Copy)]
+enum Start {
+    /// None: the caller starts them once the instance is no longer marked as activating.
+    None,
+    /// All, except a single one, which the caller runs itself (the next sequential step).
+    AllButOne,
+}
+
 /// How long a ready instance of a coordinator no worker here knows waits before it is marked.
 const UNCLAIMED_AFTER_MS: u64 = 2_000;
 
@@ -434,7 +443,8 @@ impl Inner {
 
     async fn run_instance(self: Arc<Self>, id: String) {
         loop {
-            let again = match self.activate_once(&id).await {
+            let mut claimed = Vec::new();
+            let again = match self.activate_once(&id, &mut claimed).await {
                 Ok(again) => again,
                 Err(e) => {
                     tracing::warn!(instance_id = %id, error = %e, "activation failed; handing the instance back for another try");
@@ -447,24 +457,44 @@ impl Inner {
                     false
                 }
             };
-            let mut running = lock(&self.running);
-            let requested = running.get(&id).copied().unwrap_or(false);
-            if (again || requested) && !self.stopping() {
-                running.insert(id.clone(), false);
-                continue;
+            let more = {
+                let mut running = lock(&self.running);
+                let requested = running.get(&id).copied().unwrap_or(false);
+                if (again || requested) && !self.stopping() {
+                    running.insert(id.clone(), false);
+                    true
+                } else {
+                    running.remove(&id);
+                    false
+                }
+            };
+            // Started only now that the instance is no longer marked as activating: an outcome
+            // that came back before that could not take the fast path (`finish_directly`).
+            for task in claimed {
+                self.spawn_task(task);
             }
-            running.remove(&id);
-            break;
+            if !more {
+                break;
+            }
         }
     }
 
     /// One activation of `id`. Returns whether the instance has more inbox work.
-    async fn activate_once(self: &Arc<Self>, id: &str) -> Result<bool, StoreError> {
+    /// The activity tasks claimed by its commit are put in `claimed`, for the caller to start.
+    async fn activate_once(
+        self: &Arc<Self>,
+        id: &str,
+        claimed: &mut Vec<ActivityTask>,
+    ) -> Result<bool, StoreError> {
         let span = tracing::debug_span!("activation", instance_id = %id, replaying = tracing::field::Empty, position = tracing::field::Empty);
-        self.activate_inner(id).instrument(span).await
+        self.activate_inner(id, claimed).instrument(span).await
     }
 
-    async fn activate_inner(self: &Arc<Self>, id: &str) -> Result<bool, StoreError> {
+    async fn activate_inner(
+        self: &Arc<Self>,
+        id: &str,
+        claimed: &mut Vec<ActivityTask>,
+    ) -> Result<bool, StoreError> {
         let cached = if self.cache_enabled {
             lock(&self.cache).remove(id)
         } else {
@@ -596,7 +626,15 @@ impl Inner {
             ended,
             timers_due,
         };
-        self.after_commit(id, execution, &receipt, committed, unknown_activity)
+        *claimed = self
+            .after_commit(
+                id,
+                execution,
+                &receipt,
+                committed,
+                unknown_activity,
+                Start::None,
+            )
             .await?;
         Ok(receipt.ready_again)
     }
@@ -604,6 +642,7 @@ impl Inner {
     /// What follows a committed activation, on either path: report it, keep the execution,
     /// start the tasks claimed with it, wake the poller for its timers, and say why the instance
     /// waits when it scheduled an activity this worker does not run.
+    /// The claimed tasks that `start` says not to spawn are returned.
     async fn after_commit(
         self: &Arc<Self>,
         id: &str,
@@ -611,15 +650,23 @@ impl Inner {
         receipt: &CommitReceipt,
         committed: Committed,
         unknown_activity: Option<String>,
-    ) -> Result<(), StoreError> {
+        start: Start,
+    ) -> Result<Vec<ActivityTask>, StoreError> {
         self.notify(CommitNotice::Activation {
             instance_id: id.to_string(),
             activation: committed.activation,
             ended: committed.ended,
         });
         self.cache_put(id, committed.generation, execution);
-        for task in receipt.claimed_tasks.iter().cloned() {
-            self.spawn_task(task);
+        let mut kept = Vec::new();
+        match (start, receipt.claimed_tasks.as_slice()) {
+            (Start::None, tasks) => kept.extend(tasks.iter().cloned()),
+            (Start::AllButOne, [only]) => kept.push(only.clone()),
+            (_, tasks) => {
+                for task in tasks.iter().cloned() {
+                    self.spawn_task(task);
+                }
+            }
         }
         for at in committed.timers_due {
             self.wake_poller_at(at);
@@ -630,9 +677,15 @@ impl Inner {
                 "waiting for a worker that runs activity {name} (worker {} does not)",
                 self.owner
             );
-            self.store.note_waiting(id, &self.owner, &reason).await?;
+            if let Err(e) = self.store.note_waiting(id, &self.owner, &reason).await {
+                // The activation is committed: its tasks run whatever happens to the note.
+                for task in kept {
+                    self.spawn_task(task);
+                }
+                return Err(e);
+            }
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// An instance whose stored history or inbox cannot be decoded stops with the reason; its
@@ -668,17 +721,22 @@ impl Inner {
     /// Fast path for a final outcome: when this worker has the instance's execution cached and
     /// idle, delivers the outcome to it at once and commits the outcome together with the
     /// activation it causes (one commit per sequential step instead of two, and no history
-    /// load). Returns false, having changed nothing, when the execution is not at hand; the
-    /// caller then records the outcome with `finish_task`.
-    async fn finish_directly(self: &Arc<Self>, task: &ActivityTask, outcome: &Event) -> bool {
+    /// load). Returns `None`, having changed nothing, when the execution is not at hand; the
+    /// caller then records the outcome with `finish_task`. Otherwise `Some`, with the next
+    /// activity call when the activation claimed exactly one, for the caller to run.
+    async fn finish_directly(
+        self: &Arc<Self>,
+        task: &ActivityTask,
+        outcome: &Event,
+    ) -> Option<Option<ActivityTask>> {
         if !self.cache_enabled || self.stopping() {
-            return false;
+            return None;
         }
         let id = task.instance_id.as_str();
         let (generation, mut execution) = {
             let mut running = lock(&self.running);
             if running.contains_key(id) {
-                return false;
+                return None;
             }
             match lock(&self.cache).remove(id) {
                 Some(entry) if entry.0 == task.generation => {
@@ -686,7 +744,7 @@ impl Inner {
                     entry
                 }
                 // An execution of another run is stale anyway.
-                _ => return false,
+                _ => return None,
             }
         };
         let expected_position = execution.next_position();
@@ -697,7 +755,7 @@ impl Inner {
                 // The regular path records the outcome, replays, and stops the instance.
                 tracing::debug!(instance_id = %id, error = %e, "direct activation diverged; taking the regular path");
                 self.release_instance(id, false);
-                return false;
+                return None;
             }
         };
         let ended = activation.terminal().is_some();
@@ -735,13 +793,25 @@ impl Inner {
                     ended,
                     timers_due,
                 };
-                if let Err(e) = self
-                    .after_commit(id, execution, &receipt, committed, unknown_activity)
+                let next = match self
+                    .after_commit(
+                        id,
+                        execution,
+                        &receipt,
+                        committed,
+                        unknown_activity,
+                        Start::AllButOne,
+                    )
                     .await
                 {
-                    tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
-                }
+                    Ok(mut kept) => kept.pop(),
+                    Err(e) => {
+                        tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
+                        None
+                    }
+                };
                 self.release_instance(id, receipt.ready_again);
+                return Some(next);
             }
             Ok(DirectFinish::Finished(receipt)) => {
                 // Nothing of the activation was written: the execution ran ahead of the history
@@ -756,10 +826,10 @@ impl Inner {
                 // the regular path.
                 tracing::debug!(instance_id = %id, error = %e, "direct finish failed; taking the regular path");
                 self.release_instance(id, false);
-                return false;
+                return None;
             }
         }
-        true
+        Some(None)
     }
 
     /// Ends the hold on `id` taken by `finish_directly`, and activates the instance if it has
@@ -777,23 +847,30 @@ impl Inner {
             let Ok(_permit) = Arc::clone(&inner.activity_slots).acquire_owned().await else {
                 return;
             };
-            let span = tracing::debug_span!(
-                "activity",
-                instance_id = %task.instance_id,
-                position = task.seq,
-                activity = %task.name,
-                attempt = task.attempt
-            );
-            inner.run_task(task).instrument(span).await;
+            let mut next = Some(task);
+            // A sequential coordinator's next call, claimed by the commit of this one's
+            // outcome, runs in this same task and slot: no task spawn or wake-up per step.
+            while let Some(task) = next.take() {
+                let span = tracing::debug_span!(
+                    "activity",
+                    instance_id = %task.instance_id,
+                    position = task.seq,
+                    activity = %task.name,
+                    attempt = task.attempt
+                );
+                next = Arc::clone(&inner).run_task(task).instrument(span).await;
+            }
         });
     }
 
-    async fn run_task(self: Arc<Self>, task: ActivityTask) {
+    /// Runs one attempt and records its outcome. Returns the next activity call to run when
+    /// the outcome's commit claimed exactly one (see `finish_directly`).
+    async fn run_task(self: Arc<Self>, task: ActivityTask) -> Option<ActivityTask> {
         let Some(handler) = self.activities.get(&task.name).cloned() else {
             tracing::warn!(
                 "claimed an activity this worker does not know; it will be retried elsewhere"
             );
-            return;
+            return None;
         };
         let started = tokio::time::Instant::now();
         let last_beat_ms = Arc::new(AtomicU64::new(0));
@@ -849,8 +926,8 @@ impl Inner {
         };
         if let AttemptOutcome::Final(event) = &outcome {
             tracing::debug!(outcome = event.kind(), "attempt finished");
-            if self.finish_directly(&task, event).await {
-                return;
+            if let Some(next) = self.finish_directly(&task, event).await {
+                return next;
             }
         }
         // The outcome is known and only this worker holds the task (its renewer keeps the lease
@@ -893,6 +970,7 @@ impl Inner {
                 tracing::warn!(error = %e, "worker stopping before the activity outcome was recorded; the call will be retried after the lease expires");
             }
         }
+        None
     }
 
     /// Wakes the poller at `at_ms`, so that a short backoff or timer does not wait for the next
