@@ -22,5 +22,8 @@ pub use store::migrate::{migrate_store, migrate_urls, MigrationReport};
 pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::sqlite::{Durability, SqliteOptions, SqliteStore};
 pub use store::url::{open_store, StoreUrl};
-pub use store::{InstanceInfo, InstanceStatus, ListFilter, SharedStore, Store};
+pub use store::{
+    ExecutionFactory, InstanceInfo, InstanceStatus, ListFilter, ReplayedInstance, SharedStore,
+    Store,
+};
 pub use worker::{CommitNotice, Worker, WorkerBuilder, CACHE_ENV};

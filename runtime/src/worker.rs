@@ -26,8 +26,8 @@ use crate::limits::{
     LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
 };
 use crate::store::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, DirectFinish, InstanceStatus,
-    SharedStore,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, DirectFinish, ExecutionFactory,
+    InstanceStatus, SharedStore,
 };
 use futures::FutureExt;
 use retrace_sdk::{
@@ -500,56 +500,82 @@ impl Inner {
         } else {
             None
         };
-        let from = cached.as_ref().map_or(0, |(_, e)| e.next_position());
-        let mut loaded = match self.store.load(id, from).await {
-            Ok(loaded) => loaded,
-            Err(e @ StoreError::Corrupt { .. }) => return self.stop_unreadable(id, e).await,
-            Err(e) => return Err(e),
-        };
-        let info = &loaded.info;
-        if info.status != InstanceStatus::Running {
-            return Ok(false);
+        // A cached execution that is still current only needs the events after it.
+        let mut warm_start = None;
+        if let Some((cached_generation, execution)) = cached {
+            let loaded = match self.store.load(id, execution.next_position()).await {
+                Ok(loaded) => loaded,
+                Err(e @ StoreError::Corrupt { .. }) => return self.stop_unreadable(id, e).await,
+                Err(e) => return Err(e),
+            };
+            if loaded.info.status != InstanceStatus::Running {
+                return Ok(false);
+            }
+            if cached_generation == loaded.info.generation
+                && execution.next_position() <= loaded.info.next_position
+            {
+                warm_start = Some((loaded, execution));
+            }
         }
-        let Some(coordinator) = self.coordinators.get(&info.coordinator).cloned() else {
-            let reason = format!("no worker here knows coordinator {}", info.coordinator);
-            self.store.note_waiting(id, &self.owner, &reason).await?;
-            return Ok(false);
+        let (info, inbox, mut execution, replayed, replay) = match warm_start {
+            Some((loaded, mut execution)) => {
+                if loaded.inbox.is_empty() {
+                    // Nothing to deliver (a duplicate wake-up, for example the dispatcher
+                    // re-claiming an instance this worker was activating): polling would only
+                    // commit an empty activation. The commit that emptied the inbox already
+                    // cleared `ready` and the lease. Keep the execution if it is still current.
+                    if loaded.events.is_empty() {
+                        self.cache_put(id, loaded.info.generation, execution);
+                    }
+                    return Ok(false);
+                }
+                let replay = execution.replay(&loaded.events);
+                let replayed = loaded.events.len() as u64;
+                (loaded.info, loaded.inbox, execution, replayed, replay)
+            }
+            None => {
+                // Cold: the store replays the history into a fresh execution while reading it.
+                let inner = Arc::clone(self);
+                let start: ExecutionFactory = Box::new(move |info, inbox| {
+                    if info.status != InstanceStatus::Running || inbox.is_empty() {
+                        return None;
+                    }
+                    let (body, patches) = inner.coordinators.get(&info.coordinator)?.clone();
+                    Some(Execution::new(&info.id, body).with_patches(patches))
+                });
+                let replayed = match self.store.load_and_replay(id, start).await {
+                    Ok(r) => r,
+                    Err(e @ StoreError::Corrupt { .. }) => {
+                        return self.stop_unreadable(id, e).await
+                    }
+                    Err(e) => return Err(e),
+                };
+                let info = &replayed.loaded.info;
+                if info.status != InstanceStatus::Running {
+                    return Ok(false);
+                }
+                if !self.coordinators.contains_key(&info.coordinator) {
+                    let reason = format!("no worker here knows coordinator {}", info.coordinator);
+                    self.store.note_waiting(id, &self.owner, &reason).await?;
+                    return Ok(false);
+                }
+                // No execution: nothing to deliver (see above).
+                let Some(execution) = replayed.execution else {
+                    return Ok(false);
+                };
+                (
+                    replayed.loaded.info,
+                    replayed.loaded.inbox,
+                    execution,
+                    replayed.events,
+                    replayed.replay,
+                )
+            }
         };
         let generation = info.generation;
-        let mut warm = false;
-        let mut execution = match cached {
-            Some((g, e)) if g == generation && e.next_position() <= info.next_position => {
-                warm = true;
-                e
-            }
-            _ => {
-                if from != 0 {
-                    loaded = match self.store.load(id, 0).await {
-                        Ok(loaded) => loaded,
-                        Err(e @ StoreError::Corrupt { .. }) => {
-                            return self.stop_unreadable(id, e).await
-                        }
-                        Err(e) => return Err(e),
-                    };
-                }
-                Execution::new(id, coordinator.0).with_patches(coordinator.1)
-            }
-        };
-        if loaded.inbox.is_empty() {
-            // Nothing to deliver (a duplicate wake-up, for example the dispatcher re-claiming an
-            // instance this worker was activating): polling would only commit an empty
-            // activation. The commit that emptied the inbox already cleared `ready` and the
-            // lease. Keep a cached execution that is still current.
-            if warm && loaded.events.is_empty() {
-                self.cache_put(id, generation, execution);
-            }
-            return Ok(false);
-        }
-        let info = loaded.info;
-        let replayed = loaded.events.len();
         tracing::Span::current().record("replaying", replayed > 0);
         tracing::Span::current().record("position", info.next_position);
-        if let Err(e) = execution.replay(&loaded.events) {
+        if let Err(e) = replay {
             tracing::error!(error = %e, "replay failed; stopping instance with its history intact");
             self.store
                 .stop_instance(id, &self.owner, &e.to_string())
@@ -565,7 +591,7 @@ impl Inner {
         }
         // The start of a run is delivered first, even when signals for the new run arrived
         // before it (continue-as-new keeps the inbox).
-        let mut inbox = loaded.inbox;
+        let mut inbox = inbox;
         inbox.sort_by_key(|m| !matches!(m.event, Event::InstanceStarted { .. }));
         let consumed: Vec<i64> = inbox.iter().map(|m| m.id).collect();
         let inbound: Vec<Event> = inbox.into_iter().map(|m| m.event).collect();

@@ -31,7 +31,9 @@ pub use transfer::{ForkOutcome, ImportedInstance};
 
 use crate::error::StoreError;
 use async_trait::async_trait;
-use retrace_sdk::{ActivityError, Error, Event, HistoryEvent, ParentRef, RetrySpec};
+use retrace_sdk::{
+    ActivityError, Error, Event, Execution, HistoryEvent, ParentRef, ReplayError, RetrySpec,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::sync::Arc;
@@ -177,6 +179,25 @@ pub struct LoadedInstance {
     pub events: Vec<HistoryEvent>,
     /// Undelivered inbox messages, in arrival order.
     pub inbox: Vec<InboxMessage>,
+}
+
+/// Makes the execution a cold load replays into, once the instance row and inbox are read
+/// (see [`Store::load_and_replay`]); `None` to load without replaying (the instance is not
+/// running, its coordinator is unknown here, or there is nothing to deliver).
+pub type ExecutionFactory =
+    Box<dyn FnOnce(&InstanceInfo, &[InboxMessage]) -> Option<Execution> + Send>;
+
+/// What [`Store::load_and_replay`] returns.
+#[derive(Debug)]
+pub struct ReplayedInstance {
+    /// The instance row and its inbox; `events` is empty (the history went into `execution`).
+    pub loaded: LoadedInstance,
+    /// The execution the factory made, replayed as far as `replay` says; `None` if it made none.
+    pub execution: Option<Execution>,
+    /// `Ok` once the whole history was replayed; otherwise the divergence that stopped replay.
+    pub replay: Result<(), ReplayError>,
+    /// History events read.
+    pub events: u64,
 }
 
 /// An activity task to create with an activation.
@@ -480,6 +501,29 @@ pub trait Store: Send + Sync + 'static {
         instance_id: &str,
         from_position: u64,
     ) -> Result<LoadedInstance, StoreError>;
+
+    /// Loads an instance from position 0, like [`Store::load`], and replays its history into
+    /// the execution `start` makes for it. The default loads, then replays; a store may replay
+    /// while it is still reading (the SQLite store does), which is what a cold activation costs.
+    async fn load_and_replay(
+        &self,
+        instance_id: &str,
+        start: ExecutionFactory,
+    ) -> Result<ReplayedInstance, StoreError> {
+        let mut loaded = self.load(instance_id, 0).await?;
+        let events = std::mem::take(&mut loaded.events);
+        let mut execution = start(&loaded.info, &loaded.inbox);
+        let replay = match &mut execution {
+            Some(execution) => execution.replay(&events),
+            None => Ok(()),
+        };
+        Ok(ReplayedInstance {
+            loaded,
+            execution,
+            replay,
+            events: events.len() as u64,
+        })
+    }
 
     /// Appends an activation and applies its effects atomically, if `expected_position` is still
     /// the next position and `owner` holds the lease.
