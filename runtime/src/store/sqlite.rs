@@ -787,6 +787,66 @@ fn insert_inbox(
     Ok(n > 0)
 }
 
+/// Deletes the task of `task`'s call if this attempt of `owner` still holds it; returns its
+/// `claimed_at` (`Some(None)` for a task claimed before that column existed), or `None` when the
+/// task is gone or held by another attempt.
+fn take_held_task(
+    conn: &Connection,
+    task: &ActivityTask,
+    owner: &str,
+) -> Result<Option<Option<i64>>, StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM tasks
+         WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
+           AND generation = ?5
+         RETURNING claimed_at",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![
+                task.instance_id,
+                task.seq,
+                task.attempt,
+                owner,
+                task.generation as i64
+            ],
+            |r| r.get(0),
+        )
+        .optional()
+    })
+    .map_err(db("finish activity task"))
+}
+
+/// Journals the final attempt of a task taken by [`take_held_task`].
+fn journal_final_attempt(
+    conn: &Connection,
+    task: &ActivityTask,
+    claimed_at: Option<i64>,
+    outcome: &Event,
+    now: u64,
+) -> Result<(), StoreError> {
+    let (end, error) = attempt_end(outcome);
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO attempts
+             (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            task.instance_id,
+            task.generation as i64,
+            task.seq,
+            task.attempt,
+            claimed_at.unwrap_or(now as i64),
+            now as i64,
+            end.as_str(),
+            error
+        ])
+    })
+    .map_err(db("journal activity attempt"))?;
+    Ok(())
+}
+
 fn mark_ready(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
     conn.prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1 AND status = 'running'")
         .and_then(|mut s| s.execute([instance_id]))
@@ -1222,52 +1282,13 @@ fn finish_and_activate_in_tx(
         };
     // The task must still be held by this attempt; it goes in the same transaction as the
     // outcome is written, whichever way that is.
-    let claimed_at: Option<Option<i64>> = conn
-        .prepare_cached(
-            "DELETE FROM tasks
-             WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
-               AND generation = ?5
-             RETURNING claimed_at",
-        )
-        .and_then(|mut s| {
-            s.query_row(
-                params![
-                    task.instance_id,
-                    task.seq,
-                    task.attempt,
-                    c.owner,
-                    task.generation as i64
-                ],
-                |r| r.get(0),
-            )
-            .optional()
-        })
-        .map_err(db("finish activity task"))?;
-    let Some(claimed_at) = claimed_at else {
+    let Some(claimed_at) = take_held_task(conn, task, &c.owner)? else {
         return Ok(DirectFinish::Finished(FinishReceipt {
             accepted: false,
             instance_claimed: false,
         }));
     };
-    let (end, error) = attempt_end(outcome);
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO attempts
-             (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            task.instance_id,
-            task.generation as i64,
-            task.seq,
-            task.attempt,
-            claimed_at.unwrap_or(now as i64),
-            now as i64,
-            end.as_str(),
-            error
-        ])
-    })
-    .map_err(db("journal activity attempt"))?;
+    journal_final_attempt(conn, task, claimed_at, outcome, now)?;
     if c.instance_id == task.instance_id {
         if let Some(receipt) = step_in_tx(conn, c, now)? {
             return Ok(DirectFinish::Activated(receipt));
@@ -1903,46 +1924,57 @@ impl Store for SqliteStore {
         let receipt = self
             .write(move |conn| {
                 let now = now_ms();
-                let row: Option<(u32, Option<String>, i64)> = conn
-                    .prepare_cached(
-                        "SELECT attempt, lease_owner, generation FROM tasks
-                         WHERE instance_id = ?1 AND seq = ?2",
-                    )
-                    .and_then(|mut s| {
-                        s.query_row(params![task.instance_id, task.seq], |r| {
-                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                        })
-                        .optional()
-                    })
-                    .map_err(db("finish activity task"))?;
-                let held = matches!(&row, Some((attempt, Some(o), generation))
-                    if *attempt == task.attempt && *o == owner && *generation as u64 == task.generation);
-                if !held {
-                    return Ok(FinishReceipt { accepted: false, instance_claimed: false });
-                }
                 match outcome {
                     AttemptOutcome::Final(event) => {
-                        let (end, error) = attempt_end(&event);
-                        record_attempt(conn, &task, end, error, now)?;
+                        // Four statements: the common end of a fan-out call (W3: 1,000 of them).
+                        let Some(claimed_at) = take_held_task(conn, &task, &owner)? else {
+                            return Ok(FinishReceipt { accepted: false, instance_claimed: false });
+                        };
+                        journal_final_attempt(conn, &task, claimed_at, &event, now)?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), &event, now)?;
-                        conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
-                            .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
-                            .map_err(db("finish activity task"))?;
-                        mark_ready(conn, &task.instance_id)?;
-                        let claimed = conn
+                        // Ready, and leased to this worker unless another holds it.
+                        let claimed: bool = conn
                             .prepare_cached(
-                                "UPDATE instances SET lease_owner = ?2, lease_until = ?3
+                                "UPDATE instances SET ready = 1,
+                                     lease_until = CASE WHEN lease_owner IS NULL OR lease_owner = ?2
+                                                          OR lease_until < ?4
+                                                        THEN ?3 ELSE lease_until END,
+                                     lease_owner = CASE WHEN lease_owner IS NULL OR lease_owner = ?2
+                                                          OR lease_until < ?4
+                                                        THEN ?2 ELSE lease_owner END
                                  WHERE id = ?1 AND status = 'running'
-                                   AND (lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?4)",
+                                 RETURNING lease_owner = ?2",
                             )
                             .and_then(|mut s| {
-                                s.execute(params![task.instance_id, owner, (now + lease_ms) as i64, now as i64])
+                                s.query_row(
+                                    params![task.instance_id, owner, (now + lease_ms) as i64, now as i64],
+                                    |r| r.get(0),
+                                )
+                                .optional()
                             })
-                            .map_err(db("finish activity task"))?;
-                        Ok(FinishReceipt { accepted: true, instance_claimed: claimed > 0 })
+                            .map_err(db("finish activity task"))?
+                            .unwrap_or(false);
+                        Ok(FinishReceipt { accepted: true, instance_claimed: claimed })
                     }
                     AttemptOutcome::Retry { next_attempt_at_ms, error } => {
+                        let row: Option<(u32, Option<String>, i64)> = conn
+                            .prepare_cached(
+                                "SELECT attempt, lease_owner, generation FROM tasks
+                                 WHERE instance_id = ?1 AND seq = ?2",
+                            )
+                            .and_then(|mut s| {
+                                s.query_row(params![task.instance_id, task.seq], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
+                                .optional()
+                            })
+                            .map_err(db("finish activity task"))?;
+                        let held = matches!(&row, Some((attempt, Some(o), generation))
+                            if *attempt == task.attempt && *o == owner && *generation as u64 == task.generation);
+                        if !held {
+                            return Ok(FinishReceipt { accepted: false, instance_claimed: false });
+                        }
                         record_attempt(conn, &task, AttemptEnd::Retry, Some(error.to_string()), now)?;
                         conn.prepare_cached(
                             "UPDATE tasks SET lease_owner = NULL, due_at = ?3, last_error = ?4
