@@ -392,6 +392,7 @@ async fn run(backend: Backend, name: &str, case: for<'a> fn(&'a Harness) -> Case
 conformance!(
     append_at_expected_position,
     stale_position_conflicts,
+    a_failing_operation_leaves_the_rest_of_its_batch,
     lease_is_owned,
     lease_expires_and_is_taken_over,
     leases_renew_and_release,
@@ -659,6 +660,39 @@ mod cases {
             tail[0].event,
             Event::ActivityCompleted { seq, attempt: 1, .. } if seq == task.seq
         ));
+    }
+
+    pub(super) async fn a_failing_operation_leaves_the_rest_of_its_batch(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let first = plan(s, "w1", "a", vec![scheduled(0, "act")], false).await;
+        let stale = first.clone();
+        s.commit_activation(first).await.unwrap();
+        let before = s.history("a").await.unwrap();
+        // Sent together, so that the SQLite writer takes them in one batch: the stale commits
+        // fail, the creations around them must all land, once, and be answered as created.
+        let creates = futures::future::join_all(
+            (0..50).map(|i| s.create_instance(new_instance(&format!("b{i}"), "c", json!(i)))),
+        );
+        let stales = futures::future::join_all((0..10).map(|_| s.commit_activation(stale.clone())));
+        let (created, refused) = tokio::join!(creates, stales);
+        for c in created {
+            assert!(matches!(c, Ok(CreateOutcome::Created)), "{c:?}");
+        }
+        for r in refused {
+            assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+        }
+        assert_eq!(s.history("a").await.unwrap(), before);
+        for i in 0..50 {
+            let info = s.describe(&format!("b{i}")).await.unwrap().unwrap();
+            assert_eq!(info.input, json!(i));
+            assert!(matches!(
+                s.create_instance(new_instance(&format!("b{i}"), "c", json!(i)))
+                    .await
+                    .unwrap(),
+                CreateOutcome::Existing(_)
+            ));
+        }
     }
 
     pub(super) async fn stale_position_conflicts(h: &Harness) {
