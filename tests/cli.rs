@@ -692,7 +692,7 @@ fn export_and_import_round_trip_between_stores() {
     retrace(&db, &["export", "trip-1", "-o", file.to_str().unwrap()]).ok();
     let exported: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(exported["format"], "retrace-history");
-    assert_eq!(exported["version"], 1);
+    assert_eq!(exported["version"], retrace::sdk::HISTORY_FORMAT_VERSION);
     assert_eq!(exported["instance"]["status"], "failed");
 
     let other = dir.file("other.db");

@@ -468,8 +468,9 @@ impl Inner {
                     false
                 }
             };
-            // Started only now that the instance is no longer marked as activating: an outcome
-            // that came back before that could not take the fast path (`finish_directly`).
+            // Started only now that the instance is no longer marked as activating (unless it
+            // is activated again at once): an outcome that came back while it was could not
+            // take the fast path (`finish_directly`).
             for task in claimed {
                 self.spawn_task(task);
             }

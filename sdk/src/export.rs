@@ -7,7 +7,7 @@
 //! ```json
 //! {
 //!   "format": "retrace-history",
-//!   "version": 1,
+//!   "version": 2,
 //!   "instance": { "id": "trip-1", "coordinator": "book_trip", "status": "completed", ... },
 //!   "events": [ { "position": 0, "activation": 0, "recorded_at_ms": 1764195845123,
 //!                 "event": { "type": "instance_started", ... } }, ... ]
@@ -29,7 +29,7 @@ use serde_json::Value;
 /// The value of the `format` field of every export.
 pub const HISTORY_FORMAT: &str = "retrace-history";
 /// The version of the export format this build writes, and the newest it reads.
-pub const HISTORY_FORMAT_VERSION: u32 = 1;
+pub const HISTORY_FORMAT_VERSION: u32 = 2;
 
 /// One instance's history, as exported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -542,7 +542,7 @@ mod tests {
             Err(ExportError::WrongFormat { .. })
         ));
         let newer = export().to_json().unwrap().replace(
-            "\"version\": 1",
+            &format!("\"version\": {HISTORY_FORMAT_VERSION}"),
             &format!("\"version\": {}", HISTORY_FORMAT_VERSION + 1),
         );
         assert!(matches!(

@@ -20,6 +20,31 @@ use crate::retry::RetrySpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// What an `activity_scheduled` event without a `retry` field means: 10 attempts, 100 ms
+/// doubling up to 10 s, no non-retryable kinds, no timeouts. Fixed for good, whatever
+/// `RetryPolicy::new()` becomes: a stored history must mean what it meant when written.
+pub(crate) fn standard_retry() -> RetrySpec {
+    RetrySpec {
+        max_attempts: 10,
+        initial_interval_ms: 100,
+        backoff_coefficient: 2.0,
+        max_interval_ms: 10_000,
+        non_retryable: Vec::new(),
+        start_to_close_timeout_ms: None,
+        heartbeat_timeout_ms: None,
+    }
+}
+
+fn is_standard_retry(retry: &RetrySpec) -> bool {
+    retry.max_attempts == 10
+        && retry.initial_interval_ms == 100
+        && retry.backoff_coefficient == 2.0
+        && retry.max_interval_ms == 10_000
+        && retry.non_retryable.is_empty()
+        && retry.start_to_close_timeout_ms.is_none()
+        && retry.heartbeat_timeout_ms.is_none()
+}
+
 /// Version of the event schema, written into exported histories.
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
@@ -100,10 +125,12 @@ pub enum Event {
         name: String,
         /// The input, as JSON.
         input: Value,
-        /// The retry policy of this call. Omitted from the JSON form when it is the default
-        /// policy ([`RetrySpec::default`]), which decoding then restores: most calls use it, and
-        /// it was two thirds of every stored `activity_scheduled` body.
-        #[serde(default, skip_serializing_if = "RetrySpec::is_default")]
+        /// The retry policy of this call. Left out of the JSON form when it is the standard
+        /// policy (10 attempts, 100 ms doubling up to 10 s, no non-retryable kinds, no
+        /// timeouts: `RetryPolicy::new()`), which decoding then restores: most calls use it, and
+        /// it was two thirds of every stored `activity_scheduled` body. (History format
+        /// version 2.)
+        #[serde(default = "standard_retry", skip_serializing_if = "is_standard_retry")]
         retry: RetrySpec,
     },
     /// The coordinator started a durable timer.
@@ -296,7 +323,7 @@ mod wire {
                     seq: req(w.seq, "seq")?,
                     name: req(w.name, "name")?,
                     input: req(w.input, "input")?,
-                    retry: w.retry.map(|r| *r).unwrap_or_default(),
+                    retry: w.retry.map_or_else(super::standard_retry, |r| *r),
                 },
                 "timer_started" => Event::TimerStarted {
                     seq: req(w.seq, "seq")?,
@@ -577,5 +604,35 @@ mod tests {
         };
         assert_eq!(c.family(), EventFamily::Command);
         assert_eq!(c.command_identity().as_deref(), Some("patch marker p"));
+    }
+
+    #[test]
+    fn the_standard_retry_policy_is_left_out_and_restored() {
+        use crate::retry::RetryPolicy;
+        // Omitting it is only worth anything while the default policy is the standard one.
+        assert_eq!(RetryPolicy::new().spec(), super::standard_retry());
+        let standard = Event::ActivityScheduled {
+            seq: 3,
+            name: "charge".into(),
+            input: serde_json::json!(1),
+            retry: RetryPolicy::new().spec(),
+        };
+        let json = serde_json::to_string(&standard).unwrap();
+        assert!(!json.contains("retry"), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), standard);
+        let custom = Event::ActivityScheduled {
+            seq: 3,
+            name: "charge".into(),
+            input: serde_json::json!(1),
+            retry: RetryPolicy::new().max_attempts(3).spec(),
+        };
+        let json = serde_json::to_string(&custom).unwrap();
+        assert!(json.contains("\"max_attempts\":3"), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), custom);
+        // Version 1 documents spell the standard policy out; they decode to the same event.
+        let spelled = r#"{"type":"activity_scheduled","seq":3,"name":"charge","input":1,
+            "retry":{"max_attempts":10,"initial_interval_ms":100,"backoff_coefficient":2.0,
+                     "max_interval_ms":10000,"non_retryable":[]}}"#;
+        assert_eq!(serde_json::from_str::<Event>(spelled).unwrap(), standard);
     }
 }

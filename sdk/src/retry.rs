@@ -155,11 +155,6 @@ pub struct RetrySpec {
 }
 
 impl RetrySpec {
-    /// Whether this is the default policy (then left out of a journaled `activity_scheduled`).
-    pub fn is_default(&self) -> bool {
-        *self == RetrySpec::default()
-    }
-
     /// The wait after failed attempt `attempt` (counting from 1).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(64) as i32;

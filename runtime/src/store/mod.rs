@@ -200,6 +200,26 @@ pub struct ReplayedInstance {
     pub events: u64,
 }
 
+/// Replays a loaded history into the execution `start` makes: [`Store::load_and_replay`] for a
+/// store that cannot overlap the two.
+pub(crate) fn replay_loaded(
+    mut loaded: LoadedInstance,
+    start: ExecutionFactory,
+) -> ReplayedInstance {
+    let events = std::mem::take(&mut loaded.events);
+    let mut execution = start(&loaded.info, &loaded.inbox);
+    let replay = match &mut execution {
+        Some(execution) => execution.replay(&events),
+        None => Ok(()),
+    };
+    ReplayedInstance {
+        loaded,
+        execution,
+        replay,
+        events: events.len() as u64,
+    }
+}
+
 /// An activity task to create with an activation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewTask {
@@ -510,19 +530,8 @@ pub trait Store: Send + Sync + 'static {
         instance_id: &str,
         start: ExecutionFactory,
     ) -> Result<ReplayedInstance, StoreError> {
-        let mut loaded = self.load(instance_id, 0).await?;
-        let events = std::mem::take(&mut loaded.events);
-        let mut execution = start(&loaded.info, &loaded.inbox);
-        let replay = match &mut execution {
-            Some(execution) => execution.replay(&events),
-            None => Ok(()),
-        };
-        Ok(ReplayedInstance {
-            loaded,
-            execution,
-            replay,
-            events: events.len() as u64,
-        })
+        let loaded = self.load(instance_id, 0).await?;
+        Ok(replay_loaded(loaded, start))
     }
 
     /// Appends an activation and applies its effects atomically, if `expected_position` is still

@@ -78,7 +78,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Config, IsolationLevel, NoTls, Row};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The application name in `retrace_schema`, telling our tables from another program's.
 const APPLICATION: &str = "retrace";
@@ -196,6 +196,12 @@ CREATE TABLE delivered (
     dedupe      TEXT NOT NULL,
     PRIMARY KEY (instance_id, dedupe)
 );
+"#,
+    r#"
+-- Version 4 changes no table: from it on, an `activity_scheduled` body may leave out its retry
+-- policy when it is the standard one (see docs/history-format.md, version 2). Marking the store
+-- makes a build that would misread such bodies refuse the file instead of stopping instances.
+SELECT 1;
 "#,
 ];
 

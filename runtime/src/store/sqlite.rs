@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -130,6 +130,12 @@ CREATE TABLE delivered (
     dedupe      TEXT NOT NULL,
     PRIMARY KEY (instance_id, dedupe)
 ) WITHOUT ROWID;
+"#,
+    r#"
+-- Version 4 changes no table: from it on, an `activity_scheduled` body may leave out its retry
+-- policy when it is the standard one (see docs/history-format.md, version 2). Marking the store
+-- makes a build that would misread such bodies refuse the file instead of stopping instances.
+SELECT 1;
 "#,
 ];
 
@@ -713,14 +719,15 @@ fn run_with_savepoints(conn: &Connection, batch: &mut Vec<Job>) {
             continue;
         }
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn)));
-        let Ok(ok) = ran else {
+        if ran.is_err() && !conn.is_autocommit() {
             // A bug in an operation: undo it alone; its caller sees the store as closed for
             // that call, and the writer goes on serving the others.
             tracing::error!("a store operation panicked; its writes were undone");
             let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
             job.answer(Err(StoreError::Closed));
             continue;
-        };
+        }
+        let ok = matches!(ran, Ok(true));
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back itself (a full disk, an I/O error):
             // every operation of the batch so far is undone. None of them may be acknowledged;
@@ -1534,6 +1541,7 @@ fn load_and_replay_in_tx(
     conn: &Connection,
     id: &str,
     start: ExecutionFactory,
+    span: tracing::Span,
 ) -> Result<ReplayedInstance, StoreError> {
     let info = get_instance(conn, id)?.ok_or_else(|| StoreError::NotFound {
         instance_id: id.into(),
@@ -1562,6 +1570,7 @@ fn load_and_replay_in_tx(
             pending: Vec::with_capacity(REPLAY_BATCH),
             outcome: Ok(()),
             events: 0,
+            span,
         },
     )?;
     let Replaying {
@@ -1569,9 +1578,10 @@ fn load_and_replay_in_tx(
         pending,
         mut outcome,
         events,
+        span,
     } = replayed;
     if outcome.is_ok() {
-        outcome = execution.replay(&pending);
+        outcome = span.in_scope(|| execution.replay(&pending));
     }
     Ok(ReplayedInstance {
         loaded,
@@ -1616,6 +1626,8 @@ struct Replaying {
     /// The first divergence; replay stops there, reading goes on.
     outcome: Result<(), ReplayError>,
     events: u64,
+    /// The caller's span, entered while coordinator code replays.
+    span: tracing::Span,
 }
 
 /// Events replayed at a time by [`Replaying`] (rounded up to whole activations).
@@ -1633,7 +1645,7 @@ impl HistorySink for Replaying {
                 .last()
                 .is_some_and(|last| last.activation != event.activation)
         {
-            self.outcome = self.execution.replay(&self.pending);
+            self.outcome = self.span.in_scope(|| self.execution.replay(&self.pending));
             self.pending.clear();
         }
         self.pending.push(event);
@@ -1690,9 +1702,15 @@ fn read_events_into<S: HistorySink>(
     // as reading alone.
     std::thread::scope(|s| {
         let (chunks, inbox) = mpsc::sync_channel::<RawChunk>(16);
+        // The sink goes to the decoding thread once it has started; if none can be started,
+        // this thread decodes everything itself.
+        let (hand_over, handed) = mpsc::sync_channel::<S>(1);
         let decoder = std::thread::Builder::new()
             .name("retrace-decode".into())
             .spawn_scoped(s, move || -> Result<S, StoreError> {
+                let Ok(mut sink) = handed.recv() else {
+                    return Err(StoreError::Closed);
+                };
                 for chunk in inbox {
                     for &(pos, activation, recorded_at, start, end) in &chunk.rows {
                         let body = chunk.text.get(start..end).unwrap_or_default();
@@ -1700,11 +1718,26 @@ fn read_events_into<S: HistorySink>(
                     }
                 }
                 Ok(sink)
-            })
-            .map_err(|e| StoreError::Database {
-                operation: "read history".into(),
-                detail: format!("could not start the history decoding thread: {e}"),
-            })?;
+            });
+        let decoder = match decoder {
+            Ok(decoder) => {
+                // The decoder waits for nothing else: the send cannot fail while it runs.
+                let _ = hand_over.send(sink);
+                decoder
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no thread for decoding; decoding as the rows are read");
+                while let Some(r) = rows.next().map_err(db("read history"))? {
+                    let (pos, activation, recorded_at) = read(r).map_err(db("read history"))?;
+                    let body = r
+                        .get_ref(3)
+                        .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
+                        .map_err(db("read history"))?;
+                    sink.push(decode_event(id, pos, activation, recorded_at, body)?);
+                }
+                return Ok(sink);
+            }
+        };
         let mut chunk = RawChunk::new();
         let mut failed = None;
         loop {
@@ -1900,8 +1933,17 @@ impl Store for SqliteStore {
         instance_id: &str,
         start: ExecutionFactory,
     ) -> Result<ReplayedInstance, StoreError> {
+        if self.readers.is_none() {
+            // In memory, reads run on the writer's thread: a long replay there would hold up
+            // every write. Replay on the caller's side instead.
+            let loaded = self.load(instance_id, 0).await?;
+            return Ok(super::replay_loaded(loaded, start));
+        }
         let id = instance_id.to_string();
-        self.read(move |conn| snapshot(conn, |conn| load_and_replay_in_tx(conn, &id, start)))
+        // Coordinator code replays on the store's threads: under the caller's span (the
+        // activation's, with the instance id), so that its tracing output keeps its context.
+        let span = tracing::Span::current();
+        self.read(move |conn| snapshot(conn, |conn| load_and_replay_in_tx(conn, &id, start, span)))
             .await
     }
 
