@@ -198,46 +198,11 @@ trait Operation: Send {
     }
 }
 
-/// An [`Operation`] that runs once at most (a read of an in-memory store, which goes through
-/// the writer).
-struct OnceOp<R, F> {
-    f: Option<F>,
-    outcome: Option<Result<R, StoreError>>,
-    reply: oneshot::Sender<Result<R, StoreError>>,
-}
-
-impl<R, F> Operation for OnceOp<R, F>
-where
-    R: Send,
-    F: FnOnce(&Connection) -> Result<R, StoreError> + Send,
-{
-    fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = match self.f.take() {
-            Some(f) => f(conn),
-            None => Err(StoreError::Closed),
-        };
-        let ok = outcome.is_ok();
-        self.outcome = Some(outcome);
-        ok
-    }
-
-    fn answer(self: Box<Self>, commit: Result<(), StoreError>) {
-        let answer = match (commit, self.outcome) {
-            (Ok(()), Some(outcome)) => outcome,
-            (Ok(()), None) => Err(StoreError::Closed),
-            (Err(e), _) => Err(e),
-        };
-        let _ = self.reply.send(answer);
-    }
-
-    fn reruns(&self) -> bool {
-        false
-    }
-}
-
 /// An [`Operation`] from a closure and the channel its caller waits on.
 struct Op<R, F> {
     f: F,
+    /// False for a closure that can run only once (see [`SqliteStore::read`]).
+    reruns: bool,
     outcome: Option<Result<R, StoreError>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
 }
@@ -261,6 +226,10 @@ where
             (Err(e), _) => Err(e),
         };
         let _ = self.reply.send(answer);
+    }
+
+    fn reruns(&self) -> bool {
+        self.reruns
     }
 }
 
@@ -526,20 +495,28 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        self.send(Box::new(Op {
-            f,
-            outcome: None,
-            reply,
-        }))?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.submit(f, true).await
     }
 
-    /// Hands an operation to the writer thread.
-    fn send(&self, job: Job) -> Result<(), StoreError> {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
-        sender.send(job).map_err(|_| StoreError::Closed)
+    /// Hands `f` to the writer thread and waits for its answer.
+    async fn submit<R, F>(&self, f: F, reruns: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(Op {
+            f,
+            reruns,
+            outcome: None,
+            reply,
+        });
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(job).map_err(|_| StoreError::Closed)?;
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on a reader connection (or on the writer, for an in-memory store).
@@ -549,13 +526,13 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let Some(pool) = &self.readers else {
-            let (reply, answer) = oneshot::channel();
-            self.send(Box::new(OnceOp {
-                f: Some(f),
-                outcome: None,
-                reply,
-            }))?;
-            return answer.await.map_err(|_| StoreError::Closed)?;
+            // In memory, reads go through the writer; this closure can run only once.
+            let mut f = Some(f);
+            let once = move |conn: &Connection| match f.take() {
+                Some(f) => f(conn),
+                None => Err(StoreError::Closed),
+            };
+            return self.submit(once, false).await;
         };
         let pool = Arc::clone(pool);
         let path = self.reader_path.clone();
