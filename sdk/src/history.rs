@@ -36,13 +36,7 @@ pub(crate) fn standard_retry() -> RetrySpec {
 }
 
 fn is_standard_retry(retry: &RetrySpec) -> bool {
-    retry.max_attempts == 10
-        && retry.initial_interval_ms == 100
-        && retry.backoff_coefficient == 2.0
-        && retry.max_interval_ms == 10_000
-        && retry.non_retryable.is_empty()
-        && retry.start_to_close_timeout_ms.is_none()
-        && retry.heartbeat_timeout_ms.is_none()
+    *retry == standard_retry()
 }
 
 /// Version of the event schema, written into exported histories.

@@ -927,15 +927,15 @@ fn take_held_task(
     .map_err(db("finish activity task"))
 }
 
-/// Journals the final attempt of a task taken by [`take_held_task`].
-fn journal_final_attempt(
+/// Journals an attempt of `task`: started when claimed (`claimed_at`; `now` for a task claimed
+/// before that column existed), ended `now`.
+fn journal_attempt(
     conn: &Connection,
     task: &ActivityTask,
     claimed_at: Option<i64>,
-    outcome: &Event,
+    (end, error): (AttemptEnd, Option<String>),
     now: u64,
 ) -> Result<(), StoreError> {
-    let (end, error) = attempt_end(outcome);
     conn.prepare_cached(
         "INSERT OR REPLACE INTO attempts
              (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
@@ -1028,34 +1028,6 @@ fn notify_parent(
     let dedupe = format!("child:{}", parent.seq);
     insert_inbox(conn, &parent.instance_id, Some(&dedupe), &event, now)?;
     mark_ready(conn, &parent.instance_id)
-}
-
-/// Journals the attempt `task` held, from its task row (which must still exist): started when
-/// claimed, ended `now`. Part of the transaction that records the attempt's outcome.
-fn record_attempt(
-    conn: &Connection,
-    task: &ActivityTask,
-    outcome: AttemptEnd,
-    error: Option<String>,
-    now: u64,
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO attempts
-             (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
-         SELECT instance_id, generation, seq, attempt, COALESCE(claimed_at, ?3), ?3, ?4, ?5
-         FROM tasks WHERE instance_id = ?1 AND seq = ?2",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            task.instance_id,
-            task.seq,
-            now as i64,
-            outcome.as_str(),
-            error
-        ])
-    })
-    .map_err(db("journal activity attempt"))?;
-    Ok(())
 }
 
 /// How a final outcome event ends its attempt, and its error.
@@ -1398,7 +1370,7 @@ fn finish_and_activate_in_tx(
             instance_claimed: false,
         }));
     };
-    journal_final_attempt(conn, task, claimed_at, outcome, now)?;
+    journal_attempt(conn, task, claimed_at, attempt_end(outcome), now)?;
     if c.instance_id == task.instance_id {
         if let Some(receipt) = step_in_tx(conn, c, now)? {
             return Ok(DirectFinish::Activated(receipt));
@@ -2073,9 +2045,12 @@ impl Store for SqliteStore {
                     AttemptOutcome::Final(event) => {
                         // Four statements: the common end of a fan-out call (W3: 1,000 of them).
                         let Some(claimed_at) = take_held_task(conn, &task, &owner)? else {
-                            return Ok(FinishReceipt { accepted: false, instance_claimed: false });
+                            return Ok(FinishReceipt {
+                                accepted: false,
+                                instance_claimed: false,
+                            });
                         };
-                        journal_final_attempt(conn, &task, claimed_at, event, now)?;
+                        journal_attempt(conn, &task, claimed_at, attempt_end(event), now)?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
                         // Ready, and leased to this worker unless another holds it.
@@ -2093,35 +2068,57 @@ impl Store for SqliteStore {
                             )
                             .and_then(|mut s| {
                                 s.query_row(
-                                    params![task.instance_id, owner, (now + lease_ms) as i64, now as i64],
+                                    params![
+                                        task.instance_id,
+                                        owner,
+                                        (now + lease_ms) as i64,
+                                        now as i64
+                                    ],
                                     |r| r.get(0),
                                 )
                                 .optional()
                             })
                             .map_err(db("finish activity task"))?
                             .unwrap_or(false);
-                        Ok(FinishReceipt { accepted: true, instance_claimed: claimed })
+                        Ok(FinishReceipt {
+                            accepted: true,
+                            instance_claimed: claimed,
+                        })
                     }
-                    AttemptOutcome::Retry { next_attempt_at_ms, error } => {
-                        let row: Option<(u32, Option<String>, i64)> = conn
+                    AttemptOutcome::Retry {
+                        next_attempt_at_ms,
+                        error,
+                    } => {
+                        let row: Option<(u32, Option<String>, i64, Option<i64>)> = conn
                             .prepare_cached(
-                                "SELECT attempt, lease_owner, generation FROM tasks
+                                "SELECT attempt, lease_owner, generation, claimed_at FROM tasks
                                  WHERE instance_id = ?1 AND seq = ?2",
                             )
                             .and_then(|mut s| {
                                 s.query_row(params![task.instance_id, task.seq], |r| {
-                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                                 })
                                 .optional()
                             })
                             .map_err(db("finish activity task"))?;
-                        let held = matches!(&row, Some((attempt, Some(o), generation))
-                            if *attempt == task.attempt && *o == owner && *generation as u64 == task.generation);
-                        if !held {
-                            return Ok(FinishReceipt { accepted: false, instance_claimed: false });
-                        }
+                        let claimed_at = match row {
+                            Some((attempt, Some(o), generation, claimed_at))
+                                if attempt == task.attempt
+                                    && o == owner
+                                    && generation as u64 == task.generation =>
+                            {
+                                claimed_at
+                            }
+                            _ => {
+                                return Ok(FinishReceipt {
+                                    accepted: false,
+                                    instance_claimed: false,
+                                })
+                            }
+                        };
                         let next_attempt_at_ms = *next_attempt_at_ms;
-                        record_attempt(conn, &task, AttemptEnd::Retry, Some(error.to_string()), now)?;
+                        let end = (AttemptEnd::Retry, Some(error.to_string()));
+                        journal_attempt(conn, &task, claimed_at, end, now)?;
                         conn.prepare_cached(
                             "UPDATE tasks SET lease_owner = NULL, due_at = ?3, last_error = ?4
                              WHERE instance_id = ?1 AND seq = ?2",
@@ -2135,7 +2132,10 @@ impl Store for SqliteStore {
                             ])
                         })
                         .map_err(db("schedule activity retry"))?;
-                        Ok(FinishReceipt { accepted: true, instance_claimed: false })
+                        Ok(FinishReceipt {
+                            accepted: true,
+                            instance_claimed: false,
+                        })
                     }
                 }
             })
