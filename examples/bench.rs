@@ -521,7 +521,7 @@ async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
-    let client = Client::new(store.clone());
+    let client = worker.client();
     let instances = 1_000usize;
     let steps_each = 10u32;
 
@@ -586,7 +586,7 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
-    let client = Client::new(store.clone());
+    let client = worker.client();
     let mut samples = Vec::with_capacity(50);
     for i in 0..50 {
         let started = Instant::now();
@@ -623,7 +623,7 @@ async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let store = opts.open_store(&path)?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
-    let client = Client::new(store.clone());
+    let client = worker.client();
     let n = 1_000u32;
     let started = Instant::now();
     let handle = client.start(&FAN_OUT, "w3", &n).await?;
@@ -796,8 +796,8 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 async fn w4_crash(opts: &Options, place: &Place) -> Res<()> {
     let (store, _sqlite) = opts.open_place(place).await?;
     let ended = Arc::new(Ended::default());
-    let _worker = worker(store.clone(), &ended);
-    let client = Client::new(store.clone());
+    let worker = worker(store.clone(), &ended);
+    let client = worker.client();
     let starts: Vec<_> = (0..W4_INSTANCES)
         .map(|i| format!("w4-{i}"))
         .collect::<Vec<_>>();
@@ -889,7 +889,7 @@ async fn w5_child(opts: &Options, path: &Path) -> Res<()> {
     let store = opts.open_store(path)?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
-    let client = Client::new(store.clone());
+    let client = worker.client();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let baseline = rss_mib()?;
     let started = Instant::now();

@@ -127,7 +127,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .start();
-    let client = Client::new(store.clone());
+    let client = worker.client();
     let start = Subscription {
         customer: "ada".into(),
         period: 0,

@@ -31,7 +31,9 @@
 //!     .coordinator(&COUNT, count)
 //!     .activity(&ADD_ONE, add_one)
 //!     .start();
-//! let client = Client::new(store);
+//! // A client in the worker's process starts instances with their first activation;
+//! // `Client::new(store)` is the client for any other process.
+//! let client = worker.client();
 //! let handle = client.start(&COUNT, "count-1", &40).await?;
 //! assert_eq!(handle.result().await?, 42);
 //! worker.shutdown().await?;

@@ -395,7 +395,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     let worker = builder.start();
-    let client = Client::new(store.clone());
+    let client = worker.client();
 
     let payment_timeout_ms = (args.payment_timeout_secs * 1000.0) as u64;
     let mut handles = Vec::new();

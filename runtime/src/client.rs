@@ -8,6 +8,7 @@ use retrace_sdk::{Coordinator, Error, Event, HistoryEvent};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -19,6 +20,17 @@ const WAIT_POLL: Duration = Duration::from_millis(200);
 #[derive(Clone)]
 pub struct Client {
     store: SharedStore,
+    /// Set for a worker's client ([`crate::Worker::client`]): creates instances together with
+    /// their first activation, run in this process.
+    local: Option<Arc<dyn LocalStart>>,
+}
+
+/// How a client in the same process as a worker starts instances (see
+/// [`crate::Worker::client`]).
+#[async_trait::async_trait]
+pub(crate) trait LocalStart: Send + Sync {
+    /// Creates `new`, with its first activation if it can; as [`crate::Store::create_instance`].
+    async fn create(&self, new: NewInstance) -> Result<CreateOutcome, StoreError>;
 }
 
 impl std::fmt::Debug for Client {
@@ -30,7 +42,15 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// A client of `store`.
     pub fn new(store: SharedStore) -> Self {
-        Client { store }
+        Client { store, local: None }
+    }
+
+    /// A client of `store` that creates instances through `local`.
+    pub(crate) fn with_local_start(store: SharedStore, local: Arc<dyn LocalStart>) -> Self {
+        Client {
+            store,
+            local: Some(local),
+        }
     }
 
     /// Starts an instance of `coordinator` named `id`. Idempotent: if `id` exists, nothing is
@@ -56,7 +76,11 @@ impl Client {
             parent: None,
         };
         let span = tracing::debug_span!("start", instance_id = %id);
-        match self.store.create_instance(new).instrument(span).await? {
+        let created = match &self.local {
+            Some(local) => local.create(new).instrument(span).await?,
+            None => self.store.create_instance(new).instrument(span).await?,
+        };
+        match created {
             CreateOutcome::Created => {}
             CreateOutcome::Existing(info) if info.coordinator != coordinator.name() => {
                 return Err(ClientError::CoordinatorMismatch {

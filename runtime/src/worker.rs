@@ -19,6 +19,7 @@
 //! Correctness never depends on the cache: a cached execution is used only when the stored
 //! history continues exactly where it stopped; otherwise it is rebuilt by replay.
 
+use crate::client::{Client, LocalStart};
 use crate::clock::now_ms;
 use crate::error::StoreError;
 use crate::limits::{
@@ -26,8 +27,8 @@ use crate::limits::{
     LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
 };
 use crate::store::{
-    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, DirectFinish, ExecutionFactory,
-    InstanceStatus, SharedStore,
+    ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
+    ExecutionFactory, InstanceStatus, NewInstance, SharedStore,
 };
 use futures::FutureExt;
 use retrace_sdk::{
@@ -347,6 +348,21 @@ impl Worker {
         &self.inner.owner
     }
 
+    /// A client of this worker's store whose [`Client::start`] runs a new instance's first
+    /// activation here, in the process that starts it, and commits it together with the
+    /// instance's creation (as Temporal's eager workflow start does): the start of an instance
+    /// costs one commit instead of three (create, claim, first activation), and its first
+    /// activity calls start at once on this worker. Everything else is as with
+    /// [`Client::new`]: instances of coordinators this worker does not run, and starts once it
+    /// is shutting down, are only created, for any worker to pick up.
+    pub fn client(&self) -> Client {
+        let local: Arc<dyn LocalStart> = Arc::new(EagerStart {
+            worker: Arc::downgrade(&self.inner),
+            store: Arc::clone(&self.inner.store),
+        });
+        Client::with_local_start(Arc::clone(&self.inner.store), local)
+    }
+
     /// Whether the coordinator cache is on.
     pub fn cache_enabled(&self) -> bool {
         self.inner.cache_enabled
@@ -378,6 +394,23 @@ impl Drop for Worker {
         let _ = self.shutdown.send(true);
         for l in &self.loops {
             l.abort();
+        }
+    }
+}
+
+/// A worker's side of [`Worker::client`]; holds the worker weakly, so that a client kept after
+/// the worker is gone only creates instances.
+struct EagerStart {
+    worker: std::sync::Weak<Inner>,
+    store: SharedStore,
+}
+
+#[async_trait::async_trait]
+impl LocalStart for EagerStart {
+    async fn create(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
+        match self.worker.upgrade() {
+            Some(inner) => inner.start_eagerly(new).await,
+            None => self.store.create_instance(new).await,
         }
     }
 }
@@ -664,6 +697,101 @@ impl Inner {
             )
             .await?;
         Ok(receipt.ready_again)
+    }
+
+    /// Creates `new` together with its first activation, run here ([`Worker::client`]); only
+    /// creates it when this worker does not run its coordinator or is stopping.
+    async fn start_eagerly(self: &Arc<Self>, new: NewInstance) -> Result<CreateOutcome, StoreError> {
+        let known = match self.coordinators.get(&new.coordinator) {
+            Some(entry) if !self.stopping() => entry.clone(),
+            _ => return self.store.create_instance(new).await,
+        };
+        let id = new.id.clone();
+        let span = tracing::debug_span!("activation", instance_id = %id, replaying = false, position = 0u64);
+        self.start_eagerly_inner(new, known).instrument(span).await
+    }
+
+    async fn start_eagerly_inner(
+        self: &Arc<Self>,
+        new: NewInstance,
+        (body, patches): (CoordinatorFn, &'static [&'static str]),
+    ) -> Result<CreateOutcome, StoreError> {
+        let id = new.id.clone();
+        let mut execution = Execution::new(&id, body).with_patches(patches);
+        // The same event the store would put in the inbox of an instance created on its own.
+        let started = Event::InstanceStarted {
+            coordinator: new.coordinator.clone(),
+            input: new.input.clone(),
+            parent: new.parent.clone(),
+        };
+        let seed = uuid::Uuid::new_v4().as_u64_pair().0;
+        let activation = match execution.activate(vec![started], now_ms(), seed) {
+            Ok(a) => a,
+            Err(e) => {
+                // Cannot diverge from an empty history; whatever it is, the usual path meets it
+                // again and records it (it stops the instance with the reason).
+                tracing::warn!(error = %e, "first activation failed here; creating the instance for the usual path");
+                return self.store.create_instance(new).await;
+            }
+        };
+        let ended = activation.terminal().is_some();
+        let activation_number = activation.activation;
+        let commit = ActivationCommit::plan(
+            &id,
+            &self.owner,
+            0,
+            0,
+            activation.activation,
+            activation.events,
+            Vec::new(),
+            activation.custom_status,
+            &|name| self.activities.contains_key(name),
+            self.lease_ms(),
+        );
+        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
+        let unknown_activity = commit
+            .tasks
+            .iter()
+            .find(|t| !t.claim)
+            .map(|t| t.name.clone());
+        let summary = summarize(&commit.events);
+        let (outcome, receipt) = self.store.create_and_activate(new, commit).await?;
+        let Some(receipt) = receipt else {
+            // Existing, or the store created the instance without the activation: the usual
+            // path takes it from here.
+            return Ok(outcome);
+        };
+        tracing::debug!(activation = activation_number, ended, events = %summary, "instance created with its first activation");
+        let committed = Committed {
+            generation: 0,
+            activation: activation_number,
+            ended,
+            timers_due,
+        };
+        let tasks = self
+            .after_commit(
+                &id,
+                execution,
+                &receipt,
+                committed,
+                unknown_activity,
+                Start::None,
+            )
+            .await;
+        if receipt.ready_again {
+            self.schedule(id);
+        }
+        // The instance exists whatever `after_commit` met (a failed note about an unknown
+        // activity): the caller gets `Created`, and the note is retried by the usual path.
+        match tasks {
+            Ok(tasks) => {
+                for task in tasks {
+                    self.spawn_task(task);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "after the first activation"),
+        }
+        Ok(outcome)
     }
 
     /// What follows a committed activation, on either path: report it, keep the execution,
@@ -1019,7 +1147,7 @@ impl Inner {
         if self.coordinator_names.is_empty() {
             return;
         }
-        let mut changes = self.store.changes();
+        let mut changes = self.store.ready_changes();
         let mut shutdown = self.shutdown.clone();
         loop {
             changes.borrow_and_update();

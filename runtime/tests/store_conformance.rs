@@ -400,6 +400,7 @@ conformance!(
     timers_fire_once_when_due,
     signals_buffered_in_order_and_deduped,
     create_is_idempotent,
+    create_and_activate_is_one_commit,
     activity_tasks_count_attempts,
     activity_outcome_recorded_once,
     activity_task_lease_expires,
@@ -1070,6 +1071,108 @@ mod cases {
         ));
         s.terminate("a", "done").await.unwrap();
         assert!(!s.deliver("a", signal("x", json!(7)), None).await.unwrap());
+    }
+
+    /// An instance created with its first activation: history, claimed task and lease as after
+    /// create + claim + commit, in one call; an existing id changes nothing. Both stores
+    /// implement it (a store may decline, by creating the instance alone: checked too).
+    pub(super) async fn create_and_activate_is_one_commit(h: &Harness) {
+        let s = &h.store;
+        let started = Event::InstanceStarted {
+            coordinator: "c".into(),
+            input: json!("in"),
+            parent: None,
+        };
+        let first = |id: &str| {
+            ActivationCommit::plan(
+                id,
+                "w1",
+                0,
+                0,
+                0,
+                vec![started.clone(), scheduled(0, "act")],
+                Vec::new(),
+                None,
+                &|_| true,
+                LEASE_MS,
+            )
+        };
+        let (outcome, receipt) = s
+            .create_and_activate(new_instance("e", "c", json!("in")), first("e"))
+            .await
+            .unwrap();
+        assert_eq!(outcome, CreateOutcome::Created);
+        let receipt = receipt.expect("both stores commit the first activation");
+        assert!(!receipt.ready_again);
+        assert_eq!(receipt.claimed_tasks.len(), 1);
+        let task = &receipt.claimed_tasks[0];
+        assert_eq!((task.seq, task.attempt), (0, 1));
+        assert_eq!(
+            history_events(s, "e").await,
+            vec![started.clone(), scheduled(0, "act")]
+        );
+        assert!(inbox_events(s, "e").await.is_empty(), "the start was delivered");
+        let info = s.describe("e").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Running);
+        assert_eq!(info.next_position, 2);
+        // Not ready: no worker claims it; the task is held by w1.
+        assert!(s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        // The task's outcome moves it on as after any activation.
+        let finished = s
+            .finish_task("w1", task, completed(task, json!(1)), LEASE_MS)
+            .await
+            .unwrap();
+        assert!(finished.accepted);
+        assert_eq!(inbox_events(s, "e").await.len(), 1, "the outcome waits in the inbox");
+
+        // An existing id: nothing written, the existing instance returned, no receipt.
+        let (again, none) = s
+            .create_and_activate(new_instance("e", "c", json!("other")), first("e"))
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        match again {
+            CreateOutcome::Existing(info) => assert_eq!(info.input, json!("in")),
+            other => panic!("expected Existing, got {other:?}"),
+        }
+        assert_eq!(history_events(s, "e").await.len(), 2);
+
+        // Racing: exactly one of several creates (with or without activation) wins.
+        let outcomes = futures::future::join_all((0..6).map(|i| {
+            let s = Arc::clone(s);
+            let commit = first("race");
+            async move {
+                if i % 2 == 0 {
+                    s.create_and_activate(new_instance("race", "c", json!("in")), commit)
+                        .await
+                        .unwrap()
+                        .0
+                } else {
+                    s.create_instance(new_instance("race", "c", json!("in")))
+                        .await
+                        .unwrap()
+                }
+            }
+        }))
+        .await;
+        let created = outcomes
+            .iter()
+            .filter(|o| **o == CreateOutcome::Created)
+            .count();
+        assert_eq!(created, 1);
+        let history = history_events(s, "race").await;
+        let inbox = inbox_events(s, "race").await;
+        // Either the activation won (start delivered), or a plain create did (start waiting).
+        assert_eq!(history.len() + inbox.len(), if history.is_empty() { 1 } else { 2 });
     }
 
     pub(super) async fn create_is_idempotent(h: &Harness) {

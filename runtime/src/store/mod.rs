@@ -534,6 +534,22 @@ pub trait Store: Send + Sync + 'static {
         Ok(replay_loaded(loaded, start))
     }
 
+    /// Creates an instance together with its first activation `first` (computed by the caller
+    /// from `InstanceStarted` alone, at position 0 of generation 0, under `first.owner`'s lease),
+    /// in one transaction: the start of an instance costs one commit instead of three (create,
+    /// claim, first activation). If the id exists, changes nothing and returns the existing
+    /// instance with no receipt. A store may also decline the activation, by creating the
+    /// instance as [`Store::create_instance`] does and returning no receipt; the caller then
+    /// drops its execution and the instance is activated the usual way. The default declines.
+    async fn create_and_activate(
+        &self,
+        new: NewInstance,
+        first: ActivationCommit,
+    ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
+        drop(first);
+        Ok((self.create_instance(new).await?, None))
+    }
+
     /// Appends an activation and applies its effects atomically, if `expected_position` is still
     /// the next position and `owner` holds the lease.
     async fn commit_activation(
@@ -649,6 +665,13 @@ pub trait Store: Send + Sync + 'static {
     /// A channel that changes whenever an instance may have become ready or ended, for waiting
     /// without polling inside one process.
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// A channel that changes whenever an instance may have become ready to claim, for workers
+    /// looking for work: unlike [`Store::changes`], a store may leave out the ends of instances
+    /// that made no other instance ready. Default: [`Store::changes`].
+    fn ready_changes(&self) -> watch::Receiver<u64> {
+        self.changes()
+    }
 
     /// Announces a live worker, so that the store can tell when it dies. A store that can
     /// detect dead workers (the SQLite store, through a lock held by the worker's process)

@@ -1036,6 +1036,52 @@ async fn create_in_tx(
     Ok(CreateOutcome::Existing(existing))
 }
 
+/// Creates an instance leased to `owner`, without `InstanceStarted` in its inbox: the caller
+/// appends the first activation in the same transaction. `Existing` if the id is taken.
+async fn create_leased_in_tx(
+    tx: &impl GenericClient,
+    new: &NewInstance,
+    now: u64,
+    owner: &str,
+    lease_ms: u64,
+) -> TxResult<CreateOutcome> {
+    let input = to_json(&new.input)?;
+    let parent_id = new.parent.as_ref().map(|p| p.instance_id.clone());
+    let parent_seq = new.parent.as_ref().map(|p| i64::from(p.seq));
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq,
+                                    ready, lease_owner, lease_until, created_at, updated_at)
+             VALUES ($1, $2, 'running', $3, $4, $5, FALSE, $6, $7, $8, $8)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .await?;
+    let n = tx
+        .execute(
+            &stmt,
+            &[
+                &new.id,
+                &new.coordinator,
+                &input,
+                &parent_id,
+                &parent_seq,
+                &owner,
+                &((now + lease_ms) as i64),
+                &(now as i64),
+            ],
+        )
+        .await?;
+    if n > 0 {
+        return Ok(CreateOutcome::Created);
+    }
+    let existing = get_instance(tx, &new.id, false)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            instance_id: new.id.clone(),
+        })?;
+    Ok(CreateOutcome::Existing(existing))
+}
+
 /// Tells a parent that its child ended, inside the current transaction.
 async fn notify_parent(
     tx: &impl GenericClient,
@@ -2351,6 +2397,33 @@ impl Store for PostgresStore {
             from_position
         )
         .await)
+    }
+
+    async fn create_and_activate(
+        &self,
+        new: NewInstance,
+        first: ActivationCommit,
+    ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
+        let ended = first.end.is_some();
+        let (outcome, receipt) = write_tx!(self, "create and activate", |tx| async {
+            let now = now_ms();
+            let created: TxResult<(CreateOutcome, Option<CommitReceipt>)> =
+            match create_leased_in_tx(&tx, &new, now, &first.owner, first.lease_ms).await? {
+                CreateOutcome::Created => {
+                    let receipt = commit_in_tx(&tx, &first, now).await?;
+                    Ok((CreateOutcome::Created, Some(receipt)))
+                }
+                existing => Ok((existing, None)),
+            };
+            created
+        }
+        .await)?;
+        if let Some(receipt) = &receipt {
+            if ended || receipt.ready_again || !receipt.woken.is_empty() {
+                self.bump();
+            }
+        }
+        Ok((outcome, receipt))
     }
 
     async fn commit_activation(

@@ -243,6 +243,8 @@ pub struct SqliteStore {
     reader_path: PathBuf,
     options: SqliteOptions,
     changes: watch::Sender<u64>,
+    /// Bumped by the changes that may have made an instance ready (not by ends alone).
+    ready: watch::Sender<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Lock files of the workers of this process, held (flock) for as long as they live.
     worker_locks: Mutex<HashMap<String, std::fs::File>>,
@@ -466,6 +468,7 @@ impl SqliteStore {
             .spawn(move || writer_loop(conn, rx))
             .ok();
         let (changes, _) = watch::channel(0);
+        let (ready, _) = watch::channel(0);
         SqliteStore {
             path,
             jobs: Mutex::new(Some(tx)),
@@ -473,6 +476,7 @@ impl SqliteStore {
             reader_path,
             options,
             changes,
+            ready,
             writer: Mutex::new(writer),
             worker_locks: Mutex::new(HashMap::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
@@ -486,6 +490,17 @@ impl SqliteStore {
 
     fn bump(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        self.ready.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// For a commit that ended an instance (waiters see it) and made none ready (workers need
+    /// not look for work; a parent notified of the end is in `woken`).
+    fn bump_ended(&self, woken: &[String]) {
+        if woken.is_empty() {
+            self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        } else {
+            self.bump();
+        }
     }
 
     /// Runs `f` in the writer's next group-commit transaction; answers after the commit. `f`
@@ -970,12 +985,24 @@ fn create_in_tx(
     new: &NewInstance,
     now: u64,
 ) -> Result<CreateOutcome, StoreError> {
+    insert_instance(conn, new, now, None)
+}
+
+/// Creates an instance inside the current transaction. With `activated_by` (the owner of the
+/// first activation, and its lease), the instance is created leased to that owner and without
+/// `InstanceStarted` in its inbox: the caller appends that activation in the same transaction.
+fn insert_instance(
+    conn: &Connection,
+    new: &NewInstance,
+    now: u64,
+    activated_by: Option<(&str, u64)>,
+) -> Result<CreateOutcome, StoreError> {
     let input = to_json(&new.input)?;
     let n = conn
         .prepare_cached(
             "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq, ready,
-                                    created_at, updated_at)
-             VALUES (?1, ?2, 'running', ?3, ?4, ?5, 1, ?6, ?6)
+                                    lease_owner, lease_until, created_at, updated_at)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
              ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut s| {
@@ -985,6 +1012,9 @@ fn create_in_tx(
                 input,
                 new.parent.as_ref().map(|p| p.instance_id.clone()),
                 new.parent.as_ref().map(|p| p.seq),
+                activated_by.is_none(),
+                activated_by.map(|(owner, _)| owner),
+                activated_by.map_or(0, |(_, lease_ms)| (now + lease_ms) as i64),
                 now as i64
             ])
         })
@@ -994,6 +1024,9 @@ fn create_in_tx(
             instance_id: new.id.clone(),
         })?;
         return Ok(CreateOutcome::Existing(existing));
+    }
+    if activated_by.is_some() {
+        return Ok(CreateOutcome::Created);
     }
     let start = Event::InstanceStarted {
         coordinator: new.coordinator.clone(),
@@ -1896,6 +1929,33 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn create_and_activate(
+        &self,
+        new: NewInstance,
+        first: ActivationCommit,
+    ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
+        let ended = first.end.is_some();
+        let (outcome, receipt) = self
+            .write(move |conn| {
+                let now = now_ms();
+                let claim = Some((first.owner.as_str(), first.lease_ms));
+                match insert_instance(conn, &new, now, claim)? {
+                    CreateOutcome::Created => {
+                        let receipt = commit_in_tx(conn, &first, now)?;
+                        Ok((CreateOutcome::Created, Some(receipt)))
+                    }
+                    existing => Ok((existing, None)),
+                }
+            })
+            .await?;
+        match &receipt {
+            Some(r) if ended => self.bump_ended(&r.woken),
+            Some(r) if r.ready_again || !r.woken.is_empty() => self.bump(),
+            _ => {}
+        }
+        Ok((outcome, receipt))
+    }
+
     async fn commit_activation(
         &self,
         commit: ActivationCommit,
@@ -1904,7 +1964,9 @@ impl Store for SqliteStore {
         let receipt = self
             .write(move |conn| commit_in_tx(conn, &commit, now_ms()))
             .await?;
-        if ended || !receipt.woken.is_empty() {
+        if ended {
+            self.bump_ended(&receipt.woken);
+        } else if !receipt.woken.is_empty() {
             self.bump();
         }
         Ok(receipt)
@@ -2156,12 +2218,13 @@ impl Store for SqliteStore {
         let done = self
             .write(move |conn| finish_and_activate_in_tx(conn, &task, &commit, now_ms()))
             .await?;
-        let bump = match &done {
-            DirectFinish::Activated(receipt) => ended || !receipt.woken.is_empty(),
-            DirectFinish::Finished(receipt) => receipt.accepted && !receipt.instance_claimed,
-        };
-        if bump {
-            self.bump();
+        match &done {
+            DirectFinish::Activated(receipt) if ended => self.bump_ended(&receipt.woken),
+            DirectFinish::Activated(receipt) if !receipt.woken.is_empty() => self.bump(),
+            DirectFinish::Finished(receipt) if receipt.accepted && !receipt.instance_claimed => {
+                self.bump()
+            }
+            _ => {}
         }
         Ok(done)
     }
@@ -2418,6 +2481,10 @@ impl Store for SqliteStore {
             raws.into_iter().map(RawInstance::decode).collect()
         })
         .await
+    }
+
+    fn ready_changes(&self) -> watch::Receiver<u64> {
+        self.ready.subscribe()
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
