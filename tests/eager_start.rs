@@ -176,7 +176,10 @@ async fn a_coordinator_the_worker_does_not_run_is_only_created() {
     let client = activities_only.client();
     let handle = client.start(&STEPS, "elsewhere", &4).await.unwrap();
     let info = client.describe("elsewhere").await.unwrap();
-    assert_eq!(info.next_position, 0, "nothing activated where the coordinator is unknown");
+    assert_eq!(
+        info.next_position, 0,
+        "nothing activated where the coordinator is unknown"
+    );
     let runs_it = Worker::builder(store.clone())
         .coordinator(&STEPS, steps)
         .start();

@@ -701,7 +701,10 @@ impl Inner {
 
     /// Creates `new` together with its first activation, run here ([`Worker::client`]); only
     /// creates it when this worker does not run its coordinator or is stopping.
-    async fn start_eagerly(self: &Arc<Self>, new: NewInstance) -> Result<CreateOutcome, StoreError> {
+    async fn start_eagerly(
+        self: &Arc<Self>,
+        new: NewInstance,
+    ) -> Result<CreateOutcome, StoreError> {
         let known = match self.coordinators.get(&new.coordinator) {
             Some(entry) if !self.stopping() => entry.clone(),
             _ => return self.store.create_instance(new).await,

@@ -1111,7 +1111,10 @@ mod cases {
             history_events(s, "e").await,
             vec![started.clone(), scheduled(0, "act")]
         );
-        assert!(inbox_events(s, "e").await.is_empty(), "the start was delivered");
+        assert!(
+            inbox_events(s, "e").await.is_empty(),
+            "the start was delivered"
+        );
         let info = s.describe("e").await.unwrap().unwrap();
         assert_eq!(info.status, InstanceStatus::Running);
         assert_eq!(info.next_position, 2);
@@ -1132,7 +1135,11 @@ mod cases {
             .await
             .unwrap();
         assert!(finished.accepted);
-        assert_eq!(inbox_events(s, "e").await.len(), 1, "the outcome waits in the inbox");
+        assert_eq!(
+            inbox_events(s, "e").await.len(),
+            1,
+            "the outcome waits in the inbox"
+        );
 
         // An existing id: nothing written, the existing instance returned, no receipt.
         let (again, none) = s
@@ -1172,7 +1179,10 @@ mod cases {
         let history = history_events(s, "race").await;
         let inbox = inbox_events(s, "race").await;
         // Either the activation won (start delivered), or a plain create did (start waiting).
-        assert_eq!(history.len() + inbox.len(), if history.is_empty() { 1 } else { 2 });
+        assert_eq!(
+            history.len() + inbox.len(),
+            if history.is_empty() { 1 } else { 2 }
+        );
     }
 
     pub(super) async fn create_is_idempotent(h: &Harness) {
@@ -1825,6 +1835,65 @@ mod cases {
         // in `retrace timeline`).
         let a = &attempts[0];
         assert!(a.started_at_ms >= scheduled_at, "{a:?}");
+        assert!(a.ended_at_ms >= a.started_at_ms + 25, "{a:?}");
+
+        // The same through the direct path, the common sequential step: the attempt runs from
+        // the `activity_scheduled` event to the outcome event (the SQLite store derives such an
+        // attempt from them instead of writing a row; the journal reads the same).
+        create_and_claim(s, "d", "w2").await;
+        let mut receipt = activate(s, "w2", "d", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        let task = receipt.claimed_tasks.remove(0);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let info = s.describe("d").await.unwrap().unwrap();
+        let commit = ActivationCommit::plan(
+            "d",
+            "w2",
+            info.generation,
+            info.next_position,
+            info.next_activation,
+            vec![
+                Event::ActivityCompleted {
+                    seq: 0,
+                    output: json!(1),
+                    attempt: 1,
+                },
+                scheduled(1, "act"),
+            ],
+            vec![],
+            None,
+            &|_| false,
+            LEASE_MS,
+        );
+        let done = s.finish_and_activate(&task, commit).await.unwrap();
+        assert!(matches!(done, DirectFinish::Activated(_)), "{done:?}");
+        let history = s.history("d").await.unwrap();
+        let at = |kind: &str, seq: u32| {
+            history
+                .iter()
+                .find(|e| match &e.event {
+                    Event::ActivityScheduled { seq: s, .. } => kind == "s" && *s == seq,
+                    Event::ActivityCompleted { seq: s, .. } => kind == "c" && *s == seq,
+                    _ => false,
+                })
+                .map(|e| e.recorded_at_ms)
+                .unwrap()
+        };
+        let attempts = s.attempts("d").await.unwrap();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+        let a = &attempts[0];
+        assert_eq!(
+            (
+                a.generation,
+                a.seq,
+                a.attempt,
+                a.outcome,
+                a.error.as_deref()
+            ),
+            (0, 0, 1, AttemptEnd::Completed, None)
+        );
+        assert_eq!((a.started_at_ms, a.ended_at_ms), (at("s", 0), at("c", 0)));
         assert!(a.ended_at_ms >= a.started_at_ms + 25, "{a:?}");
     }
 

@@ -2408,13 +2408,13 @@ impl Store for PostgresStore {
         let (outcome, receipt) = write_tx!(self, "create and activate", |tx| async {
             let now = now_ms();
             let created: TxResult<(CreateOutcome, Option<CommitReceipt>)> =
-            match create_leased_in_tx(&tx, &new, now, &first.owner, first.lease_ms).await? {
-                CreateOutcome::Created => {
-                    let receipt = commit_in_tx(&tx, &first, now).await?;
-                    Ok((CreateOutcome::Created, Some(receipt)))
-                }
-                existing => Ok((existing, None)),
-            };
+                match create_leased_in_tx(&tx, &new, now, &first.owner, first.lease_ms).await? {
+                    CreateOutcome::Created => {
+                        let receipt = commit_in_tx(&tx, &first, now).await?;
+                        Ok((CreateOutcome::Created, Some(receipt)))
+                    }
+                    existing => Ok((existing, None)),
+                };
             created
         }
         .await)?;

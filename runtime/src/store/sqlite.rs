@@ -912,19 +912,28 @@ fn insert_inbox(
     Ok(n > 0)
 }
 
-/// Deletes the task of `task`'s call if this attempt of `owner` still holds it; returns its
-/// `claimed_at` (`Some(None)` for a task claimed before that column existed), or `None` when the
-/// task is gone or held by another attempt.
+/// A task row taken by [`take_held_task`].
+struct HeldTask {
+    /// When the attempt started (`None` for a task claimed before that column existed).
+    claimed_at: Option<i64>,
+    /// Claimed in the commit that scheduled the call: the attempt started when the
+    /// `activity_scheduled` event was recorded.
+    claimed_when_scheduled: bool,
+}
+
+/// Deletes the task of `task`'s call if this attempt of `owner` still holds it and returns
+/// what the attempt journal needs of it, or `None` when the task is gone or held by another
+/// attempt.
 fn take_held_task(
     conn: &Connection,
     task: &ActivityTask,
     owner: &str,
-) -> Result<Option<Option<i64>>, StoreError> {
+) -> Result<Option<HeldTask>, StoreError> {
     conn.prepare_cached(
         "DELETE FROM tasks
          WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
            AND generation = ?5
-         RETURNING claimed_at",
+         RETURNING claimed_at, claimed_at IS created_at",
     )
     .and_then(|mut s| {
         s.query_row(
@@ -935,7 +944,12 @@ fn take_held_task(
                 owner,
                 task.generation as i64
             ],
-            |r| r.get(0),
+            |r| {
+                Ok(HeldTask {
+                    claimed_at: r.get(0)?,
+                    claimed_when_scheduled: r.get(1)?,
+                })
+            },
         )
         .optional()
     })
@@ -1397,18 +1411,27 @@ fn finish_and_activate_in_tx(
         };
     // The task must still be held by this attempt; it goes in the same transaction as the
     // outcome is written, whichever way that is.
-    let Some(claimed_at) = take_held_task(conn, task, &c.owner)? else {
+    let Some(held) = take_held_task(conn, task, &c.owner)? else {
         return Ok(DirectFinish::Finished(FinishReceipt {
             accepted: false,
             instance_claimed: false,
         }));
     };
-    journal_attempt(conn, task, claimed_at, attempt_end(outcome), now)?;
+    let end = attempt_end(outcome);
     if c.instance_id == task.instance_id {
         if let Some(receipt) = step_in_tx(conn, c, now)? {
+            // A first attempt that succeeded, started by the commit that scheduled the call and
+            // ended by this one, which writes its outcome to history: the two events' times are
+            // the attempt's, and `attempts` derives it from them. Not writing its row saves a
+            // B-tree page per sequential step (the common case).
+            if !(task.attempt == 1 && end.0 == AttemptEnd::Completed && held.claimed_when_scheduled)
+            {
+                journal_attempt(conn, task, held.claimed_at, end, now)?;
+            }
             return Ok(DirectFinish::Activated(receipt));
         }
     }
+    journal_attempt(conn, task, held.claimed_at, end, now)?;
     let claimed = conn
         .prepare_cached(
             "UPDATE instances SET lease_owner = ?2, lease_until = ?3
@@ -2106,13 +2129,13 @@ impl Store for SqliteStore {
                 match &outcome {
                     AttemptOutcome::Final(event) => {
                         // Four statements: the common end of a fan-out call (W3: 1,000 of them).
-                        let Some(claimed_at) = take_held_task(conn, &task, &owner)? else {
+                        let Some(held) = take_held_task(conn, &task, &owner)? else {
                             return Ok(FinishReceipt {
                                 accepted: false,
                                 instance_claimed: false,
                             });
                         };
-                        journal_attempt(conn, &task, claimed_at, attempt_end(event), now)?;
+                        journal_attempt(conn, &task, held.claimed_at, attempt_end(event), now)?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
                         // Ready, and leased to this worker unless another holds it.
@@ -2622,50 +2645,97 @@ impl Store for SqliteStore {
 
     async fn attempts(&self, instance_id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
         let id = instance_id.to_string();
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT generation, seq, attempt, started_at, ended_at, outcome, error
-                     FROM attempts WHERE instance_id = ?1 ORDER BY generation, seq, attempt",
-                )
-                .map_err(db("read attempts"))?;
-            let rows = stmt
-                .query_map([&id], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, u32>(1)?,
-                        r.get::<_, u32>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, Option<String>>(6)?,
-                    ))
-                })
-                .map_err(db("read attempts"))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(db("read attempts"))?;
-            rows.into_iter()
-                .map(|(generation, seq, attempt, started, ended, outcome, error)| {
-                    let outcome =
-                        AttemptEnd::parse(&outcome).ok_or_else(|| StoreError::Database {
-                            operation: "read attempts".into(),
-                            detail: format!("attempt {attempt} of call {seq} of {id} has an unknown outcome {outcome:?}"),
-                        })?;
-                    Ok(AttemptRecord {
-                        instance_id: id.clone(),
-                        generation: generation as u64,
-                        seq,
-                        attempt,
-                        started_at_ms: started as u64,
-                        ended_at_ms: ended as u64,
-                        outcome,
-                        error,
-                    })
-                })
-                .collect()
-        })
-        .await
+        self.read(move |conn| snapshot(conn, |conn| attempts_in_tx(conn, &id)))
+            .await
     }
+}
+
+/// The attempt journal of `id`: its rows, and the attempts no row was written for (see
+/// `finish_and_activate_in_tx`): a first attempt of the current run that completed, started
+/// when its call was scheduled and ended when its outcome was recorded in history.
+fn attempts_in_tx(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+    let mut records = journaled_attempts(conn, id)?;
+    let Some(info) = get_instance(conn, id)? else {
+        return Ok(records);
+    };
+    let journaled: std::collections::BTreeSet<(u64, u32, u32)> = records
+        .iter()
+        .map(|r| (r.generation, r.seq, r.attempt))
+        .collect();
+    let mut scheduled_at = std::collections::BTreeMap::new();
+    for e in read_events(conn, id, 0)? {
+        match e.event {
+            Event::ActivityScheduled { seq, .. } => {
+                scheduled_at.insert(seq, e.recorded_at_ms);
+            }
+            Event::ActivityCompleted {
+                seq, attempt: 1, ..
+            } if !journaled.contains(&(info.generation, seq, 1)) => {
+                if let Some(started) = scheduled_at.get(&seq) {
+                    records.push(AttemptRecord {
+                        instance_id: id.to_string(),
+                        generation: info.generation,
+                        seq,
+                        attempt: 1,
+                        started_at_ms: *started,
+                        ended_at_ms: e.recorded_at_ms,
+                        outcome: AttemptEnd::Completed,
+                        error: None,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    records.sort_by_key(|r| (r.generation, r.seq, r.attempt));
+    Ok(records)
+}
+
+/// The rows of `id`'s attempt journal.
+fn journaled_attempts(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT generation, seq, attempt, started_at, ended_at, outcome, error
+             FROM attempts WHERE instance_id = ?1 ORDER BY generation, seq, attempt",
+        )
+        .map_err(db("read attempts"))?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+            ))
+        })
+        .map_err(db("read attempts"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db("read attempts"))?;
+    rows.into_iter()
+        .map(
+            |(generation, seq, attempt, started, ended, outcome, error)| {
+                let outcome = AttemptEnd::parse(&outcome).ok_or_else(|| StoreError::Database {
+                    operation: "read attempts".into(),
+                    detail: format!(
+                    "attempt {attempt} of call {seq} of {id} has an unknown outcome {outcome:?}"
+                ),
+                })?;
+                Ok(AttemptRecord {
+                    instance_id: id.to_string(),
+                    generation: generation as u64,
+                    seq,
+                    attempt,
+                    started_at_ms: started as u64,
+                    ended_at_ms: ended as u64,
+                    outcome,
+                    error,
+                })
+            },
+        )
+        .collect()
 }
 
 /// Writes an imported or forked instance inside the current transaction; see
