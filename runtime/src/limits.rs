@@ -16,6 +16,10 @@ pub const CACHE_TIMER_HORIZON_MS: u64 = 5_000;
 pub const CACHE_CAPACITY_DEFAULT: usize = 10_000;
 /// Instances or tasks claimed by one poll.
 pub const CLAIM_BATCH_MAX: usize = 256;
+/// First activations a worker's client ([`crate::Worker::client`]) runs at once; further starts
+/// wait for one to commit. Bounds the memory of a burst of starts (each holds an execution and
+/// its commit until the group commit answers).
+pub const EAGER_STARTS_MAX: usize = 256;
 /// Store operations committed in one group-commit transaction.
 pub const GROUP_COMMIT_MAX: usize = 512;
 /// Reads of one SQLite store running at once (each on its own connection and thread).

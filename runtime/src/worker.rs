@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::error::StoreError;
 use crate::limits::{
     ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CACHE_TIMER_HORIZON_MS, CLAIM_BATCH_MAX,
-    LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
+    EAGER_STARTS_MAX, LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
 };
 use crate::store::{
     ActivationCommit, ActivityTask, AttemptOutcome, CommitReceipt, CreateOutcome, DirectFinish,
@@ -293,6 +293,7 @@ impl WorkerBuilder {
             cache: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             activity_slots: Arc::new(Semaphore::new(self.max_concurrent_activities)),
+            eager_starts: Semaphore::new(EAGER_STARTS_MAX),
             poller_wake: Notify::new(),
             observer: self.observer,
             shutdown: shutdown_rx,
@@ -431,6 +432,8 @@ struct Inner {
     /// Instances with an activation task; `true` asks it to run once more.
     running: Mutex<HashMap<String, bool>>,
     activity_slots: Arc<Semaphore>,
+    /// First activations run by this worker's clients at once ([`EAGER_STARTS_MAX`]).
+    eager_starts: Semaphore,
     poller_wake: Notify,
     observer: Option<Observer>,
     shutdown: watch::Receiver<bool>,
@@ -708,6 +711,9 @@ impl Inner {
         let known = match self.coordinators.get(&new.coordinator) {
             Some(entry) if !self.stopping() => entry.clone(),
             _ => return self.store.create_instance(new).await,
+        };
+        let Ok(_permit) = self.eager_starts.acquire().await else {
+            return self.store.create_instance(new).await;
         };
         let id = new.id.clone();
         let span = tracing::debug_span!("activation", instance_id = %id, replaying = false, position = 0u64);
