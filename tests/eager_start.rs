@@ -64,6 +64,13 @@ async fn histories_are_those_of_a_plain_start() {
     assert_well_formed(&ha);
     assert_eq!(batches(&ha), batches(&hb));
     assert_eq!(activations(&ha), activations(&hb));
+    // The end of an instance as this handle remembers it is the row in the file.
+    let other = Client::new(open_store(&dir.file("store.db")));
+    for id in ["eager", "plain"] {
+        let here = plain.describe(id).await.unwrap();
+        assert_eq!(here.status, InstanceStatus::Completed);
+        assert_eq!(here, other.describe(id).await.unwrap());
+    }
     worker.shutdown().await.unwrap();
 }
 

@@ -22,6 +22,9 @@ pub const CLAIM_BATCH_MAX: usize = 256;
 pub const EAGER_STARTS_MAX: usize = 256;
 /// Store operations committed in one group-commit transaction.
 pub const GROUP_COMMIT_MAX: usize = 512;
+/// Ended instances an SQLite store handle keeps in memory, so that a client waiting for one
+/// reads its end without a round trip to the file.
+pub const ENDED_REMEMBERED_MAX: usize = 1024;
 /// Reads of one SQLite store running at once (each on its own connection and thread).
 pub const READERS_MAX: usize = 4;
 /// SQLite busy timeout.

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
-use crate::limits::{BUSY_TIMEOUT, GROUP_COMMIT_MAX, READERS_MAX};
+use crate::limits::{BUSY_TIMEOUT, ENDED_REMEMBERED_MAX, GROUP_COMMIT_MAX, READERS_MAX};
 use async_trait::async_trait;
 use retrace_sdk::{Error, Event, Execution, HistoryEvent, ParentRef, ReplayError, RetrySpec};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
@@ -235,6 +235,34 @@ where
 
 type Job = Box<dyn Operation>;
 
+/// The last [`ENDED_REMEMBERED_MAX`] instances that ended through one store handle.
+#[derive(Default)]
+struct EndedInstances {
+    infos: HashMap<String, InstanceInfo>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl EndedInstances {
+    fn remember(&mut self, info: InstanceInfo) {
+        if self.order.len() >= ENDED_REMEMBERED_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.infos.remove(&oldest);
+            }
+        }
+        self.order.push_back(info.id.clone());
+        self.infos.insert(info.id.clone(), info);
+    }
+}
+
+/// The instance row of `c`'s instance, read in `c`'s transaction, if `c` ended it for good (not
+/// by continuing as new).
+fn ended_info(conn: &Connection, c: &ActivationCommit) -> Result<Option<InstanceInfo>, StoreError> {
+    match &c.end {
+        None | Some(RunEnd::ContinueAsNew(_)) => Ok(None),
+        Some(_) => Ok(get_instance(conn, &c.instance_id)?.filter(|i| i.status.is_final())),
+    }
+}
+
 /// The one write connection, and how many operations wait in the writer's queue. Whoever holds
 /// the lock runs a batch: the writer thread for what is queued, or a caller committing its own
 /// operation directly when nothing is queued and nobody writes (see [`SqliteStore::submit`]).
@@ -273,6 +301,9 @@ pub struct SqliteStore {
     changes: watch::Sender<u64>,
     /// Bumped by the changes that may have made an instance ready (not by ends alone).
     ready: watch::Sender<u64>,
+    /// Instances that ended through this store handle, as committed: a waiting client reads
+    /// the end of an instance from here instead of from the file (it never changes again).
+    ended: Mutex<EndedInstances>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Lock files of the workers of this process, held (flock) for as long as they live.
     worker_locks: Mutex<HashMap<String, std::fs::File>>,
@@ -511,6 +542,7 @@ impl SqliteStore {
             options,
             changes,
             ready,
+            ended: Mutex::default(),
             writer: Mutex::new(writer),
             worker_locks: Mutex::new(HashMap::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
@@ -525,6 +557,16 @@ impl SqliteStore {
     fn bump(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
         self.ready.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Keeps the committed row of an instance that just ended (before waiters are woken).
+    fn remember_ended(&self, info: Option<InstanceInfo>) {
+        if let Some(info) = info {
+            self.ended
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remember(info);
+        }
     }
 
     /// For a commit that ended an instance (waiters see it) and made none ready (workers need
@@ -2044,19 +2086,21 @@ impl Store for SqliteStore {
         first: ActivationCommit,
     ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
         let ended = first.end.is_some();
-        let (outcome, receipt) = self
+        let (outcome, receipt, info) = self
             .write(move |conn| {
                 let now = now_ms();
                 let claim = Some((first.owner.as_str(), first.lease_ms));
                 match insert_instance(conn, &new, now, claim)? {
                     CreateOutcome::Created => {
                         let receipt = commit_in_tx(conn, &first, now)?;
-                        Ok((CreateOutcome::Created, Some(receipt)))
+                        let info = ended_info(conn, &first)?;
+                        Ok((CreateOutcome::Created, Some(receipt), info))
                     }
-                    existing => Ok((existing, None)),
+                    existing => Ok((existing, None, None)),
                 }
             })
             .await?;
+        self.remember_ended(info);
         match &receipt {
             Some(r) if ended => self.bump_ended(&r.woken),
             Some(r) if r.ready_again || !r.woken.is_empty() => self.bump(),
@@ -2070,9 +2114,13 @@ impl Store for SqliteStore {
         commit: ActivationCommit,
     ) -> Result<CommitReceipt, StoreError> {
         let ended = commit.end.is_some();
-        let receipt = self
-            .write(move |conn| commit_in_tx(conn, &commit, now_ms()))
+        let (receipt, info) = self
+            .write(move |conn| {
+                let receipt = commit_in_tx(conn, &commit, now_ms())?;
+                Ok((receipt, ended_info(conn, &commit)?))
+            })
             .await?;
+        self.remember_ended(info);
         if ended {
             self.bump_ended(&receipt.woken);
         } else if !receipt.woken.is_empty() {
@@ -2324,9 +2372,17 @@ impl Store for SqliteStore {
     ) -> Result<DirectFinish, StoreError> {
         let task = task.clone();
         let ended = commit.end.is_some();
-        let done = self
-            .write(move |conn| finish_and_activate_in_tx(conn, &task, &commit, now_ms()))
+        let (done, info) = self
+            .write(move |conn| {
+                let done = finish_and_activate_in_tx(conn, &task, &commit, now_ms())?;
+                let info = match &done {
+                    DirectFinish::Activated(_) => ended_info(conn, &commit)?,
+                    DirectFinish::Finished(_) => None,
+                };
+                Ok((done, info))
+            })
             .await?;
+        self.remember_ended(info);
         match &done {
             DirectFinish::Activated(receipt) if ended => self.bump_ended(&receipt.woken),
             DirectFinish::Activated(receipt) if !receipt.woken.is_empty() => self.bump(),
@@ -2545,6 +2601,15 @@ impl Store for SqliteStore {
     }
 
     async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, StoreError> {
+        if let Some(info) = self
+            .ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .infos
+            .get(instance_id)
+        {
+            return Ok(Some(info.clone()));
+        }
         let id = instance_id.to_string();
         self.read(move |conn| get_instance(conn, &id)).await
     }
