@@ -454,6 +454,53 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
     Ok(())
 }
 
+/// WAL frames a store's WAL file is made room for at open: SQLite's automatic checkpoint
+/// restarts the WAL after 1,000 frames (its default), so that is how long the file gets.
+const WAL_PRESIZE_FRAMES: u64 = 1_100;
+
+/// Extends the WAL file, with zeros, to the length it reaches in steady state, so that the
+/// first commits after opening overwrite blocks the file already has, as all later ones do:
+/// a commit that extends the file makes its fsync write file-system metadata too (on this
+/// project's machine, commits were ~30% slower until the WAL first wrapped, 1,000 frames after
+/// each open: W2 measured it). Done under the write lock (`BEGIN IMMEDIATE`) and beyond the
+/// current end only, so no frame of any connection is there. SQLite reads a WAL only up to its
+/// last valid frame (a frame carries the WAL's salt and a running checksum), so the zeros
+/// are ignored as the stale frames left past the end after each restart of the WAL are.
+/// Best effort: when it cannot be done (busy, disk full), the store works as without it.
+fn presize_wal(conn: &Connection, path: &Path) {
+    let result = (|| -> Result<(), String> {
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(|e| e.to_string())?;
+        let want = 32 + WAL_PRESIZE_FRAMES * (24 + page_size.max(512) as u64);
+        conn.execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string())?;
+        let extended = (|| -> std::io::Result<()> {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            // Only a WAL SQLite made: never create one.
+            let file = std::fs::OpenOptions::new().write(true).open(&wal)?;
+            let len = file.metadata()?.len();
+            if len >= want {
+                return Ok(());
+            }
+            let zeros = vec![0u8; 256 * 1024];
+            let mut at = len;
+            while at < want {
+                let n = (want - at).min(zeros.len() as u64) as usize;
+                std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], at)?;
+                at += n as u64;
+            }
+            file.sync_data()
+        })();
+        let _ = conn.execute_batch("COMMIT");
+        extended.map_err(|e| e.to_string())
+    })();
+    if let Err(e) = result {
+        tracing::debug!(path = %path.display(), error = %e, "WAL file not extended ahead");
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` with default options.
     ///
@@ -486,6 +533,7 @@ impl SqliteStore {
         }
         configure(&conn, &options, &display)?;
         migrate_schema(&conn, &display, version)?;
+        presize_wal(&conn, path_ref);
         Ok(Self::start(
             display,
             path_ref.to_path_buf(),
