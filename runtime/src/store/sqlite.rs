@@ -782,10 +782,12 @@ fn writer_loop(shared: &WriteConnection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Counted as queued until the writer holds the connection: a batch waiting for the lock
+        // keeps callers from committing directly ahead of it, again and again.
+        let conn = shared.lock();
         shared
             .queued
             .fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
-        let conn = shared.lock();
         run_batch(&conn, &mut batch);
     }
 }
