@@ -148,6 +148,36 @@ async fn populate(s: &SharedStore) {
         .await
         .unwrap();
     assert_eq!(t.len(), 1);
+    // A call claimed with the activation that scheduled it (the SQLite store keeps it on the
+    // instance row), by a worker that crashed (its lease has expired).
+    create(s, "held", None).await;
+    let claimed = s
+        .claim_ready("w-dead", &names(&["c"]), 100, 1)
+        .await
+        .unwrap();
+    assert!(claimed.contains(&"held".to_string()));
+    let loaded = s.load("held", 0).await.unwrap();
+    let commit = ActivationCommit::plan(
+        "held",
+        "w-dead",
+        loaded.info.generation,
+        loaded.info.next_position,
+        loaded.info.next_activation,
+        vec![loaded.inbox[0].event.clone(), scheduled(0, "quick")],
+        vec![loaded.inbox[0].id],
+        None,
+        &|_| true,
+        1,
+    );
+    assert_eq!(
+        s.commit_activation(commit)
+            .await
+            .unwrap()
+            .claimed_tasks
+            .len(),
+        1
+    );
+    s.release_leases("w").await.unwrap();
     // A parent waiting on a child.
     create(s, "parent", None).await;
     activate(
@@ -264,6 +294,7 @@ async fn run(url: &str, schema: &str) {
         "done",
         "waiting",
         "crashed",
+        "held",
         "parent",
         "child",
         "continued",
@@ -319,11 +350,12 @@ async fn run(url: &str, schema: &str) {
         .claim_tasks("w2", &names(&["quick", "slow"]), 10, LEASE_MS)
         .await
         .unwrap();
-    assert_eq!(tasks.len(), 1);
-    assert_eq!(
-        (tasks[0].instance_id.as_str(), tasks[0].attempt),
-        ("crashed", 2)
-    );
+    let mut taken: Vec<(&str, u32)> = tasks
+        .iter()
+        .map(|t| (t.instance_id.as_str(), t.attempt))
+        .collect();
+    taken.sort();
+    assert_eq!(taken, vec![("crashed", 2), ("held", 2)]);
     // Ready instances are claimable at once; a child still reports to its parent.
     let mut ready = target
         .claim_ready("w2", &names(&["c"]), 100, LEASE_MS)

@@ -411,6 +411,8 @@ conformance!(
     finish_and_activate_commits_both,
     attempts_are_journaled,
     a_task_claimed_with_its_activation_starts_its_attempt_then,
+    a_call_claimed_with_its_activation_is_a_task_like_any_other,
+    calls_claimed_with_their_activations_hand_over_race_and_end,
     mark_unclaimed_notes_unknown_coordinators,
     list_and_describe,
     changes_wake_waiters,
@@ -442,6 +444,9 @@ async fn sqlite_v1_store_gets_an_attempt_journal() {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "DROP TABLE attempts; DROP TABLE delivered; ALTER TABLE tasks DROP COLUMN claimed_at;
+             DROP INDEX instances_held; ALTER TABLE instances DROP COLUMN held_seq;
+             ALTER TABLE instances DROP COLUMN held_pos; ALTER TABLE instances DROP COLUMN held_owner;
+             ALTER TABLE instances DROP COLUMN held_until; ALTER TABLE instances DROP COLUMN held_at;
              PRAGMA user_version = 1;",
         )
         .unwrap();
@@ -1897,6 +1902,297 @@ mod cases {
         assert!(a.ended_at_ms >= a.started_at_ms + 25, "{a:?}");
     }
 
+    /// A call claimed in the commit that schedules it (the SQLite store keeps it on the instance
+    /// row) has the lifecycle of any task: its lease expires and another worker takes it over
+    /// as attempt 2 (the late attempt 1 is then refused), a release or a retry makes it
+    /// claimable, a renewal keeps it, an end drops it. Each checked on every store.
+    pub(super) async fn a_call_claimed_with_its_activation_is_a_task_like_any_other(h: &Harness) {
+        let s = &h.store;
+        // Claims `id`'s first call for w1 with a lease of `lease_ms`.
+        let held = |id: &'static str, lease_ms: u64| async move {
+            create_and_claim(s, id, "w1").await;
+            let loaded = s.load(id, 0).await.unwrap();
+            let mut events: Vec<Event> = loaded.inbox.iter().map(|m| m.event.clone()).collect();
+            events.push(scheduled(0, "act"));
+            let commit = ActivationCommit::plan(
+                id,
+                "w1",
+                loaded.info.generation,
+                loaded.info.next_position,
+                loaded.info.next_activation,
+                events,
+                loaded.inbox.iter().map(|m| m.id).collect(),
+                None,
+                &|_| true,
+                lease_ms,
+            );
+            let mut receipt = s.commit_activation(commit).await.unwrap();
+            assert_eq!(receipt.claimed_tasks.len(), 1);
+            receipt.claimed_tasks.remove(0)
+        };
+        let claim = |owner: &'static str| async move {
+            s.claim_tasks(owner, &names(&["act"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+        };
+
+        // Expiry: taken over as attempt 2; the late attempt 1 is refused, attempt 2 accepted.
+        let first = held("expires", 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let taken = claim("w2").await;
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert_eq!(
+            (
+                taken[0].instance_id.as_str(),
+                taken[0].seq,
+                taken[0].attempt
+            ),
+            ("expires", 0, 2)
+        );
+        assert!(
+            !s.finish_task("w1", &first, completed(&first, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        assert!(
+            s.finish_task("w2", &taken[0], completed(&taken[0], json!(2)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        assert_eq!(
+            inbox_events(s, "expires").await,
+            vec![Event::ActivityCompleted {
+                seq: 0,
+                output: json!(2),
+                attempt: 2
+            }]
+        );
+
+        // Renewal keeps it; release makes it claimable at once.
+        let _renewed = held("renewed", 300).await;
+        assert!(s.renew_leases("w1", LEASE_MS).await.unwrap() >= 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            claim("w2").await.is_empty(),
+            "a renewed lease is not taken over"
+        );
+        s.release_leases("w1").await.unwrap();
+        let taken = claim("w2").await;
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| (t.instance_id.as_str(), t.attempt))
+                .collect::<Vec<_>>(),
+            vec![("renewed", 2)]
+        );
+
+        // A retry: attempt 1 journaled as retried, the call claimable again as attempt 2.
+        let first = held("retried", LEASE_MS).await;
+        let retry = AttemptOutcome::Retry {
+            next_attempt_at_ms: now_ms(),
+            error: ActivityError::retryable("flaky", "first"),
+        };
+        assert!(
+            s.finish_task("w1", &first, retry, LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        let taken = claim("w2").await;
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| (t.instance_id.as_str(), t.attempt))
+                .collect::<Vec<_>>(),
+            vec![("retried", 2)]
+        );
+        let attempts = s.attempts("retried").await.unwrap();
+        assert_eq!(
+            attempts
+                .iter()
+                .map(|a| (a.attempt, a.outcome))
+                .collect::<Vec<_>>(),
+            vec![(1, AttemptEnd::Retry)]
+        );
+
+        // An end drops it: nothing to claim, the late outcome refused.
+        let first = held("ended", 1).await;
+        s.terminate("ended", "no longer needed").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(claim("w2").await.is_empty());
+        assert!(
+            !s.finish_task("w1", &first, completed(&first, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+    }
+
+    /// The sequential step hands the claimed call on (finish one, claim the next, one commit);
+    /// a call claimed while another claimed call still runs (a signal raced it) is a task as
+    /// well; continuing as new drops a running call, whose late outcome is refused.
+    pub(super) async fn calls_claimed_with_their_activations_hand_over_race_and_end(h: &Harness) {
+        let s = &h.store;
+        let claim = |owner: &'static str| async move {
+            let mut t = s
+                .claim_tasks(owner, &names(&["act"]), 10, LEASE_MS)
+                .await
+                .unwrap();
+            t.sort_by_key(|t| (t.instance_id.clone(), t.seq));
+            t.into_iter()
+                .map(|t| (t.instance_id, t.seq, t.attempt))
+                .collect::<Vec<_>>()
+        };
+        let plan_at = |id: &str,
+                       events: Vec<Event>,
+                       consumed: Vec<i64>,
+                       info: &retrace_runtime::InstanceInfo| {
+            ActivationCommit::plan(
+                id,
+                "w1",
+                info.generation,
+                info.next_position,
+                info.next_activation,
+                events,
+                consumed,
+                None,
+                &|_| true,
+                LEASE_MS,
+            )
+        };
+
+        // Hand-over: finishing call 0 claims call 1 in the same commit.
+        create_and_claim(s, "seq", "w1").await;
+        let mut r = activate(s, "w1", "seq", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        let t0 = r.claimed_tasks.remove(0);
+        let info = s.describe("seq").await.unwrap().unwrap();
+        let done = s
+            .finish_and_activate(
+                &t0,
+                plan_at(
+                    "seq",
+                    vec![
+                        Event::ActivityCompleted {
+                            seq: 0,
+                            output: json!(0),
+                            attempt: 1,
+                        },
+                        scheduled(1, "act"),
+                    ],
+                    vec![],
+                    &info,
+                ),
+            )
+            .await
+            .unwrap();
+        let DirectFinish::Activated(mut r) = done else {
+            panic!("expected the direct path, got {done:?}");
+        };
+        let t1 = r.claimed_tasks.remove(0);
+        assert_eq!((t1.seq, t1.attempt), (1, 1));
+        assert!(claim("w2").await.is_empty(), "call 1 is w1's");
+        assert!(
+            !s.finish_task("w1", &t0, completed(&t0, json!(9)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted,
+            "call 0 has its outcome"
+        );
+        s.release_leases("w1").await.unwrap();
+        assert_eq!(claim("w2").await, vec![("seq".to_string(), 1, 2)]);
+        let late = plan_at(
+            "seq",
+            vec![Event::ActivityCompleted {
+                seq: 1,
+                output: json!(1),
+                attempt: 1,
+            }],
+            vec![],
+            &s.describe("seq").await.unwrap().unwrap(),
+        );
+        let done = s.finish_and_activate(&t1, late).await.unwrap();
+        assert!(
+            matches!(
+                done,
+                DirectFinish::Finished(FinishReceipt {
+                    accepted: false,
+                    ..
+                })
+            ),
+            "{done:?}"
+        );
+
+        // A race: call 0 runs; a signal's activation claims call 1 meanwhile.
+        create_and_claim(s, "race", "w1").await;
+        let mut r = activate(s, "w1", "race", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        let r0 = r.claimed_tasks.remove(0);
+        assert!(s
+            .deliver("race", signal("go", json!(1)), None)
+            .await
+            .unwrap());
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["race".to_string()]
+        );
+        let mut r = activate(s, "w1", "race", vec![scheduled(1, "act")], true)
+            .await
+            .unwrap();
+        let r1 = r.claimed_tasks.remove(0);
+        assert_eq!((r1.seq, r1.attempt), (1, 1));
+        assert!(claim("w2").await.is_empty(), "both calls are w1's");
+        for t in [&r0, &r1] {
+            assert!(
+                s.finish_task("w1", t, completed(t, json!(t.seq)), LEASE_MS)
+                    .await
+                    .unwrap()
+                    .accepted
+            );
+        }
+        assert_eq!(inbox_events(s, "race").await.len(), 2);
+
+        // Continue-as-new drops the running call; its late outcome is refused.
+        create_and_claim(s, "cont", "w3").await;
+        let mut r = activate(s, "w3", "cont", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        let c0 = r.claimed_tasks.remove(0);
+        assert!(s
+            .deliver("cont", signal("again", json!(1)), None)
+            .await
+            .unwrap());
+        s.claim_ready("w3", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w3",
+            "cont",
+            vec![Event::ContinuedAsNew { input: json!(2) }],
+            true,
+        )
+        .await
+        .unwrap();
+        s.release_leases("w3").await.unwrap();
+        assert!(
+            claim("w2").await.is_empty(),
+            "no call of the earlier run is left"
+        );
+        assert!(
+            !s.finish_task("w3", &c0, completed(&c0, json!(0)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+    }
+
     pub(super) async fn attempts_are_journaled(h: &Harness) {
         let s = &h.store;
         assert!(s.attempts("nobody").await.unwrap().is_empty());
@@ -2435,16 +2731,18 @@ mod cases {
         s.create_instance(new_instance("a", "c", json!(1)))
             .await
             .unwrap();
-        // A worker of the other process holds an instance and a task...
+        s.create_instance(new_instance("h", "c", json!(2)))
+            .await
+            .unwrap();
+        // A worker of the other process holds instances and a task...
         other.register_worker("w-other").await.unwrap();
         s.register_worker("w-here").await.unwrap();
-        assert_eq!(
-            other
-                .claim_ready("w-other", &names(&["c"]), 10, LEASE_MS)
-                .await
-                .unwrap(),
-            vec!["a".to_string()]
-        );
+        let mut claimed = other
+            .claim_ready("w-other", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        claimed.sort();
+        assert_eq!(claimed, vec!["a".to_string(), "h".to_string()]);
         assert_eq!(
             other
                 .claim_tasks("w-other", &names(&["act"]), 10, LEASE_MS)
@@ -2453,6 +2751,11 @@ mod cases {
                 .len(),
             1
         );
+        // ...and a call it claimed with the activation that scheduled it.
+        let receipt = activate(&other, "w-other", "h", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        assert_eq!(receipt.claimed_tasks.len(), 1);
         // ...and is alive: nothing to reap.
         assert_eq!(s.reap_dead_workers().await.unwrap(), 0);
         assert_eq!(other.reap_dead_workers().await.unwrap(), 0);
@@ -2475,12 +2778,19 @@ mod cases {
                 .unwrap(),
             vec!["a".to_string()]
         );
-        let tasks = s
+        let mut tasks = s
             .claim_tasks("w-here", &names(&["act"]), 10, LEASE_MS)
             .await
             .unwrap();
-        assert_eq!(tasks.len(), 1);
-        assert_eq!(tasks[0].attempt, 2);
+        tasks.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
+        assert_eq!(tasks.len(), 2, "{tasks:?}");
+        assert_eq!(
+            tasks
+                .iter()
+                .map(|t| (t.instance_id.as_str(), t.attempt))
+                .collect::<Vec<_>>(),
+            vec![("h", 2), ("t", 2)]
+        );
         s.unregister_worker("w-here").await.unwrap();
     }
 

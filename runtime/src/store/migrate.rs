@@ -210,7 +210,9 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
     let live: i64 = conn
         .query_row(
             "SELECT (SELECT count(*) FROM instances WHERE lease_owner IS NOT NULL AND lease_until >= ?1)
-                  + (SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL AND due_at >= ?1)",
+                  + (SELECT count(*) FROM tasks WHERE lease_owner IS NOT NULL AND due_at >= ?1)
+                  + (SELECT count(*) FROM instances
+                     WHERE held_owner IS NOT NULL AND held_until >= ?1)",
             [now],
             |r| r.get(0),
         )
@@ -309,6 +311,21 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
             })
             .and_then(|rows| rows.collect())
             .map_err(db("read source tasks"))?;
+        // The call in the instance's held slot is a task like the others (its lease expired).
+        if let Some(call) = super::sqlite::read_held(conn, &i.id)? {
+            i.tasks.push(RawTask {
+                seq: i64::from(call.seq),
+                generation: call.generation,
+                name: call.name,
+                input: call.input,
+                retry: call.retry,
+                attempt: 1,
+                due_at: call.until.min(now),
+                last_error: None,
+                created_at: call.started_at,
+            });
+            i.tasks.sort_by_key(|t| t.seq);
+        }
         i.timers = timers
             .query_map([&i.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .and_then(|rows| rows.collect())

@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -136,6 +136,21 @@ CREATE TABLE delivered (
 -- policy when it is the standard one (see docs/history-format.md, version 2). Marking the store
 -- makes a build that would misread such bodies refuse the file instead of stopping instances.
 SELECT 1;
+"#,
+    r#"
+-- Version 5: an instance's held slot. The one activity call an activation claims for itself
+-- (the sequential step) is kept on the instance row, which every step writes anyway, instead
+-- of as a `tasks` row: seq, lease owner and expiry, start of its first attempt, and the history
+-- position of its `activity_scheduled` event (where its name, input and retry policy are). It
+-- stands for exactly the `tasks` row it replaces, and becomes that row whenever anything but
+-- the sequential step needs it (lease expired, released or reaped, a retry). A sequential step
+-- writes two B-trees fewer (three pages: instance, held index, history).
+ALTER TABLE instances ADD COLUMN held_seq INTEGER;
+ALTER TABLE instances ADD COLUMN held_pos INTEGER;
+ALTER TABLE instances ADD COLUMN held_owner TEXT;
+ALTER TABLE instances ADD COLUMN held_until INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN held_at INTEGER;
+CREATE INDEX instances_held ON instances(held_owner) WHERE held_owner IS NOT NULL;
 "#,
 ];
 
@@ -454,6 +469,47 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
     Ok(())
 }
 
+/// The schema version that keeps a claimed call in its instance's held slot. Processes of an
+/// older build, which know nothing of the slot, must not go on using a store upgraded to it.
+const HELD_SLOT_VERSION: i64 = 5;
+
+/// Refuses (without changing anything) while a worker of another process holds its lock file
+/// beside the store: upgrading the store under a running older build would let that build end
+/// instances without dropping their held calls, or miss them when its workers die.
+fn refuse_while_workers_live(path: &Path, display: &str) -> Result<(), StoreError> {
+    let mut dir = path.as_os_str().to_owned();
+    dir.push(".workers");
+    let Ok(entries) = std::fs::read_dir(PathBuf::from(dir)) else {
+        return Ok(());
+    };
+    let mut live = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("lock") {
+            continue;
+        }
+        if let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            if file.try_lock().is_err() {
+                live += 1;
+            }
+        }
+    }
+    if live > 0 {
+        return Err(StoreError::Busy {
+            operation: "upgrade store schema".into(),
+            detail: format!(
+                "{display} is used by {live} running worker(s) of an older Retrace: stop every \
+                 process using the store before this version upgrades it (schema {SCHEMA_VERSION})"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// WAL frames a store's WAL file is made room for at open: SQLite's automatic checkpoint
 /// restarts the WAL after 1,000 frames (its default), so that is how long the file gets.
 const WAL_PRESIZE_FRAMES: u64 = 1_100;
@@ -532,6 +588,9 @@ impl SqliteStore {
             });
         }
         configure(&conn, &options, &display)?;
+        if (1..HELD_SLOT_VERSION).contains(&version) {
+            refuse_while_workers_live(path_ref, &display)?;
+        }
         migrate_schema(&conn, &display, version)?;
         presize_wal(&conn, path_ref);
         Ok(Self::start(
@@ -1107,6 +1166,30 @@ fn take_held_task(
     task: &ActivityTask,
     owner: &str,
 ) -> Result<Option<HeldTask>, StoreError> {
+    if task.attempt == 1 {
+        // In the instance's held slot (`held_at` is left as it was: it is read back).
+        let held_at: Option<Option<i64>> = conn
+            .prepare_cached(
+                "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL,
+                        held_until = 0
+                 WHERE id = ?1 AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4
+                 RETURNING held_at",
+            )
+            .and_then(|mut s| {
+                s.query_row(
+                    params![task.instance_id, task.seq, owner, task.generation as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .map_err(db("finish activity task"))?;
+        if let Some(held_at) = held_at {
+            return Ok(Some(HeldTask {
+                claimed_at: held_at,
+                claimed_when_scheduled: true,
+            }));
+        }
+    }
     conn.prepare_cached(
         "DELETE FROM tasks
          WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
@@ -1132,6 +1215,174 @@ fn take_held_task(
         .optional()
     })
     .map_err(db("finish activity task"))
+}
+
+/// The one call `c` claims, as it would sit in its instance's held slot: its seq and the
+/// history position of its `activity_scheduled` event. `None` unless `c` creates exactly one
+/// task and claims it.
+fn held_candidate(c: &ActivationCommit) -> Option<(u32, u64)> {
+    let [t] = c.tasks.as_slice() else {
+        return None;
+    };
+    if !t.claim {
+        return None;
+    }
+    let i = c
+        .events
+        .iter()
+        .position(|e| matches!(e, Event::ActivityScheduled { seq, .. } if *seq == t.seq))?;
+    Some((t.seq, c.expected_position + i as u64))
+}
+
+/// The call in `id`'s held slot, as the `tasks` row it stands for.
+pub(crate) struct HeldCall {
+    pub(crate) seq: u32,
+    pub(crate) generation: i64,
+    pub(crate) name: String,
+    /// JSON, as in `tasks.input`.
+    pub(crate) input: String,
+    /// JSON, as in `tasks.retry`.
+    pub(crate) retry: String,
+    pub(crate) owner: String,
+    pub(crate) until: i64,
+    pub(crate) started_at: i64,
+}
+
+/// Reads `id`'s held slot, if it holds a call.
+pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>, StoreError> {
+    let row: Option<(u32, i64, i64, String, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT held_seq, held_pos, generation, held_owner, held_until, held_at
+             FROM instances WHERE id = ?1 AND held_owner IS NOT NULL AND held_seq IS NOT NULL",
+        )
+        .and_then(|mut s| {
+            s.query_row([id], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                ))
+            })
+            .optional()
+        })
+        .map_err(db("read held call"))?;
+    let Some((seq, pos, generation, owner, until, started_at)) = row else {
+        return Ok(None);
+    };
+    let body: Option<String> = conn
+        .prepare_cached("SELECT body FROM events WHERE instance_id = ?1 AND pos = ?2")
+        .and_then(|mut s| s.query_row(params![id, pos], |r| r.get(0)).optional())
+        .map_err(db("read held call"))?;
+    let event: Option<Event> = match body {
+        Some(body) => Some(decode_json(
+            id,
+            || format!("event at position {pos}"),
+            &body,
+        )?),
+        None => None,
+    };
+    match event {
+        Some(Event::ActivityScheduled {
+            seq: s,
+            name,
+            input,
+            retry,
+        }) if s == seq => Ok(Some(HeldCall {
+            seq,
+            generation,
+            name,
+            input: to_json(&input)?,
+            retry: to_json(&retry)?,
+            owner,
+            until,
+            started_at,
+        })),
+        _ => Err(StoreError::Corrupt {
+            instance_id: id.to_string(),
+            what: format!("held activity call {seq}"),
+            detail: format!("history position {pos} does not schedule it"),
+        }),
+    }
+}
+
+/// Turns `id`'s held slot into the `tasks` row it stands for (same attempt, lease and start),
+/// for the paths that read and write tasks as rows. Returns whether there was one.
+fn expand_held(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    let Some(call) = read_held(conn, id)? else {
+        return Ok(false);
+    };
+    conn.prepare_cached(
+        "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt, due_at,
+                            lease_owner, created_at, claimed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?9)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            call.seq,
+            call.generation,
+            call.name,
+            call.input,
+            call.retry,
+            call.until,
+            call.owner,
+            call.started_at
+        ])
+    })
+    .map_err(db("expand held call"))?;
+    clear_held(conn, id)?;
+    Ok(true)
+}
+
+/// Empties `id`'s held slot.
+fn clear_held(conn: &Connection, id: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0
+         WHERE id = ?1 AND held_owner IS NOT NULL",
+    )
+    .and_then(|mut s| s.execute([id]))
+    .map_err(db("clear held call"))?;
+    Ok(())
+}
+
+/// Expands the held slots `filter` selects (an SQL condition on `instances`, with `?1`).
+fn expand_held_where(
+    conn: &Connection,
+    filter: &str,
+    arg: &dyn rusqlite::ToSql,
+) -> Result<u64, StoreError> {
+    let ids: Vec<String> = conn
+        .prepare_cached(&format!(
+            "SELECT id FROM instances WHERE held_owner IS NOT NULL AND {filter}"
+        ))
+        .and_then(|mut s| {
+            s.query_map([arg], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .map_err(db("expand held calls"))?;
+    let mut n = 0;
+    for id in &ids {
+        // Savepoint: a slot that cannot be expanded (an unreadable history) is left as it was,
+        // and does not hold up everyone else's claims, releases and reaps.
+        conn.execute_batch("SAVEPOINT expand_held")
+            .map_err(db("expand held calls"))?;
+        match expand_held(conn, id) {
+            Ok(expanded) => {
+                conn.execute_batch("RELEASE expand_held")
+                    .map_err(db("expand held calls"))?;
+                n += u64::from(expanded);
+            }
+            Err(e) => {
+                conn.execute_batch("ROLLBACK TO expand_held; RELEASE expand_held")
+                    .map_err(db("expand held calls"))?;
+                tracing::error!(instance_id = %id, error = %e, "cannot turn a held activity call into a task; left as it is");
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Journals an attempt of `task`: started when claimed (`claimed_at`; `now` for a task claimed
@@ -1267,6 +1518,7 @@ fn attempt_end(event: &Event) -> (AttemptEnd, Option<String>) {
 }
 
 fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+    clear_held(conn, instance_id)?;
     for sql in [
         "DELETE FROM inbox WHERE instance_id = ?1",
         "DELETE FROM tasks WHERE instance_id = ?1",
@@ -1314,6 +1566,7 @@ fn insert_tasks_and_timers(
     conn: &Connection,
     c: &ActivationCommit,
     now: u64,
+    held: Option<u32>,
     receipt: &mut CommitReceipt,
 ) -> Result<(), StoreError> {
     let lease_until = now + c.lease_ms;
@@ -1328,6 +1581,19 @@ fn insert_tasks_and_timers(
             )
             .map_err(db("create activity task"))?;
         for t in &c.tasks {
+            if held == Some(t.seq) {
+                // In the instance's held slot, written with the instance row.
+                receipt.claimed_tasks.push(ActivityTask {
+                    instance_id: c.instance_id.clone(),
+                    seq: t.seq,
+                    name: t.name.clone(),
+                    input: t.input.clone(),
+                    retry: t.retry.clone(),
+                    attempt: 1,
+                    generation: c.generation,
+                });
+                continue;
+            }
             let (attempt, due, owner) = if t.claim {
                 (1u32, lease_until, Some(c.owner.as_str()))
             } else {
@@ -1384,18 +1650,19 @@ fn commit_in_tx(
     c: &ActivationCommit,
     now: u64,
 ) -> Result<CommitReceipt, StoreError> {
-    let row: Option<(i64, Option<String>, String, i64)> = conn
+    let row: Option<(i64, Option<String>, String, i64, bool)> = conn
         .prepare_cached(
-            "SELECT next_pos, lease_owner, status, generation FROM instances WHERE id = ?1",
+            "SELECT next_pos, lease_owner, status, generation, held_owner IS NULL
+             FROM instances WHERE id = ?1",
         )
         .and_then(|mut s| {
             s.query_row([&c.instance_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
             .optional()
         })
         .map_err(db("commit activation"))?;
-    let Some((next_pos, lease_owner, status, generation)) = row else {
+    let Some((next_pos, lease_owner, status, generation, slot_free)) = row else {
         return Err(StoreError::NotFound {
             instance_id: c.instance_id.clone(),
         });
@@ -1434,7 +1701,13 @@ fn commit_in_tx(
     }
     let lease_until = now + c.lease_ms;
     let mut receipt = CommitReceipt::default();
-    insert_tasks_and_timers(conn, c, now, &mut receipt)?;
+    // The call this activation claims goes to the held slot if the run goes on and the slot
+    // is free (a call claimed earlier may still run, e.g. raced with a timer).
+    let held = match &c.end {
+        None if slot_free => held_candidate(c),
+        _ => None,
+    };
+    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0), &mut receipt)?;
     for child in &c.children {
         match create_in_tx(conn, child, now)? {
             CreateOutcome::Created => receipt.woken.push(child.id.clone()),
@@ -1467,7 +1740,12 @@ fn commit_in_tx(
             };
             conn.prepare_cached(
                 "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = ?4,
-                        lease_owner = ?5, lease_until = ?6, updated_at = ?7, reason = NULL
+                        lease_owner = ?5, lease_until = ?6, updated_at = ?7, reason = NULL,
+                        held_seq = CASE WHEN ?8 IS NULL THEN held_seq ELSE ?8 END,
+                        held_pos = CASE WHEN ?8 IS NULL THEN held_pos ELSE ?9 END,
+                        held_owner = CASE WHEN ?8 IS NULL THEN held_owner ELSE ?10 END,
+                        held_until = CASE WHEN ?8 IS NULL THEN held_until ELSE ?11 END,
+                        held_at = CASE WHEN ?8 IS NULL THEN held_at ELSE ?7 END
                  WHERE id = ?1",
             )
             .and_then(|mut s| {
@@ -1478,7 +1756,11 @@ fn commit_in_tx(
                     ready,
                     owner,
                     until as i64,
-                    now as i64
+                    now as i64,
+                    held.map(|h| h.0),
+                    held.map(|h| h.1 as i64),
+                    c.owner,
+                    lease_until as i64
                 ])
             })
             .map_err(db("commit activation"))?;
@@ -1502,7 +1784,8 @@ fn commit_in_tx(
             conn.prepare_cached(
                 "UPDATE instances SET generation = ?2, input = ?3, next_pos = 0, next_activation = 0,
                         ready = 1, lease_owner = ?4, lease_until = ?5, updated_at = ?6,
-                        custom_status = custom_status
+                        custom_status = custom_status, held_seq = NULL, held_pos = NULL,
+                        held_owner = NULL, held_until = 0
                  WHERE id = ?1",
             )
             .and_then(|mut s| {
@@ -1589,15 +1872,26 @@ fn finish_and_activate_in_tx(
         };
     // The task must still be held by this attempt; it goes in the same transaction as the
     // outcome is written, whichever way that is.
+    let end = attempt_end(outcome);
+    // The commonest step of all: the first attempt of the call in the held slot completed. One
+    // `UPDATE` takes the call out of the slot, moves the instance on and puts the next call in.
+    if c.instance_id == task.instance_id
+        && task.attempt == 1
+        && end.0 == AttemptEnd::Completed
+        && task.generation == c.generation
+    {
+        if let Some(receipt) = step_in_tx(conn, c, now, Some(task.seq))? {
+            return Ok(DirectFinish::Activated(receipt));
+        }
+    }
     let Some(held) = take_held_task(conn, task, &c.owner)? else {
         return Ok(DirectFinish::Finished(FinishReceipt {
             accepted: false,
             instance_claimed: false,
         }));
     };
-    let end = attempt_end(outcome);
     if c.instance_id == task.instance_id {
-        if let Some(receipt) = step_in_tx(conn, c, now)? {
+        if let Some(receipt) = step_in_tx(conn, c, now, None)? {
             // A first attempt that succeeded, started by the commit that scheduled the call and
             // ended by this one, which writes its outcome to history: the two events' times are
             // the attempt's, and `attempts` derives it from them. Not writing its row saves a
@@ -1651,15 +1945,15 @@ fn finish_and_activate_in_tx(
     }))
 }
 
-/// The common sequential step in one statement per table: when the activation neither ends
-/// the run, nor starts children, nor publishes a status, and the instance is where the
-/// activation expects it (running, same run, same position, not leased to another worker,
-/// nothing in its inbox), moves the instance on and writes the events and tasks. Returns `None`,
-/// having written nothing, when any of that does not hold; `commit_in_tx` then decides.
-fn step_in_tx(
+/// [`step_in_tx`] for the step that finishes the call in the instance's held slot (claimed by
+/// `c.owner`, first attempt, completed): the slot passes to the call this step claims, if
+/// any, in the same `UPDATE` that moves the instance on. `None`, having written nothing, when
+/// the call is not the held one or the step does not apply.
+fn step_finishing_held(
     conn: &Connection,
     c: &ActivationCommit,
     now: u64,
+    seq: u32,
 ) -> Result<Option<CommitReceipt>, StoreError> {
     if c.end.is_some()
         || !c.children.is_empty()
@@ -1669,11 +1963,17 @@ fn step_in_tx(
         return Ok(None);
     }
     let next_pos = c.expected_position + c.events.len() as u64;
+    let held = held_candidate(c);
     let moved = conn
         .prepare_cached(
             "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
-                    lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL
+                    lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL,
+                    held_seq = ?8, held_pos = ?9,
+                    held_until = CASE WHEN ?8 IS NULL THEN 0 ELSE ?10 END,
+                    held_at = ?4,
+                    held_owner = CASE WHEN ?8 IS NULL THEN NULL ELSE ?7 END
              WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
+               AND held_seq = ?11 AND held_owner = ?7
                AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
                AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)",
         )
@@ -1685,7 +1985,11 @@ fn step_in_tx(
                 now as i64,
                 c.generation as i64,
                 c.expected_position as i64,
-                c.owner
+                c.owner,
+                held.map(|h| h.0),
+                held.map(|h| h.1 as i64),
+                (now + c.lease_ms) as i64,
+                seq
             ])
         })
         .map_err(db("commit activation"))?;
@@ -1701,7 +2005,86 @@ fn step_in_tx(
         now,
     )?;
     let mut receipt = CommitReceipt::default();
-    insert_tasks_and_timers(conn, c, now, &mut receipt)?;
+    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0), &mut receipt)?;
+    Ok(Some(receipt))
+}
+
+/// The common sequential step in one statement per table: when the activation neither ends
+/// the run, nor starts children, nor publishes a status, and the instance is where the
+/// activation expects it (running, same run, same position, not leased to another worker,
+/// nothing in its inbox), moves the instance on and writes the events and tasks. Returns `None`,
+/// having written nothing, when any of that does not hold; `commit_in_tx` then decides.
+fn step_in_tx(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+    finishing: Option<u32>,
+) -> Result<Option<CommitReceipt>, StoreError> {
+    if let Some(seq) = finishing {
+        return step_finishing_held(conn, c, now, seq);
+    }
+    if c.end.is_some()
+        || !c.children.is_empty()
+        || c.custom_status.is_some()
+        || !c.consumed_inbox.is_empty()
+    {
+        return Ok(None);
+    }
+    let next_pos = c.expected_position + c.events.len() as u64;
+    // The call this step claims takes the held slot if it is free (SET sees the row as it was).
+    let candidate = held_candidate(c);
+    let took: Option<bool> = conn
+        .prepare_cached(
+            "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
+                    lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL,
+                    held_seq = CASE WHEN held_owner IS NULL AND ?8 IS NOT NULL
+                                    THEN ?8 ELSE held_seq END,
+                    held_pos = CASE WHEN held_owner IS NULL AND ?8 IS NOT NULL
+                                    THEN ?9 ELSE held_pos END,
+                    held_until = CASE WHEN held_owner IS NULL AND ?8 IS NOT NULL
+                                      THEN ?10 ELSE held_until END,
+                    held_at = CASE WHEN held_owner IS NULL AND ?8 IS NOT NULL
+                                   THEN ?4 ELSE held_at END,
+                    held_owner = CASE WHEN held_owner IS NULL AND ?8 IS NOT NULL
+                                      THEN ?7 ELSE held_owner END
+             WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
+               AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)
+             RETURNING ?8 IS NOT NULL AND held_seq IS ?8 AND held_owner IS ?7",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    c.instance_id,
+                    next_pos as i64,
+                    c.activation + 1,
+                    now as i64,
+                    c.generation as i64,
+                    c.expected_position as i64,
+                    c.owner,
+                    candidate.map(|h| h.0),
+                    candidate.map(|h| h.1 as i64),
+                    (now + c.lease_ms) as i64
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .map_err(db("commit activation"))?;
+    let Some(took) = took else {
+        return Ok(None);
+    };
+    let held = candidate.filter(|_| took).map(|h| h.0);
+    append_events(
+        conn,
+        &c.instance_id,
+        c.expected_position,
+        c.activation,
+        &c.events,
+        now,
+    )?;
+    let mut receipt = CommitReceipt::default();
+    insert_tasks_and_timers(conn, c, now, held, &mut receipt)?;
     Ok(Some(receipt))
 }
 
@@ -2239,6 +2622,8 @@ impl Store for SqliteStore {
         let names = json_list(activities)?;
         self.write(move |conn| {
             let now = now_ms();
+            // Held calls whose lease ran out become claimable rows, like any expired task.
+            expand_held_where(conn, "held_until <= ?1", &(now as i64))?;
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE tasks SET lease_owner = ?1, due_at = ?2, attempt = attempt + 1,
@@ -2358,6 +2743,28 @@ impl Store for SqliteStore {
                         next_attempt_at_ms,
                         error,
                     } => {
+                        // A retry of the held call reschedules it as a row.
+                        let held_here: bool = task.attempt == 1
+                            && conn
+                                .prepare_cached(
+                                    "SELECT EXISTS (SELECT 1 FROM instances WHERE id = ?1
+                                        AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4)",
+                                )
+                                .and_then(|mut s| {
+                                    s.query_row(
+                                        params![
+                                            task.instance_id,
+                                            task.seq,
+                                            owner,
+                                            task.generation as i64
+                                        ],
+                                        |r| r.get(0),
+                                    )
+                                })
+                                .map_err(db("finish activity task"))?;
+                        if held_here {
+                            expand_held(conn, &task.instance_id)?;
+                        }
                         let row: Option<(u32, Option<String>, i64, Option<i64>)> = conn
                             .prepare_cached(
                                 "SELECT attempt, lease_owner, generation, claimed_at FROM tasks
@@ -2456,7 +2863,11 @@ impl Store for SqliteStore {
                 .prepare_cached("UPDATE instances SET lease_until = ?2 WHERE lease_owner = ?1")
                 .and_then(|mut s| s.execute(params![owner, until]))
                 .map_err(db("renew leases"))?;
-            Ok((a + b) as u64)
+            let c = conn
+                .prepare_cached("UPDATE instances SET held_until = ?2 WHERE held_owner = ?1")
+                .and_then(|mut s| s.execute(params![owner, until]))
+                .map_err(db("renew leases"))?;
+            Ok((a + b + c) as u64)
         })
         .await
     }
@@ -2465,6 +2876,7 @@ impl Store for SqliteStore {
         let owner = owner.to_string();
         self.write(move |conn| {
             let now = now_ms() as i64;
+            expand_held_where(conn, "held_owner = ?1", &owner)?;
             conn.prepare_cached(
                 "UPDATE tasks SET lease_owner = NULL, due_at = ?2 WHERE lease_owner = ?1",
             )
@@ -2811,6 +3223,7 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let now = now_ms() as i64;
             for owner in &owners {
+                expand_held_where(conn, "held_owner = ?1", owner)?;
                 conn.prepare_cached("UPDATE instances SET lease_until = 0 WHERE lease_owner = ?1")
                     .and_then(|mut s| s.execute([owner]))
                     .map_err(db("reap dead worker"))?;
