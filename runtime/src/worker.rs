@@ -32,8 +32,9 @@ use crate::store::{
 };
 use futures::FutureExt;
 use retrace_sdk::{
-    activity_handler, coordinator_fn, Activity, ActivityContext, ActivityError, ActivityFailure,
-    ActivityHandler, Context, Coordinator, CoordinatorFn, Error, Event, Execution, RetrySpec,
+    activity_handler, coordinator_fn, Activation, Activity, ActivityContext, ActivityError,
+    ActivityFailure, ActivityHandler, Context, Coordinator, CoordinatorFn, Error, Event, Execution,
+    RetrySpec,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -123,6 +124,14 @@ struct Committed {
     activation: u32,
     ended: bool,
     timers_due: Vec<u64>,
+}
+
+/// An activation's commit, planned, with what [`Inner::after_commit`] needs of it.
+struct Planned {
+    commit: ActivationCommit,
+    committed: Committed,
+    /// An activity it calls that this worker does not run (the call waits for another worker).
+    unknown_activity: Option<String>,
 }
 
 /// Which of the activity tasks claimed by a commit [`Inner::after_commit`] spawns.
@@ -643,26 +652,11 @@ impl Inner {
                 return Ok(false);
             }
         };
-        let ended = activation.terminal().is_some();
-        let activation_number = activation.activation;
-        let commit = ActivationCommit::plan(
-            id,
-            &self.owner,
-            generation,
-            info.next_position,
-            activation.activation,
-            activation.events,
-            consumed,
-            activation.custom_status,
-            &|name| self.activities.contains_key(name),
-            self.lease_ms(),
-        );
-        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
-        let unknown_activity = commit
-            .tasks
-            .iter()
-            .find(|t| !t.claim)
-            .map(|t| t.name.clone());
+        let Planned {
+            commit,
+            committed,
+            unknown_activity,
+        } = self.plan(id, generation, info.next_position, activation, consumed);
         let summary = summarize(&commit.events);
         let commit_span = tracing::debug_span!(
             "store_commit",
@@ -682,13 +676,7 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
-        tracing::debug!(activation = activation_number, ended, events = %summary, "activation committed");
-        let committed = Committed {
-            generation,
-            activation: activation_number,
-            ended,
-            timers_due,
-        };
+        tracing::debug!(activation = committed.activation, ended = committed.ended, events = %summary, "activation committed");
         *claimed = self
             .after_commit(
                 id,
@@ -747,26 +735,11 @@ impl Inner {
                 return self.store.create_instance(new).await;
             }
         };
-        let ended = activation.terminal().is_some();
-        let activation_number = activation.activation;
-        let commit = ActivationCommit::plan(
-            &id,
-            &self.owner,
-            0,
-            0,
-            activation.activation,
-            activation.events,
-            Vec::new(),
-            activation.custom_status,
-            &|name| self.activities.contains_key(name),
-            self.lease_ms(),
-        );
-        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
-        let unknown_activity = commit
-            .tasks
-            .iter()
-            .find(|t| !t.claim)
-            .map(|t| t.name.clone());
+        let Planned {
+            commit,
+            committed,
+            unknown_activity,
+        } = self.plan(&id, 0, 0, activation, Vec::new());
         let summary = summarize(&commit.events);
         let (outcome, receipt) = self.store.create_and_activate(new, commit).await?;
         let Some(receipt) = receipt else {
@@ -774,13 +747,7 @@ impl Inner {
             // path takes it from here.
             return Ok(outcome);
         };
-        tracing::debug!(activation = activation_number, ended, events = %summary, "instance created with its first activation");
-        let committed = Committed {
-            generation: 0,
-            activation: activation_number,
-            ended,
-            timers_due,
-        };
+        tracing::debug!(activation = committed.activation, ended = committed.ended, events = %summary, "instance created with its first activation");
         let tasks = self
             .after_commit(
                 &id,
@@ -805,6 +772,48 @@ impl Inner {
             Err(e) => tracing::warn!(error = %e, "after the first activation"),
         }
         Ok(outcome)
+    }
+
+    /// Plans the commit of `activation`, computed at `position` of run `generation` of `id`
+    /// after delivering the inbox messages `consumed`.
+    fn plan(
+        &self,
+        id: &str,
+        generation: u64,
+        position: u64,
+        activation: Activation,
+        consumed: Vec<i64>,
+    ) -> Planned {
+        let ended = activation.terminal().is_some();
+        let number = activation.activation;
+        let commit = ActivationCommit::plan(
+            id,
+            &self.owner,
+            generation,
+            position,
+            number,
+            activation.events,
+            consumed,
+            activation.custom_status,
+            &|name| self.activities.contains_key(name),
+            self.lease_ms(),
+        );
+        let timers_due = commit.timers.iter().map(|(_, at)| *at).collect();
+        let unknown_activity = commit
+            .tasks
+            .iter()
+            .find(|t| !t.claim)
+            .map(|t| t.name.clone());
+        Planned {
+            commit,
+            committed: Committed {
+                generation,
+                activation: number,
+                ended,
+                timers_due,
+            },
+            unknown_activity,
+        }
     }
 
     /// What follows a committed activation, on either path: report it, keep the execution,
@@ -926,26 +935,11 @@ impl Inner {
                 return None;
             }
         };
-        let ended = activation.terminal().is_some();
-        let activation_number = activation.activation;
-        let commit = ActivationCommit::plan(
-            id,
-            &self.owner,
-            generation,
-            expected_position,
-            activation.activation,
-            activation.events,
-            Vec::new(),
-            activation.custom_status,
-            &|name| self.activities.contains_key(name),
-            self.lease_ms(),
-        );
-        let timers_due: Vec<u64> = commit.timers.iter().map(|(_, at)| *at).collect();
-        let unknown_activity = commit
-            .tasks
-            .iter()
-            .find(|t| !t.claim)
-            .map(|t| t.name.clone());
+        let Planned {
+            commit,
+            committed,
+            unknown_activity,
+        } = self.plan(id, generation, expected_position, activation, Vec::new());
         let outcome_notice = CommitNotice::ActivityOutcome {
             instance_id: id.to_string(),
             seq: task.seq,
@@ -955,12 +949,6 @@ impl Inner {
         match self.store.finish_and_activate(task, commit).await {
             Ok(DirectFinish::Activated(receipt)) => {
                 self.notify(outcome_notice);
-                let committed = Committed {
-                    generation,
-                    activation: activation_number,
-                    ended,
-                    timers_due,
-                };
                 let next = match self
                     .after_commit(
                         id,

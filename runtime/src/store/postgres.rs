@@ -991,86 +991,81 @@ async fn create_in_tx(
     new: &NewInstance,
     now: u64,
 ) -> TxResult<CreateOutcome> {
-    let input = to_json(&new.input)?;
-    let parent_id = new.parent.as_ref().map(|p| p.instance_id.clone());
-    let parent_seq = new.parent.as_ref().map(|p| i64::from(p.seq));
-    let start = to_json(&Event::InstanceStarted {
-        coordinator: new.coordinator.clone(),
-        input: new.input.clone(),
-        parent: new.parent.clone(),
-    })?;
-    let stmt = tx
-        .prepare_cached(
-            "WITH created AS (
-                 INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq,
-                                        ready, created_at, updated_at)
-                 VALUES ($1, $2, 'running', $3, $4, $5, TRUE, $6, $6)
-                 ON CONFLICT (id) DO NOTHING
-                 RETURNING id)
-             INSERT INTO inbox (instance_id, dedupe, body, created_at)
-             SELECT id, 'start:0', $7, $6 FROM created",
-        )
-        .await?;
-    let n = tx
-        .execute(
-            &stmt,
-            &[
-                &new.id,
-                &new.coordinator,
-                &input,
-                &parent_id,
-                &parent_seq,
-                &(now as i64),
-                &start,
-            ],
-        )
-        .await?;
-    if n > 0 {
-        return Ok(CreateOutcome::Created);
-    }
-    let existing = get_instance(tx, &new.id, false)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            instance_id: new.id.clone(),
-        })?;
-    Ok(CreateOutcome::Existing(existing))
+    insert_instance(tx, new, now, None).await
 }
 
-/// Creates an instance leased to `owner`, without `InstanceStarted` in its inbox: the caller
-/// appends the first activation in the same transaction. `Existing` if the id is taken.
-async fn create_leased_in_tx(
+/// Creates an instance inside the current transaction. With `activated_by` (the owner of the
+/// first activation, and its lease), the instance is created leased to that owner and without
+/// `InstanceStarted` in its inbox: the caller appends that activation in the same transaction.
+/// `Existing` if the id is taken.
+async fn insert_instance(
     tx: &impl GenericClient,
     new: &NewInstance,
     now: u64,
-    owner: &str,
-    lease_ms: u64,
+    activated_by: Option<(&str, u64)>,
 ) -> TxResult<CreateOutcome> {
     let input = to_json(&new.input)?;
     let parent_id = new.parent.as_ref().map(|p| p.instance_id.clone());
     let parent_seq = new.parent.as_ref().map(|p| i64::from(p.seq));
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq,
-                                    ready, lease_owner, lease_until, created_at, updated_at)
-             VALUES ($1, $2, 'running', $3, $4, $5, FALSE, $6, $7, $8, $8)
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .await?;
-    let n = tx
-        .execute(
-            &stmt,
-            &[
-                &new.id,
-                &new.coordinator,
-                &input,
-                &parent_id,
-                &parent_seq,
-                &owner,
-                &((now + lease_ms) as i64),
-                &(now as i64),
-            ],
-        )
-        .await?;
+    let n = match activated_by {
+        None => {
+            let start = to_json(&Event::InstanceStarted {
+                coordinator: new.coordinator.clone(),
+                input: new.input.clone(),
+                parent: new.parent.clone(),
+            })?;
+            let stmt = tx
+                .prepare_cached(
+                    "WITH created AS (
+                         INSERT INTO instances (id, coordinator, status, input, parent_id,
+                                                parent_seq, ready, created_at, updated_at)
+                         VALUES ($1, $2, 'running', $3, $4, $5, TRUE, $6, $6)
+                         ON CONFLICT (id) DO NOTHING
+                         RETURNING id)
+                     INSERT INTO inbox (instance_id, dedupe, body, created_at)
+                     SELECT id, 'start:0', $7, $6 FROM created",
+                )
+                .await?;
+            tx.execute(
+                &stmt,
+                &[
+                    &new.id,
+                    &new.coordinator,
+                    &input,
+                    &parent_id,
+                    &parent_seq,
+                    &(now as i64),
+                    &start,
+                ],
+            )
+            .await?
+        }
+        Some((owner, lease_ms)) => {
+            let stmt = tx
+                .prepare_cached(
+                    "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq,
+                                            ready, lease_owner, lease_until, created_at,
+                                            updated_at)
+                     VALUES ($1, $2, 'running', $3, $4, $5, FALSE, $6, $7, $8, $8)
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .await?;
+            tx.execute(
+                &stmt,
+                &[
+                    &new.id,
+                    &new.coordinator,
+                    &input,
+                    &parent_id,
+                    &parent_seq,
+                    &owner,
+                    &((now + lease_ms) as i64),
+                    &(now as i64),
+                ],
+            )
+            .await?
+        }
+    };
     if n > 0 {
         return Ok(CreateOutcome::Created);
     }
@@ -2405,19 +2400,22 @@ impl Store for PostgresStore {
         first: ActivationCommit,
     ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
         let ended = first.end.is_some();
-        let (outcome, receipt) = write_tx!(self, "create and activate", |tx| async {
-            let now = now_ms();
-            let created: TxResult<(CreateOutcome, Option<CommitReceipt>)> =
-                match create_leased_in_tx(&tx, &new, now, &first.owner, first.lease_ms).await? {
-                    CreateOutcome::Created => {
-                        let receipt = commit_in_tx(&tx, &first, now).await?;
-                        Ok((CreateOutcome::Created, Some(receipt)))
-                    }
-                    existing => Ok((existing, None)),
-                };
-            created
-        }
-        .await)?;
+        let (outcome, receipt) =
+            write_tx!(self, "create and activate", |tx| async {
+                let now = now_ms();
+                let created: TxResult<(CreateOutcome, Option<CommitReceipt>)> =
+                    match insert_instance(&tx, &new, now, Some((&first.owner, first.lease_ms)))
+                        .await?
+                    {
+                        CreateOutcome::Created => {
+                            let receipt = commit_in_tx(&tx, &first, now).await?;
+                            Ok((CreateOutcome::Created, Some(receipt)))
+                        }
+                        existing => Ok((existing, None)),
+                    };
+                created
+            }
+            .await)?;
         if let Some(receipt) = &receipt {
             if ended || receipt.ready_again || !receipt.woken.is_empty() {
                 self.bump();

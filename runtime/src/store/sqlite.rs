@@ -1960,11 +1960,7 @@ fn step_finishing_held(
     now: u64,
     seq: u32,
 ) -> Result<Option<CommitReceipt>, StoreError> {
-    if c.end.is_some()
-        || !c.children.is_empty()
-        || c.custom_status.is_some()
-        || !c.consumed_inbox.is_empty()
-    {
+    if !is_plain_step(c) {
         return Ok(None);
     }
     let next_pos = c.expected_position + c.events.len() as u64;
@@ -2001,17 +1997,7 @@ fn step_finishing_held(
     if moved == 0 {
         return Ok(None);
     }
-    append_events(
-        conn,
-        &c.instance_id,
-        c.expected_position,
-        c.activation,
-        &c.events,
-        now,
-    )?;
-    let mut receipt = CommitReceipt::default();
-    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0), &mut receipt)?;
-    Ok(Some(receipt))
+    write_step(conn, c, now, held.map(|h| h.0)).map(Some)
 }
 
 /// The common sequential step in one statement per table: when the activation neither ends
@@ -2028,11 +2014,7 @@ fn step_in_tx(
     if let Some(seq) = finishing {
         return step_finishing_held(conn, c, now, seq);
     }
-    if c.end.is_some()
-        || !c.children.is_empty()
-        || c.custom_status.is_some()
-        || !c.consumed_inbox.is_empty()
-    {
+    if !is_plain_step(c) {
         return Ok(None);
     }
     let next_pos = c.expected_position + c.events.len() as u64;
@@ -2080,6 +2062,26 @@ fn step_in_tx(
         return Ok(None);
     };
     let held = candidate.filter(|_| took).map(|h| h.0);
+    write_step(conn, c, now, held).map(Some)
+}
+
+/// Whether `c` is a plain step, which [`step_in_tx`] can write: it neither ends the run, nor
+/// starts children, nor publishes a status, nor consumes inbox messages.
+fn is_plain_step(c: &ActivationCommit) -> bool {
+    c.end.is_none()
+        && c.children.is_empty()
+        && c.custom_status.is_none()
+        && c.consumed_inbox.is_empty()
+}
+
+/// The rest of a step once its instance has moved on: its events, and its tasks and timers
+/// (`held`: the call that went to the held slot).
+fn write_step(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+    held: Option<u32>,
+) -> Result<CommitReceipt, StoreError> {
     append_events(
         conn,
         &c.instance_id,
@@ -2090,7 +2092,7 @@ fn step_in_tx(
     )?;
     let mut receipt = CommitReceipt::default();
     insert_tasks_and_timers(conn, c, now, held, &mut receipt)?;
-    Ok(Some(receipt))
+    Ok(receipt)
 }
 
 fn load_in_tx(conn: &Connection, id: &str, from: u64) -> Result<LoadedInstance, StoreError> {
