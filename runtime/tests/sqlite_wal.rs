@@ -73,3 +73,18 @@ async fn a_wal_extended_ahead_holds_every_commit() {
         .unwrap();
     assert_eq!(n, 101);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_opening_a_store_writes_no_room_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    let store = SqliteStore::open(&db).unwrap();
+    store.create_instance(new("a")).await.unwrap();
+    store.close();
+    drop(store);
+    // The last connection closed: SQLite checkpointed and removed the WAL.
+    assert_eq!(wal_len(&db), 0);
+    let tool = SqliteStore::open_existing(&db).unwrap();
+    assert_eq!(count(&tool).await, 1);
+    assert!(wal_len(&db) < 1 << 20, "WAL is {} bytes", wal_len(&db));
+}

@@ -576,7 +576,16 @@ impl SqliteStore {
     /// # Errors
     /// [`StoreError::NotARetraceStore`], [`StoreError::NewerSchema`], or a database error.
     pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
-        let path_ref = path.as_ref();
+        Self::open_prepared(path.as_ref(), options, true)
+    }
+
+    /// [`SqliteStore::open_with`]; `presize`: make room for the WAL (for stores that will take
+    /// commits, not for a tool's look at one).
+    fn open_prepared(
+        path_ref: &Path,
+        options: SqliteOptions,
+        presize: bool,
+    ) -> Result<Self, StoreError> {
         let display = path_ref.display().to_string();
         let conn = Connection::open(path_ref).map_err(|e| map_err("open store", &display, e))?;
         conn.busy_timeout(options.busy_timeout)
@@ -597,7 +606,9 @@ impl SqliteStore {
             refuse_while_workers_live(path_ref, &display)?;
         }
         migrate_schema(&conn, &display, version)?;
-        presize_wal(&conn, path_ref);
+        if presize {
+            presize_wal(&conn, path_ref);
+        }
         Ok(Self::start(
             display,
             path_ref.to_path_buf(),
@@ -3471,7 +3482,8 @@ impl SqliteStore {
     /// Opens an existing store, for tools that inspect one (the `retrace` command-line tool).
     /// Unlike [`SqliteStore::open`], it never creates a file, and never turns a file of another
     /// program (an empty file, an SQLite database without Retrace's application id) into a
-    /// store. An older schema is migrated as by [`SqliteStore::open`].
+    /// store. An older schema is migrated as by [`SqliteStore::open`]. It does not make room
+    /// for the WAL ahead as `open` does (a tool's handful of commits do not need it).
     ///
     /// # Errors
     /// [`StoreError::NotARetraceStore`] when the file does not exist, is empty or is not a
@@ -3509,6 +3521,6 @@ impl SqliteStore {
                 )));
             }
         }
-        Self::open(path_ref)
+        Self::open_prepared(path_ref, SqliteOptions::default(), false)
     }
 }
