@@ -88,3 +88,24 @@ async fn a_tool_opening_a_store_writes_no_room_ahead() {
     assert_eq!(count(&tool).await, 1);
     assert!(wal_len(&db) < 1 << 20, "WAL is {} bytes", wal_len(&db));
 }
+
+/// A write from inside `spawn_blocking` (a caller blocking on the runtime from a blocking
+/// thread) works: the store commits it directly or through its writer, whichever applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_from_a_blocking_thread_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    let store = std::sync::Arc::new(SqliteStore::open(&db).unwrap());
+    let s = std::sync::Arc::clone(&store);
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..5 {
+            handle
+                .block_on(s.create_instance(new(&format!("b{i}"))))
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(count(&store).await, 5);
+}
