@@ -477,6 +477,93 @@ async fn sqlite_v1_store_gets_an_attempt_journal() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A store of schema 5, whose history table was keyed by (instance, position), is upgraded to
+/// the append-ordered table of schema 6 with every event where it was, and goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_v5_history_moves_to_the_append_ordered_table() {
+    let dir = std::env::temp_dir().join(format!("retrace-v5-{}", random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("v5.db");
+    let before = {
+        let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+        instance_with_task(&s, "a").await;
+        instance_with_task(&s, "b").await;
+        let a = s.load("a", 0).await.unwrap().events;
+        let b = s.load("b", 0).await.unwrap().events;
+        (a, b)
+    };
+    assert!(!before.0.is_empty());
+    let table_sql = |conn: &rusqlite::Connection| -> String {
+        conn.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    {
+        // Back to the version 5 table.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE events_v5 (
+                 instance_id TEXT NOT NULL, pos INTEGER NOT NULL, activation INTEGER NOT NULL,
+                 kind TEXT NOT NULL, recorded_at INTEGER NOT NULL, body TEXT NOT NULL,
+                 PRIMARY KEY (instance_id, pos)
+             ) WITHOUT ROWID;
+             INSERT INTO events_v5 SELECT instance_id, pos, activation, kind, recorded_at, body
+                 FROM events;
+             DROP TABLE events;
+             ALTER TABLE events_v5 RENAME TO events;
+             PRAGMA user_version = 5;",
+        )
+        .unwrap();
+        assert!(table_sql(&conn).contains("WITHOUT ROWID"));
+    }
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, retrace_runtime::store::sqlite::SCHEMA_VERSION);
+        assert!(!table_sql(&conn).contains("WITHOUT ROWID"), "rebuilt");
+    }
+    assert_eq!(s.load("a", 0).await.unwrap().events, before.0);
+    assert_eq!(s.load("b", 0).await.unwrap().events, before.1);
+    // The unique (instance, position) constraint came along.
+    let twice = rusqlite::Connection::open(&path).unwrap().execute(
+        "INSERT INTO events SELECT * FROM events WHERE instance_id = 'a' AND pos = 0",
+        [],
+    );
+    assert!(
+        matches!(&twice, Err(e) if e.to_string().contains("UNIQUE")),
+        "{twice:?}"
+    );
+    // And the history goes on.
+    let task = s
+        .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.instance_id == "a")
+        .unwrap();
+    assert!(
+        s.finish_task("w1", &task, completed(&task, json!(1)), LEASE_MS)
+            .await
+            .unwrap()
+            .accepted
+    );
+    // (The finisher holds the instance now.)
+    activate(&s, "w1", "a", vec![scheduled(1, "act")], false)
+        .await
+        .unwrap();
+    let after = s.load("a", 0).await.unwrap().events;
+    assert_eq!(after.len(), before.0.len() + 2, "{after:?}");
+    assert_eq!(after[..before.0.len()], before.0[..]);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ----- helpers -----
 
 fn new_instance(id: &str, coordinator: &str, input: Value) -> NewInstance {
