@@ -682,11 +682,15 @@ async fn instance_with_task(store: &SharedStore, id: &str) {
 }
 
 fn completed(task: &ActivityTask, output: Value) -> AttemptOutcome {
-    AttemptOutcome::Final(Event::ActivityCompleted {
+    AttemptOutcome::Final(completed_event(task, output))
+}
+
+fn completed_event(task: &ActivityTask, output: Value) -> Event {
+    Event::ActivityCompleted {
         seq: task.seq,
         output,
         attempt: task.attempt,
-    })
+    }
 }
 
 // ----- cases -----
@@ -2385,6 +2389,41 @@ mod cases {
             (attempts[0].seq, attempts[0].attempt, attempts[0].outcome),
             (0, 1, AttemptEnd::Completed)
         );
+
+        // A first attempt claimed with its scheduling and completed by the run's last commit
+        // is there too, whether the run ends or continues as new (its history then goes).
+        for (id, end) in [
+            ("e", Event::InstanceCompleted { output: json!(1) }),
+            ("f", Event::ContinuedAsNew { input: json!(2) }),
+        ] {
+            create_and_claim(s, id, "w1").await;
+            let receipt = activate(s, "w1", id, vec![scheduled(0, "act")], true)
+                .await
+                .unwrap();
+            let t = receipt.claimed_tasks[0].clone();
+            let info = s.describe(id).await.unwrap().unwrap();
+            let commit = ActivationCommit::plan(
+                id,
+                "w1",
+                info.generation,
+                info.next_position,
+                info.next_activation,
+                vec![completed_event(&t, json!(1)), end],
+                vec![],
+                None,
+                &|_| true,
+                LEASE_MS,
+            );
+            s.finish_and_activate(&t, commit).await.unwrap();
+            let attempts = s.attempts(id).await.unwrap();
+            assert_eq!(attempts.len(), 1, "{id}: {attempts:?}");
+            assert_eq!(
+                (attempts[0].seq, attempts[0].attempt, attempts[0].outcome),
+                (0, 1, AttemptEnd::Completed),
+                "{id}"
+            );
+            assert!(attempts[0].started_at_ms <= attempts[0].ended_at_ms);
+        }
     }
 
     pub(super) async fn finish_and_activate_commits_both(h: &Harness) {

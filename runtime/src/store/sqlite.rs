@@ -1929,20 +1929,23 @@ fn finish_and_activate_in_tx(
             instance_claimed: false,
         }));
     };
+    // A first attempt that succeeded, started by the commit that scheduled the call and ended
+    // by this one, which writes its outcome to the run's history: the two events' times are
+    // the attempt's, and `attempts` derives it from them. Not writing its row saves a B-tree
+    // page per sequential step (the common case). A run that continues as new leaves its
+    // history behind, so its last attempt is journaled.
+    let derivable = task.attempt == 1
+        && end.0 == AttemptEnd::Completed
+        && held.claimed_when_scheduled
+        && !matches!(c.end, Some(RunEnd::ContinueAsNew(_)));
     if c.instance_id == task.instance_id {
         if let Some(receipt) = step_in_tx(conn, c, now, None)? {
-            // A first attempt that succeeded, started by the commit that scheduled the call and
-            // ended by this one, which writes its outcome to history: the two events' times are
-            // the attempt's, and `attempts` derives it from them. Not writing its row saves a
-            // B-tree page per sequential step (the common case).
-            if !(task.attempt == 1 && end.0 == AttemptEnd::Completed && held.claimed_when_scheduled)
-            {
+            if !derivable {
                 journal_attempt(conn, task, held.claimed_at, end, now)?;
             }
             return Ok(DirectFinish::Activated(receipt));
         }
     }
-    journal_attempt(conn, task, held.claimed_at, end, now)?;
     let claimed = conn
         .prepare_cached(
             "UPDATE instances SET lease_owner = ?2, lease_until = ?3
@@ -1968,12 +1971,18 @@ fn finish_and_activate_in_tx(
             // commit_in_tx checks position, run and lease before it writes anything, so a
             // conflict leaves the transaction as it was.
             match commit_in_tx(conn, c, now) {
-                Ok(receipt) => return Ok(DirectFinish::Activated(receipt)),
+                Ok(receipt) => {
+                    if !derivable {
+                        journal_attempt(conn, task, held.claimed_at, end, now)?;
+                    }
+                    return Ok(DirectFinish::Activated(receipt));
+                }
                 Err(StoreError::Conflict { .. } | StoreError::LeaseLost { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
     }
+    journal_attempt(conn, task, held.claimed_at, end, now)?;
     // As finish_task: the outcome goes to the inbox, for the next activation.
     let dedupe = format!("seq:{}:{}", task.generation, task.seq);
     insert_inbox(conn, &task.instance_id, Some(&dedupe), outcome, now)?;
@@ -1999,19 +2008,27 @@ fn step_finishing_held(
     }
     let next_pos = c.expected_position + c.events.len() as u64;
     let held = held_candidate(c);
+    // The slot stays with `c.owner` when the step claims a next call: `held_owner` is then
+    // left out of the `SET`, so its index is not rewritten.
+    let sql = if held.is_some() {
+        "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
+                lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL,
+                held_seq = ?8, held_pos = ?9, held_until = ?10, held_at = ?4
+         WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
+           AND held_seq = ?11 AND held_owner = ?7
+           AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
+           AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)"
+    } else {
+        "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
+                lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL,
+                held_seq = ?8, held_pos = ?9, held_until = 0, held_at = ?4, held_owner = NULL
+         WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
+           AND held_seq = ?11 AND held_owner = ?7
+           AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
+           AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)"
+    };
     let moved = conn
-        .prepare_cached(
-            "UPDATE instances SET next_pos = ?2, next_activation = ?3, ready = 0,
-                    lease_owner = NULL, lease_until = 0, updated_at = ?4, reason = NULL,
-                    held_seq = ?8, held_pos = ?9,
-                    held_until = CASE WHEN ?8 IS NULL THEN 0 ELSE ?10 END,
-                    held_at = ?4,
-                    held_owner = CASE WHEN ?8 IS NULL THEN NULL ELSE ?7 END
-             WHERE id = ?1 AND status = 'running' AND generation = ?5 AND next_pos = ?6
-               AND held_seq = ?11 AND held_owner = ?7
-               AND (lease_owner IS NULL OR lease_owner = ?7 OR lease_until < ?4)
-               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)",
-        )
+        .prepare_cached(sql)
         .and_then(|mut s| {
             s.execute(params![
                 c.instance_id,
