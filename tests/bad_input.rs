@@ -85,12 +85,22 @@ async fn an_undecodable_event_stops_only_its_instance_and_loses_nothing() {
         .await;
     }
     w.shutdown().await.unwrap();
-    // Damage one committed event behind the store's back.
+    // Damage one committed event behind the store's back: the one at position 3, in the
+    // history row that holds it (a row holds one activation's events, one body per line).
     let raw = rusqlite::Connection::open(scratch.db()).unwrap();
+    let (first, body): (i64, String) = raw
+        .query_row(
+            "SELECT pos, body FROM events WHERE instance_id = 'bad' AND pos <= 3
+             ORDER BY pos DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let mut parts: Vec<&str> = body.split('\n').collect();
+    parts[(3 - first) as usize] = r#"{"type":"activity_completed","seq":"oops"}"#;
     raw.execute(
-        "UPDATE events SET body = '{\"type\":\"activity_completed\",\"seq\":\"oops\"}'
-         WHERE instance_id = 'bad' AND pos = 3",
-        [],
+        "UPDATE events SET body = ?1 WHERE instance_id = 'bad' AND pos = ?2",
+        rusqlite::params![parts.join("\n"), first],
     )
     .unwrap();
     let bad_events = |raw: &rusqlite::Connection| -> Vec<(i64, String)> {

@@ -424,6 +424,42 @@ conformance!(
     workers_run_coordinators,
 );
 
+/// Takes the history table back before schema 7: one row per event, no `len` column.
+fn history_to_single_event_rows(conn: &rusqlite::Connection) {
+    let rows: Vec<(String, i64, i64, String, i64, String, i64)> = conn
+        .prepare("SELECT instance_id, pos, activation, kind, recorded_at, body, len FROM events")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    conn.execute_batch("DELETE FROM events; ALTER TABLE events DROP COLUMN len;")
+        .unwrap();
+    for (id, pos, activation, kinds, at, body, len) in rows {
+        let bodies: Vec<&str> = body.split('\n').collect();
+        let kinds: Vec<&str> = kinds.split(',').collect();
+        assert_eq!(bodies.len() as i64, len);
+        for (i, (body, kind)) in bodies.iter().zip(&kinds).enumerate() {
+            conn.execute(
+                "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![id, pos + i as i64, activation, kind, at, body],
+            )
+            .unwrap();
+        }
+    }
+}
+
 /// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
 /// claimed before the upgrade is journaled when it finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,6 +478,7 @@ async fn sqlite_v1_store_gets_an_attempt_journal() {
     {
         // Back to the version 1 schema.
         let conn = rusqlite::Connection::open(&path).unwrap();
+        history_to_single_event_rows(&conn);
         conn.execute_batch(
             "DROP TABLE attempts; DROP TABLE delivered; ALTER TABLE tasks DROP COLUMN claimed_at;
              DROP INDEX instances_held; ALTER TABLE instances DROP COLUMN held_seq;
@@ -504,6 +541,7 @@ async fn sqlite_v5_history_moves_to_the_append_ordered_table() {
     {
         // Back to the version 5 table.
         let conn = rusqlite::Connection::open(&path).unwrap();
+        history_to_single_event_rows(&conn);
         conn.execute_batch(
             "CREATE TABLE events_v5 (
                  instance_id TEXT NOT NULL, pos INTEGER NOT NULL, activation INTEGER NOT NULL,
@@ -728,6 +766,13 @@ mod cases {
         }
         assert!(matches!(history[0].event, Event::InstanceStarted { .. }));
         assert_eq!(history[2].event, scheduled(1, "act"));
+        // Loading from a position inside one activation's events returns the rest of them.
+        let tail = s.load("a", 1).await.unwrap().events;
+        assert_eq!(
+            tail.iter().map(|e| e.position).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(tail[1].event, scheduled(1, "act"));
         let info = s.describe("a").await.unwrap().unwrap();
         assert_eq!(info.next_position, 3);
         assert_eq!(info.next_activation, 1);

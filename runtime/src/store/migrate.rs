@@ -264,7 +264,7 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
         .map_err(db("read source instances"))?;
     let mut events = conn
         .prepare(
-            "SELECT pos, activation, kind, recorded_at, body FROM events
+            "SELECT pos, activation, kind, recorded_at, body, len FROM events
              WHERE instance_id = ?1 ORDER BY pos",
         )
         .map_err(db("read source history"))?;
@@ -282,12 +282,29 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
         .prepare("SELECT seq, generation, fire_at FROM timers WHERE instance_id = ?1 ORDER BY seq")
         .map_err(db("read source timers"))?;
     for i in &mut instances {
-        i.events = events
+        let rows: Vec<(i64, i64, String, i64, String, i64)> = events
             .query_map([&i.id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })
             .and_then(|rows| rows.collect())
             .map_err(db("read source history"))?;
+        // A row holds one activation's events (their kinds joined by commas): one per event.
+        for (pos, activation, kinds, recorded_at, body, len) in rows {
+            let mut kinds = kinds.split(',');
+            super::sqlite::for_each_event_in_row(&i.id, pos, len, &body, |at, part| {
+                let kind = kinds.next().unwrap_or_default().to_string();
+                i.events
+                    .push((at, activation, kind, recorded_at, part.to_string()));
+                Ok(())
+            })?;
+        }
         i.inbox = inbox
             .query_map([&i.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .and_then(|rows| rows.collect())

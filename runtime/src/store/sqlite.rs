@@ -37,7 +37,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -174,6 +174,15 @@ INSERT INTO events_v6 (instance_id, pos, activation, kind, recorded_at, body)
 DROP TABLE events;
 ALTER TABLE events_v6 RENAME TO events;
 CREATE UNIQUE INDEX events_at ON events(instance_id, pos);
+"#,
+    r#"
+-- Version 7: one history row per activation. A row holds `len` consecutive events from `pos`
+-- on, all of one activation and time, their bodies joined by a newline (compact JSON has no
+-- raw newline) and their kinds by a comma. A sequential step (an outcome and the next call)
+-- is one row and one index entry instead of two (W1: 12 % fewer writer instructions). Rows
+-- written before hold one event each (`len` 1). Older builds refuse the file (newer schema):
+-- they would read a row of several events as one.
+ALTER TABLE events ADD COLUMN len INTEGER NOT NULL DEFAULT 1;
 "#,
 ];
 
@@ -1311,18 +1320,29 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
     let Some((seq, pos, generation, owner, until, started_at)) = row else {
         return Ok(None);
     };
-    let body: Option<String> = conn
-        .prepare_cached("SELECT body FROM events WHERE instance_id = ?1 AND pos = ?2")
-        .and_then(|mut s| s.query_row(params![id, pos], |r| r.get(0)).optional())
+    let row: Option<(i64, i64, String)> = conn
+        .prepare_cached(
+            "SELECT pos, len, body FROM events WHERE instance_id = ?1 AND pos <= ?2
+             ORDER BY pos DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row(params![id, pos], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
         .map_err(db("read held call"))?;
-    let event: Option<Event> = match body {
-        Some(body) => Some(decode_json(
-            id,
-            || format!("event at position {pos}"),
-            &body,
-        )?),
-        None => None,
-    };
+    let mut event: Option<Event> = None;
+    if let Some((first, len, body)) = row {
+        for_each_event_in_row(id, first, len, &body, |at, part| {
+            if at == pos {
+                event = Some(decode_json(
+                    id,
+                    || format!("event at position {pos}"),
+                    part,
+                )?);
+            }
+            Ok(())
+        })?;
+    }
     match event {
         Some(Event::ActivityScheduled {
             seq: s,
@@ -1578,23 +1598,63 @@ fn append_events(
     events: &[Event],
     now: u64,
 ) -> Result<(), StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .map_err(db("append events"))?;
-    for (i, event) in events.iter().enumerate() {
-        let body = to_json(event)?;
+    // One row for the whole activation (schema 7).
+    let Some((first, rest)) = events.split_first() else {
+        return Ok(());
+    };
+    let mut body = to_json(first)?;
+    let mut kind = first.kind().to_string();
+    for event in rest {
+        body.push(EVENT_SEPARATOR);
+        body.push_str(&to_json(event)?);
+        kind.push(',');
+        kind.push_str(event.kind());
+    }
+    conn.prepare_cached(
+        "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body, len)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut stmt| {
         stmt.execute(params![
             instance_id,
-            (first_position + i as u64) as i64,
+            first_position as i64,
             activation,
-            event.kind(),
+            kind,
             now as i64,
-            body
+            body,
+            events.len() as i64
         ])
-        .map_err(db("append events"))?;
+    })
+    .map_err(db("append events"))?;
+    Ok(())
+}
+
+/// Between the bodies of the events one `events` row holds (schema 7). Compact JSON, as
+/// `to_json` writes it, never has a raw newline.
+const EVENT_SEPARATOR: char = '\n';
+
+/// Calls `f` with the position and body of each event of one `events` row: `len` events from
+/// `pos` on. A row whose bodies do not number `len` is reported as corrupt, before `f` is called.
+pub(crate) fn for_each_event_in_row(
+    instance_id: &str,
+    pos: i64,
+    len: i64,
+    body: &str,
+    mut f: impl FnMut(i64, &str) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    if len == 1 {
+        return f(pos, body);
+    }
+    let found = body.matches(EVENT_SEPARATOR).count() as i64 + 1;
+    if found != len || len < 1 {
+        return Err(StoreError::Corrupt {
+            instance_id: instance_id.to_string(),
+            what: format!("history row at position {pos}"),
+            detail: format!("it holds {found} events where its length says {len}"),
+        });
+    }
+    for (i, part) in body.split(EVENT_SEPARATOR).enumerate() {
+        f(pos + i as i64, part)?;
     }
     Ok(())
 }
@@ -2296,29 +2356,39 @@ fn read_events_into<S: HistorySink>(
     from: u64,
     mut sink: S,
 ) -> Result<S, StoreError> {
+    // From the row that holds position `from` (a row holds one activation's events).
     let mut stmt = conn
         .prepare_cached(
-            "SELECT pos, activation, recorded_at, body FROM events
-             WHERE instance_id = ?1 AND pos >= ?2 ORDER BY pos",
+            "SELECT pos, len, activation, recorded_at, body FROM events
+             WHERE instance_id = ?1
+               AND pos >= COALESCE((SELECT pos FROM events WHERE instance_id = ?1 AND pos <= ?2
+                                    ORDER BY pos DESC LIMIT 1), ?2)
+             ORDER BY pos",
         )
         .map_err(db("read history"))?;
     let mut rows = stmt
         .query(params![id, from as i64])
         .map_err(db("read history"))?;
-    let read = |r: &Row<'_>| -> rusqlite::Result<(i64, i64, i64)> {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    let from = from as i64;
+    let read = |r: &Row<'_>| -> rusqlite::Result<RowHead> {
+        Ok(RowHead {
+            pos: r.get(0)?,
+            len: r.get(1)?,
+            activation: r.get(2)?,
+            recorded_at: r.get(3)?,
+        })
     };
     // A short history is decoded as it is read, straight from SQLite's buffer.
     for _ in 0..PARALLEL_DECODE_MIN {
         let Some(r) = rows.next().map_err(db("read history"))? else {
             return Ok(sink);
         };
-        let (pos, activation, recorded_at) = read(r).map_err(db("read history"))?;
+        let head = read(r).map_err(db("read history"))?;
         let body = r
-            .get_ref(3)
+            .get_ref(4)
             .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
             .map_err(db("read history"))?;
-        sink.push(decode_event(id, pos, activation, recorded_at, body)?);
+        decode_row(&mut sink, id, from, head, body)?;
     }
     // A long one is a pipeline: this thread steps through SQLite's rows while a second thread
     // decodes the bodies read so far, in chunks, and hands them to the sink (which may replay
@@ -2336,9 +2406,9 @@ fn read_events_into<S: HistorySink>(
                     return Err(StoreError::Closed);
                 };
                 for chunk in inbox {
-                    for &(pos, activation, recorded_at, start, end) in &chunk.rows {
+                    for &(head, start, end) in &chunk.rows {
                         let body = chunk.text.get(start..end).unwrap_or_default();
-                        sink.push(decode_event(id, pos, activation, recorded_at, body)?);
+                        decode_row(&mut sink, id, from, head, body)?;
                     }
                 }
                 Ok(sink)
@@ -2352,12 +2422,12 @@ fn read_events_into<S: HistorySink>(
             Err(e) => {
                 tracing::debug!(error = %e, "no thread for decoding; decoding as the rows are read");
                 while let Some(r) = rows.next().map_err(db("read history"))? {
-                    let (pos, activation, recorded_at) = read(r).map_err(db("read history"))?;
+                    let head = read(r).map_err(db("read history"))?;
                     let body = r
-                        .get_ref(3)
+                        .get_ref(4)
                         .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
                         .map_err(db("read history"))?;
-                    sink.push(decode_event(id, pos, activation, recorded_at, body)?);
+                    decode_row(&mut sink, id, from, head, body)?;
                 }
                 return Ok(sink);
             }
@@ -2373,9 +2443,9 @@ fn read_events_into<S: HistorySink>(
                     break;
                 }
             };
-            let raw = read(row).and_then(|(pos, activation, recorded_at)| {
-                let body = row.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
-                chunk.push(pos, activation, recorded_at, body);
+            let raw = read(row).and_then(|head| {
+                let body = row.get_ref(4)?.as_str().map_err(rusqlite::Error::from)?;
+                chunk.push(head, body);
                 Ok(())
             });
             if let Err(e) = raw {
@@ -2408,11 +2478,42 @@ fn read_events_into<S: HistorySink>(
     })
 }
 
+/// The columns of an `events` row besides its body.
+#[derive(Clone, Copy)]
+struct RowHead {
+    pos: i64,
+    len: i64,
+    activation: i64,
+    recorded_at: i64,
+}
+
+/// Decodes the events of one `events` row into `sink`, leaving out those before `from`.
+fn decode_row<S: HistorySink>(
+    sink: &mut S,
+    id: &str,
+    from: i64,
+    head: RowHead,
+    body: &str,
+) -> Result<(), StoreError> {
+    for_each_event_in_row(id, head.pos, head.len, body, |pos, part| {
+        if pos >= from {
+            sink.push(decode_event(
+                id,
+                pos,
+                head.activation,
+                head.recorded_at,
+                part,
+            )?);
+        }
+        Ok(())
+    })
+}
+
 /// Rows read from `events` past [`PARALLEL_DECODE_MIN`], on their way to the decoding thread:
-/// position, activation, time and the body's range in `text`, which holds the chunk's bodies
-/// one after another (one allocation per chunk rather than one per row).
+/// the row's columns and its body's range in `text`, which holds the chunk's bodies one after
+/// another (one allocation per chunk rather than one per row).
 struct RawChunk {
-    rows: Vec<(i64, i64, i64, usize, usize)>,
+    rows: Vec<(RowHead, usize, usize)>,
     text: String,
 }
 
@@ -2424,15 +2525,14 @@ impl RawChunk {
         }
     }
 
-    fn push(&mut self, pos: i64, activation: i64, recorded_at: i64, body: &str) {
+    fn push(&mut self, head: RowHead, body: &str) {
         let start = self.text.len();
         self.text.push_str(body);
-        self.rows
-            .push((pos, activation, recorded_at, start, self.text.len()));
+        self.rows.push((head, start, self.text.len()));
     }
 }
 
-/// Events read from one history beyond which the rest is decoded on a second thread. Reading
+/// Rows read from one history beyond which the rest is decoded on a second thread. Reading
 /// is the slower side of the pipeline (W6: ~0.5 us per row against ~0.35 us to decode one), so
 /// the reading thread hands over early.
 const PARALLEL_DECODE_MIN: usize = 512;
@@ -3511,7 +3611,7 @@ fn import_in_tx(
     }
     // Pair the shape check above with one on what was written.
     let written: i64 = conn
-        .prepare_cached("SELECT count(*) FROM events WHERE instance_id = ?1")
+        .prepare_cached("SELECT COALESCE(SUM(len), 0) FROM events WHERE instance_id = ?1")
         .and_then(|mut s| s.query_row([&i.id], |r| r.get(0)))
         .map_err(db("import history"))?;
     assert_eq!(written as usize, i.events.len(), "imported history length");
@@ -3562,5 +3662,44 @@ impl SqliteStore {
             }
         }
         Self::open_prepared(path_ref, SqliteOptions::default(), false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(len: i64, body: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        let mut seen = Vec::new();
+        for_each_event_in_row("i", 7, len, body, |pos, part| {
+            seen.push((pos, part.to_string()));
+            Ok(())
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn a_history_row_holds_its_events_one_per_line() {
+        assert_eq!(split(1, "{}").ok(), Some(vec![(7, "{}".to_string())]));
+        assert_eq!(
+            split(3, "{\"a\":1}\n{}\n[2]").ok(),
+            Some(vec![
+                (7, "{\"a\":1}".to_string()),
+                (8, "{}".to_string()),
+                (9, "[2]".to_string())
+            ])
+        );
+        // A length that does not match is reported before anything is handed out.
+        for (len, body) in [(2, "{}"), (2, "{}\n{}\n{}"), (0, "{}\n{}")] {
+            match split(len, body) {
+                Err(StoreError::Corrupt {
+                    instance_id, what, ..
+                }) => {
+                    assert_eq!(instance_id, "i");
+                    assert!(what.contains("position 7"), "{what}");
+                }
+                other => panic!("{len} {body:?}: {other:?}"),
+            }
+        }
     }
 }
