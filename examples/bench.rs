@@ -393,7 +393,8 @@ impl Ended {
                     me.count.load(Ordering::Relaxed)
                 };
                 if count >= me.goals[Counter::Ended as usize].load(Ordering::Relaxed)
-                    || activations >= me.goals[Counter::Activations as usize].load(Ordering::Relaxed)
+                    || activations
+                        >= me.goals[Counter::Activations as usize].load(Ordering::Relaxed)
                 {
                     me.notify.notify_waiters();
                 }
@@ -569,9 +570,7 @@ async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         r?;
     }
     let created = started.elapsed();
-    ended
-        .wait(Counter::Ended, instances)
-        .await;
+    ended.wait(Counter::Ended, instances).await;
     let wall = started.elapsed().as_secs_f64();
     worker.shutdown().await?;
 
@@ -938,9 +937,7 @@ async fn w5_child(opts: &Options, path: &Path) -> Res<()> {
         r?;
     }
     // Every instance is waiting once its first activation (signal awaited) committed.
-    ended
-        .wait(Counter::Activations, instances)
-        .await;
+    ended.wait(Counter::Activations, instances).await;
     let waiting_s = started.elapsed().as_secs_f64();
     // Let activation tasks that just committed finish dropping their state.
     tokio::time::sleep(Duration::from_millis(100)).await;

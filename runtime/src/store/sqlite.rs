@@ -251,9 +251,11 @@ struct Op<R, F> {
     /// False for a closure that can run only once (see [`SqliteStore::read`]).
     reruns: bool,
     outcome: Option<Result<R, StoreError>>,
-    /// The answer, and the closure back: what it owns (a whole activation) is freed by the
-    /// caller, not by the writer thread (W1: +15 % steps/s).
-    reply: oneshot::Sender<(Result<R, StoreError>, F)>,
+    /// Where the answered operation goes back, box and all: the caller frees it and what its
+    /// closure owns (a whole activation), not the writer thread. Memory freed by another thread
+    /// than the one that allocated it goes through the allocator's lock on that thread's arena,
+    /// which the allocating thread contends for (W1: +15 % steps/s for the closure's contents).
+    reply: Option<oneshot::Sender<Box<Op<R, F>>>>,
 }
 
 impl<R, F> Operation for Op<R, F>
@@ -268,16 +270,16 @@ where
         ok
     }
 
-    fn answer(self: Box<Self>, commit: Result<(), StoreError>) {
-        let Op {
-            f, outcome, reply, ..
-        } = *self;
-        let answer = match (commit, outcome) {
+    fn answer(mut self: Box<Self>, commit: Result<(), StoreError>) {
+        let answer = match (commit, self.outcome.take()) {
             (Ok(()), Some(outcome)) => outcome,
             (Ok(()), None) => Err(StoreError::Closed),
             (Err(e), _) => Err(e),
         };
-        let _ = reply.send((answer, f));
+        self.outcome = Some(answer);
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(self);
+        }
     }
 
     fn reruns(&self) -> bool {
@@ -754,15 +756,21 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel::<Box<Op<R, F>>>();
         let job: Job = Box::new(Op {
             f,
             reruns,
             outcome: None,
-            reply,
+            reply: Some(reply),
         });
+        let answered = |op: Result<Box<Op<R, F>>, _>| {
+            op.map_err(|_| StoreError::Closed)?
+                .outcome
+                .take()
+                .unwrap_or(Err(StoreError::Closed))
+        };
         let job = match self.commit_directly(job) {
-            Ok(()) => return answer.await.map_err(|_| StoreError::Closed)?.0,
+            Ok(()) => return answered(answer.await),
             Err(job) => job,
         };
         {
@@ -778,7 +786,7 @@ impl SqliteStore {
                 return Err(StoreError::Closed);
             }
         }
-        answer.await.map_err(|_| StoreError::Closed)?.0
+        answered(answer.await)
     }
 
     /// Runs `job` as a batch of its own on the caller's thread, if the writer is idle with
@@ -1659,6 +1667,41 @@ pub(crate) fn for_each_event_in_row(
     Ok(())
 }
 
+/// A task the commit `c` claimed, as the writer reports it: call position only. Its name,
+/// input and retry policy are filled in from the commit by [`with_claimed_tasks`] on the
+/// caller's thread, so that the writer thread allocates nothing a worker then frees (memory
+/// freed by another thread than the one that allocated it takes the allocator's lock on that
+/// thread's arena, which the writer contends for).
+fn claimed_placeholder(c: &ActivationCommit, seq: u32) -> ActivityTask {
+    ActivityTask {
+        instance_id: String::new(),
+        seq,
+        name: String::new(),
+        input: Value::Null,
+        retry: RetrySpec::default(),
+        attempt: 1,
+        generation: c.generation,
+    }
+}
+
+/// Fills in the tasks `receipt` lists as claimed (see [`claimed_placeholder`]) from the commit
+/// they came from, which the caller holds again once the writer answered.
+fn with_claimed_tasks(receipt: &mut CommitReceipt, commit: Arc<ActivationCommit>) {
+    if receipt.claimed_tasks.is_empty() {
+        return;
+    }
+    // The operation that shared it has come back and been dropped: the commit is ours alone.
+    let mut commit = Arc::try_unwrap(commit).unwrap_or_else(|shared| (*shared).clone());
+    for task in &mut receipt.claimed_tasks {
+        if let Some(new) = commit.tasks.iter_mut().find(|n| n.seq == task.seq) {
+            task.name = std::mem::take(&mut new.name);
+            task.input = new.input.take();
+            task.retry = std::mem::take(&mut new.retry);
+        }
+        task.instance_id = commit.instance_id.clone();
+    }
+}
+
 /// Creates the activity tasks and timers of an activation; tasks claimed with it go into the
 /// receipt.
 fn insert_tasks_and_timers(
@@ -1669,36 +1712,29 @@ fn insert_tasks_and_timers(
     receipt: &mut CommitReceipt,
 ) -> Result<(), StoreError> {
     let lease_until = now + c.lease_ms;
-    if !c.tasks.is_empty() {
-        let mut ins = conn
-            .prepare_cached(
-                "INSERT INTO tasks (instance_id, seq, generation, name, input, retry, attempt,
-                                    due_at, lease_owner, created_at, claimed_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
-                         CASE WHEN ?9 IS NULL THEN NULL ELSE ?10 END)
-                 ON CONFLICT (instance_id, seq) DO NOTHING",
-            )
-            .map_err(db("create activity task"))?;
-        for t in &c.tasks {
-            if held == Some(t.seq) {
-                // In the instance's held slot, written with the instance row.
-                receipt.claimed_tasks.push(ActivityTask {
-                    instance_id: c.instance_id.clone(),
-                    seq: t.seq,
-                    name: t.name.clone(),
-                    input: t.input.clone(),
-                    retry: t.retry.clone(),
-                    attempt: 1,
-                    generation: c.generation,
-                });
-                continue;
-            }
+    // Prepared when a task needs a row (the held call needs none).
+    let mut ins = None;
+    for t in &c.tasks {
+        if held != Some(t.seq) {
             let (attempt, due, owner) = if t.claim {
                 (1u32, lease_until, Some(c.owner.as_str()))
             } else {
                 (0u32, now, None)
             };
-            ins.execute(params![
+            let stmt = match &mut ins {
+                Some(stmt) => stmt,
+                None => ins.insert(
+                    conn.prepare_cached(
+                        "INSERT INTO tasks (instance_id, seq, generation, name, input, retry,
+                                            attempt, due_at, lease_owner, created_at, claimed_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
+                                 CASE WHEN ?9 IS NULL THEN NULL ELSE ?10 END)
+                         ON CONFLICT (instance_id, seq) DO NOTHING",
+                    )
+                    .map_err(db("create activity task"))?,
+                ),
+            };
+            stmt.execute(params![
                 c.instance_id,
                 t.seq,
                 c.generation as i64,
@@ -1711,17 +1747,10 @@ fn insert_tasks_and_timers(
                 now as i64
             ])
             .map_err(db("create activity task"))?;
-            if t.claim {
-                receipt.claimed_tasks.push(ActivityTask {
-                    instance_id: c.instance_id.clone(),
-                    seq: t.seq,
-                    name: t.name.clone(),
-                    input: t.input.clone(),
-                    retry: t.retry.clone(),
-                    attempt: 1,
-                    generation: c.generation,
-                });
-            }
+        }
+        // (The held call is in the instance's slot, written with the instance row.)
+        if held == Some(t.seq) || t.claim {
+            receipt.claimed_tasks.push(claimed_placeholder(c, t.seq));
         }
     }
     if !c.timers.is_empty() {
@@ -2677,20 +2706,25 @@ impl Store for SqliteStore {
         first: ActivationCommit,
     ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
         let ended = first.end.is_some();
-        let (outcome, receipt, info) = self
+        let first = Arc::new(first);
+        let shared = Arc::clone(&first);
+        let (outcome, mut receipt, info) = self
             .write(move |conn| {
                 let now = now_ms();
-                let claim = Some((first.owner.as_str(), first.lease_ms));
+                let claim = Some((shared.owner.as_str(), shared.lease_ms));
                 match insert_instance(conn, &new, now, claim)? {
                     CreateOutcome::Created => {
-                        let receipt = commit_in_tx(conn, &first, now)?;
-                        let info = ended_info(conn, &first)?;
+                        let receipt = commit_in_tx(conn, &shared, now)?;
+                        let info = ended_info(conn, &shared)?;
                         Ok((CreateOutcome::Created, Some(receipt), info))
                     }
                     existing => Ok((existing, None, None)),
                 }
             })
             .await?;
+        if let Some(receipt) = &mut receipt {
+            with_claimed_tasks(receipt, first);
+        }
         self.remember_ended(info);
         match &receipt {
             Some(r) if ended => self.bump_ended(&r.woken),
@@ -2705,12 +2739,15 @@ impl Store for SqliteStore {
         commit: ActivationCommit,
     ) -> Result<CommitReceipt, StoreError> {
         let ended = commit.end.is_some();
-        let (receipt, info) = self
+        let commit = Arc::new(commit);
+        let shared = Arc::clone(&commit);
+        let (mut receipt, info) = self
             .write(move |conn| {
-                let receipt = commit_in_tx(conn, &commit, now_ms())?;
-                Ok((receipt, ended_info(conn, &commit)?))
+                let receipt = commit_in_tx(conn, &shared, now_ms())?;
+                Ok((receipt, ended_info(conn, &shared)?))
             })
             .await?;
+        with_claimed_tasks(&mut receipt, commit);
         self.remember_ended(info);
         if ended {
             self.bump_ended(&receipt.woken);
@@ -2987,16 +3024,21 @@ impl Store for SqliteStore {
     ) -> Result<DirectFinish, StoreError> {
         let task = task.clone();
         let ended = commit.end.is_some();
-        let (done, info) = self
+        let commit = Arc::new(commit);
+        let shared = Arc::clone(&commit);
+        let (mut done, info) = self
             .write(move |conn| {
-                let done = finish_and_activate_in_tx(conn, &task, &commit, now_ms())?;
+                let done = finish_and_activate_in_tx(conn, &task, &shared, now_ms())?;
                 let info = match &done {
-                    DirectFinish::Activated(_) => ended_info(conn, &commit)?,
+                    DirectFinish::Activated(_) => ended_info(conn, &shared)?,
                     DirectFinish::Finished(_) => None,
                 };
                 Ok((done, info))
             })
             .await?;
+        if let DirectFinish::Activated(receipt) = &mut done {
+            with_claimed_tasks(receipt, commit);
+        }
         self.remember_ended(info);
         match &done {
             DirectFinish::Activated(receipt) if ended => self.bump_ended(&receipt.woken),
