@@ -2460,6 +2460,16 @@ mod cases {
                 LEASE_MS,
             );
             s.finish_and_activate(&t, commit).await.unwrap();
+            let info = s.describe(id).await.unwrap().unwrap();
+            let history = history_events(s, id).await;
+            if id == "e" {
+                assert_eq!(info.status, InstanceStatus::Completed);
+                assert_eq!(info.output, Some(json!(1)));
+                assert_eq!(history.len(), 4, "{history:?}");
+            } else {
+                assert_eq!(info.status, InstanceStatus::Running);
+                assert_eq!(info.generation, 1);
+            }
             let attempts = s.attempts(id).await.unwrap();
             assert_eq!(attempts.len(), 1, "{id}: {attempts:?}");
             assert_eq!(

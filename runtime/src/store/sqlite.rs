@@ -1087,8 +1087,15 @@ fn clone_error(e: &StoreError) -> StoreError {
     }
 }
 
-const INSTANCE_COLUMNS: &str = "id, coordinator, status, input, output, error, reason, custom_status, \
-     parent_id, parent_seq, generation, next_pos, next_activation, created_at, updated_at, ended_at";
+/// The columns [`instance_from_row`] reads, in its order (a macro, for `concat!`).
+macro_rules! instance_columns {
+    () => {
+        "id, coordinator, status, input, output, error, reason, custom_status, \
+         parent_id, parent_seq, generation, next_pos, next_activation, created_at, updated_at, \
+         ended_at"
+    };
+}
+const INSTANCE_COLUMNS: &str = instance_columns!();
 
 fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<RawInstance> {
     Ok(RawInstance {
@@ -1179,9 +1186,12 @@ impl RawInstance {
 }
 
 fn get_instance(conn: &Connection, id: &str) -> Result<Option<InstanceInfo>, StoreError> {
-    let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = ?1");
     let raw = conn
-        .prepare_cached(&sql)
+        .prepare_cached(concat!(
+            "SELECT ",
+            instance_columns!(),
+            " FROM instances WHERE id = ?1"
+        ))
         .and_then(|mut s| s.query_row([id], instance_from_row).optional())
         .map_err(db("read instance"))?;
     raw.map(RawInstance::decode).transpose()
@@ -1978,7 +1988,7 @@ fn finish_and_activate_in_tx(
     task: &ActivityTask,
     c: &ActivationCommit,
     now: u64,
-) -> Result<DirectFinish, StoreError> {
+) -> Result<(DirectFinish, Option<InstanceInfo>), StoreError> {
     let outcome =
         match c.events.first() {
             Some(
@@ -2005,14 +2015,20 @@ fn finish_and_activate_in_tx(
         && task.generation == c.generation
     {
         if let Some(receipt) = step_in_tx(conn, c, now, Some(task.seq))? {
-            return Ok(DirectFinish::Activated(receipt));
+            return Ok((DirectFinish::Activated(receipt), None));
+        }
+        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq)? {
+            return Ok((DirectFinish::Activated(receipt), Some(info)));
         }
     }
     let Some(held) = take_held_task(conn, task, &c.owner)? else {
-        return Ok(DirectFinish::Finished(FinishReceipt {
-            accepted: false,
-            instance_claimed: false,
-        }));
+        return Ok((
+            DirectFinish::Finished(FinishReceipt {
+                accepted: false,
+                instance_claimed: false,
+            }),
+            None,
+        ));
     };
     // A first attempt that succeeded, started by the commit that scheduled the call and ended
     // by this one, which writes its outcome to the run's history: the two events' times are
@@ -2028,7 +2044,7 @@ fn finish_and_activate_in_tx(
             if !derivable {
                 journal_attempt(conn, task, held.claimed_at, end, now)?;
             }
-            return Ok(DirectFinish::Activated(receipt));
+            return Ok((DirectFinish::Activated(receipt), None));
         }
     }
     let claimed = conn
@@ -2060,7 +2076,7 @@ fn finish_and_activate_in_tx(
                     if !derivable {
                         journal_attempt(conn, task, held.claimed_at, end, now)?;
                     }
-                    return Ok(DirectFinish::Activated(receipt));
+                    return Ok((DirectFinish::Activated(receipt), None));
                 }
                 Err(StoreError::Conflict { .. } | StoreError::LeaseLost { .. }) => {}
                 Err(e) => return Err(e),
@@ -2072,10 +2088,100 @@ fn finish_and_activate_in_tx(
     let dedupe = format!("seq:{}:{}", task.generation, task.seq);
     insert_inbox(conn, &task.instance_id, Some(&dedupe), outcome, now)?;
     mark_ready(conn, &task.instance_id)?;
-    Ok(DirectFinish::Finished(FinishReceipt {
-        accepted: true,
-        instance_claimed: claimed,
-    }))
+    Ok((
+        DirectFinish::Finished(FinishReceipt {
+            accepted: true,
+            instance_claimed: claimed,
+        }),
+        None,
+    ))
+}
+
+/// The step that completes the call in the instance's held slot (claimed by `c.owner`, first
+/// attempt) and ends the run (completed, failed or cancelled), with nothing else to write:
+/// one `UPDATE` ends the instance, checks what `commit_in_tx` checks and empties the slot,
+/// and returns the instance's final row, which the caller remembers (no read after the end).
+/// `None`, having written nothing, when the step does not apply.
+fn step_ending_held(
+    conn: &Connection,
+    c: &ActivationCommit,
+    now: u64,
+    seq: u32,
+) -> Result<Option<(CommitReceipt, InstanceInfo)>, StoreError> {
+    let Some(end) = &c.end else {
+        return Ok(None);
+    };
+    if matches!(end, RunEnd::ContinueAsNew(_))
+        || !c.children.is_empty()
+        || c.custom_status.is_some()
+        || !c.consumed_inbox.is_empty()
+        || !c.tasks.is_empty()
+        || !c.timers.is_empty()
+    {
+        return Ok(None);
+    }
+    let (status, output, error) = end_columns(end)?;
+    let next_pos = c.expected_position + c.events.len() as u64;
+    let raw = conn
+        .prepare_cached(concat!(
+            "UPDATE instances SET status = ?2, output = ?3, error = ?4, next_pos = ?5,
+                    next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
+                    updated_at = ?7, ended_at = ?7, reason = NULL,
+                    held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0
+             WHERE id = ?1 AND status = 'running' AND generation = ?8 AND next_pos = ?9
+               AND held_seq = ?10 AND held_owner = ?11
+               AND (lease_owner IS NULL OR lease_owner = ?11 OR lease_until < ?7)
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)
+             RETURNING ",
+            instance_columns!()
+        ))
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    c.instance_id,
+                    status,
+                    output,
+                    error,
+                    next_pos as i64,
+                    c.activation + 1,
+                    now as i64,
+                    c.generation as i64,
+                    c.expected_position as i64,
+                    seq,
+                    c.owner
+                ],
+                instance_from_row,
+            )
+            .optional()
+        })
+        .map_err(db("end instance"))?;
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    append_events(
+        conn,
+        &c.instance_id,
+        c.expected_position,
+        c.activation,
+        &c.events,
+        now,
+    )?;
+    // Calls and timers the run left pending (its inbox is empty, as checked).
+    for sql in [
+        "DELETE FROM tasks WHERE instance_id = ?1",
+        "DELETE FROM timers WHERE instance_id = ?1",
+    ] {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([&c.instance_id]))
+            .map_err(db("delete pending work"))?;
+    }
+    let info = raw.decode()?;
+    let mut receipt = CommitReceipt::default();
+    if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
+        notify_parent(conn, parent, result, now)?;
+        receipt.woken.push(parent.instance_id.clone());
+    }
+    Ok(Some((receipt, info)))
 }
 
 /// [`step_in_tx`] for the step that finishes the call in the instance's held slot (claimed by
@@ -3023,10 +3129,11 @@ impl Store for SqliteStore {
         let shared = Arc::clone(&commit);
         let (mut done, info) = self
             .write(move |conn| {
-                let done = finish_and_activate_in_tx(conn, &task, &shared, now_ms())?;
-                let info = match &done {
-                    DirectFinish::Activated(_) => ended_info(conn, &shared)?,
-                    DirectFinish::Finished(_) => None,
+                let (done, ended) = finish_and_activate_in_tx(conn, &task, &shared, now_ms())?;
+                let info = match (&done, ended) {
+                    (DirectFinish::Activated(_), Some(info)) => Some(info),
+                    (DirectFinish::Activated(_), None) => ended_info(conn, &shared)?,
+                    (DirectFinish::Finished(_), _) => None,
                 };
                 Ok((done, info))
             })
