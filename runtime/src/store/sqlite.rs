@@ -1557,6 +1557,61 @@ fn insert_instance(
     Ok(CreateOutcome::Created)
 }
 
+/// [`insert_instance`] and the [`commit_in_tx`] of its first activation `c` in one, when that
+/// activation is a plain step (see [`is_plain_step`]): the row goes in as the activation
+/// leaves it (moved on, not leased, its claimed call in the held slot), then its history and
+/// tasks. A new instance has no inbox, so nothing can make it ready again. `None`, having
+/// written nothing, when the activation is not such a step.
+fn insert_stepped_instance(
+    conn: &Connection,
+    new: &NewInstance,
+    c: &ActivationCommit,
+    now: u64,
+) -> Result<Option<CreateOutcome>, StoreError> {
+    if !is_plain_step(c) || c.generation != 0 || c.expected_position != 0 {
+        return Ok(None);
+    }
+    let input = to_json(&new.input)?;
+    let held = held_candidate(c);
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO instances (id, coordinator, status, input, parent_id, parent_seq, ready,
+                                    lease_owner, lease_until, created_at, updated_at, next_pos,
+                                    next_activation, held_seq, held_pos, held_owner, held_until,
+                                    held_at)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?5, 0, NULL, 0, ?6, ?6, ?7, ?8, ?9, ?10,
+                     CASE WHEN ?9 IS NULL THEN NULL ELSE ?11 END,
+                     CASE WHEN ?9 IS NULL THEN 0 ELSE ?12 END,
+                     CASE WHEN ?9 IS NULL THEN NULL ELSE ?6 END)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                new.id,
+                new.coordinator,
+                input,
+                new.parent.as_ref().map(|p| p.instance_id.as_str()),
+                new.parent.as_ref().map(|p| p.seq),
+                now as i64,
+                c.events.len() as i64,
+                c.activation + 1,
+                held.map(|h| h.0),
+                held.map(|h| h.1 as i64),
+                c.owner,
+                (now + c.lease_ms) as i64
+            ])
+        })
+        .map_err(db("create instance"))?;
+    if n == 0 {
+        let existing = get_instance(conn, &new.id)?.ok_or_else(|| StoreError::NotFound {
+            instance_id: new.id.clone(),
+        })?;
+        return Ok(Some(CreateOutcome::Existing(existing)));
+    }
+    write_step(conn, c, now, held.map(|h| h.0))?;
+    Ok(Some(CreateOutcome::Created))
+}
+
 /// Tells a parent that its child ended, inside the current transaction.
 fn notify_parent(
     conn: &Connection,
@@ -2812,6 +2867,14 @@ impl Store for SqliteStore {
         let (outcome, mut receipt, info) = self
             .write(move |conn| {
                 let now = now_ms();
+                if let Some(created) = insert_stepped_instance(conn, &new, &shared, now)? {
+                    return Ok(match created {
+                        CreateOutcome::Created => {
+                            (CreateOutcome::Created, Some(CommitReceipt::default()), None)
+                        }
+                        existing => (existing, None, None),
+                    });
+                }
                 let claim = Some((shared.owner.as_str(), shared.lease_ms));
                 match insert_instance(conn, &new, now, claim)? {
                     CreateOutcome::Created => {
