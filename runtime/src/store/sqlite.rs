@@ -2154,8 +2154,8 @@ fn finish_and_activate_in_tx(
 
 /// The step that completes the call in the instance's held slot (claimed by `c.owner`, first
 /// attempt) and ends the run (completed, failed or cancelled), with nothing else to write:
-/// one `UPDATE` ends the instance, checks what `commit_in_tx` checks and empties the slot,
-/// and returns the instance's final row, which the caller remembers (no read after the end).
+/// one `UPDATE` ends the instance, checks what `commit_in_tx` checks and empties the slot.
+/// Returns the instance's final row too, which the caller remembers.
 /// `None`, having written nothing, when the step does not apply.
 fn step_ending_held(
     conn: &Connection,
@@ -2177,8 +2177,10 @@ fn step_ending_held(
     }
     let (status, output, error) = end_columns(end)?;
     let next_pos = c.expected_position + c.events.len() as u64;
-    let raw = conn
-        .prepare_cached(concat!(
+    // (Not `RETURNING` the row: SQLite builds an ephemeral table for it, which cost more
+    // than reading the row again.)
+    let ended = conn
+        .prepare_cached(
             "UPDATE instances SET status = ?2, output = ?3, error = ?4, next_pos = ?5,
                     next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
                     updated_at = ?7, ended_at = ?7, reason = NULL,
@@ -2186,33 +2188,27 @@ fn step_ending_held(
              WHERE id = ?1 AND status = 'running' AND generation = ?8 AND next_pos = ?9
                AND held_seq = ?10 AND held_owner = ?11
                AND (lease_owner IS NULL OR lease_owner = ?11 OR lease_until < ?7)
-               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)
-             RETURNING ",
-            instance_columns!()
-        ))
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)",
+        )
         .and_then(|mut s| {
-            s.query_row(
-                params![
-                    c.instance_id,
-                    status,
-                    output,
-                    error,
-                    next_pos as i64,
-                    c.activation + 1,
-                    now as i64,
-                    c.generation as i64,
-                    c.expected_position as i64,
-                    seq,
-                    c.owner
-                ],
-                instance_from_row,
-            )
-            .optional()
+            s.execute(params![
+                c.instance_id,
+                status,
+                output,
+                error,
+                next_pos as i64,
+                c.activation + 1,
+                now as i64,
+                c.generation as i64,
+                c.expected_position as i64,
+                seq,
+                c.owner
+            ])
         })
         .map_err(db("end instance"))?;
-    let Some(raw) = raw else {
+    if ended == 0 {
         return Ok(None);
-    };
+    }
     append_events(
         conn,
         &c.instance_id,
@@ -2230,7 +2226,9 @@ fn step_ending_held(
             .and_then(|mut s| s.execute([&c.instance_id]))
             .map_err(db("delete pending work"))?;
     }
-    let info = raw.decode()?;
+    let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
+        instance_id: c.instance_id.clone(),
+    })?;
     let mut receipt = CommitReceipt::default();
     if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
         notify_parent(conn, parent, result, now)?;
