@@ -1,5 +1,6 @@
-//! Upgrading an SQLite store to schema 5 (the held slot) is refused while a worker of another
-//! process still uses it: an older build would go on without knowing of the slot.
+//! Upgrading an SQLite store past a schema an older build cannot go on with (5: the held slot;
+//! 7: history rows of several events) is refused while a worker of another process still uses
+//! it: that older build would go on with a store it misreads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use retrace_runtime::store::sqlite::SCHEMA_VERSION;
@@ -12,20 +13,15 @@ fn user_version(path: &std::path::Path) -> i64 {
         .unwrap()
 }
 
-#[test]
-fn schema_5_waits_for_older_workers_to_stop() {
+/// Takes a fresh store back to `version` with `downgrade`, then checks that the upgrade waits
+/// for a live worker of that older build to stop, and goes through once it has.
+fn upgrade_waits_for_older_workers(version: i64, downgrade: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store.db");
     SqliteStore::open(&db).unwrap().close();
-    // Back to schema 4, as an older build left it.
     rusqlite::Connection::open(&db)
         .unwrap()
-        .execute_batch(
-            "DROP INDEX instances_held; ALTER TABLE instances DROP COLUMN held_seq;
-             ALTER TABLE instances DROP COLUMN held_pos; ALTER TABLE instances DROP COLUMN held_owner;
-             ALTER TABLE instances DROP COLUMN held_until; ALTER TABLE instances DROP COLUMN held_at;
-             PRAGMA user_version = 4;",
-        )
+        .execute_batch(&format!("{downgrade} PRAGMA user_version = {version};"))
         .unwrap();
     // A live worker of that build: its lock file, locked.
     let workers = dir.path().join("store.db.workers");
@@ -37,11 +33,27 @@ fn schema_5_waits_for_older_workers_to_stop() {
             assert_eq!(operation, "upgrade store schema");
             assert!(detail.contains("stop every process"), "{detail}");
         }
-        other => panic!("expected a refusal, got {other:?}"),
+        other => panic!("schema {version}: expected a refusal, got {other:?}"),
     }
-    assert_eq!(user_version(&db), 4, "nothing changed");
+    assert_eq!(user_version(&db), version, "nothing changed");
     // The worker stops (its lock goes with it): the upgrade goes through.
     drop(lock);
     SqliteStore::open(&db).unwrap().close();
     assert_eq!(user_version(&db), SCHEMA_VERSION);
+}
+
+#[test]
+fn schema_5_waits_for_older_workers_to_stop() {
+    upgrade_waits_for_older_workers(
+        4,
+        "DROP INDEX instances_held; ALTER TABLE instances DROP COLUMN held_seq;
+         ALTER TABLE instances DROP COLUMN held_pos; ALTER TABLE instances DROP COLUMN held_owner;
+         ALTER TABLE instances DROP COLUMN held_until; ALTER TABLE instances DROP COLUMN held_at;
+         ALTER TABLE events DROP COLUMN len;",
+    );
+}
+
+#[test]
+fn schema_7_waits_for_older_workers_to_stop() {
+    upgrade_waits_for_older_workers(6, "ALTER TABLE events DROP COLUMN len;");
 }

@@ -508,9 +508,12 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
     Ok(())
 }
 
-/// The schema version that keeps a claimed call in its instance's held slot. Processes of an
-/// older build, which know nothing of the slot, must not go on using a store upgraded to it.
-const HELD_SLOT_VERSION: i64 = 5;
+/// Upgrading a store from below this schema version is refused while a worker of another
+/// process (an older build) uses it: such a build must not go on with the upgraded store.
+/// Version 5 keeps a claimed call in its instance's held slot, which an older build knows
+/// nothing of; version 7 writes history rows of several events, which an older build would
+/// read as one undecodable event and stop the instance for.
+const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 7;
 
 /// Refuses (without changing anything) while a worker of another process holds its lock file
 /// beside the store: upgrading the store under a running older build would let that build end
@@ -636,7 +639,7 @@ impl SqliteStore {
             });
         }
         configure(&conn, &options, &display)?;
-        if (1..HELD_SLOT_VERSION).contains(&version) {
+        if (1..UPGRADE_WITHOUT_OLDER_WORKERS).contains(&version) {
             refuse_while_workers_live(path_ref, &display)?;
         }
         migrate_schema(&conn, &display, version)?;
