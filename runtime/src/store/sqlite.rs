@@ -1654,8 +1654,15 @@ fn attempt_end(event: &Event) -> (AttemptEnd, Option<String>) {
 
 fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
     clear_held(conn, instance_id)?;
+    conn.prepare_cached("DELETE FROM inbox WHERE instance_id = ?1")
+        .and_then(|mut s| s.execute([instance_id]))
+        .map_err(db("delete pending work"))?;
+    delete_calls_and_timers(conn, instance_id)
+}
+
+/// Deletes the activity calls (task rows) and timers of `instance_id`.
+fn delete_calls_and_timers(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
     for sql in [
-        "DELETE FROM inbox WHERE instance_id = ?1",
         "DELETE FROM tasks WHERE instance_id = ?1",
         "DELETE FROM timers WHERE instance_id = ?1",
     ] {
@@ -1664,6 +1671,24 @@ fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), Store
             .map_err(db("delete pending work"))?;
     }
     Ok(())
+}
+
+/// The final row of `instance_id`, whose run just ended in this transaction; its parent, if it
+/// waits, is told of the end (and listed in `receipt` as woken).
+fn settle_end(
+    conn: &Connection,
+    instance_id: &str,
+    now: u64,
+    receipt: &mut CommitReceipt,
+) -> Result<InstanceInfo, StoreError> {
+    let info = get_instance(conn, instance_id)?.ok_or_else(|| StoreError::NotFound {
+        instance_id: instance_id.to_string(),
+    })?;
+    if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
+        notify_parent(conn, parent, result, now)?;
+        receipt.woken.push(parent.instance_id.clone());
+    }
+    Ok(info)
 }
 
 fn append_events(
@@ -1959,15 +1984,10 @@ fn commit_in_tx(
             receipt.ready_again = ready;
         }
         Some(RunEnd::ContinueAsNew(input)) => {
-            for sql in [
-                "DELETE FROM events WHERE instance_id = ?1",
-                "DELETE FROM tasks WHERE instance_id = ?1",
-                "DELETE FROM timers WHERE instance_id = ?1",
-            ] {
-                conn.prepare_cached(sql)
-                    .and_then(|mut s| s.execute([&c.instance_id]))
-                    .map_err(db("continue as new"))?;
-            }
+            conn.prepare_cached("DELETE FROM events WHERE instance_id = ?1")
+                .and_then(|mut s| s.execute([&c.instance_id]))
+                .map_err(db("continue as new"))?;
+            delete_calls_and_timers(conn, &c.instance_id)?;
             let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
                 instance_id: c.instance_id.clone(),
             })?;
@@ -2026,13 +2046,7 @@ fn commit_in_tx(
             })
             .map_err(db("end instance"))?;
             delete_pending_work(conn, &c.instance_id)?;
-            let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
-                instance_id: c.instance_id.clone(),
-            })?;
-            if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
-                notify_parent(conn, parent, result, now)?;
-                receipt.woken.push(parent.instance_id.clone());
-            }
+            settle_end(conn, &c.instance_id, now, &mut receipt)?;
         }
     }
     Ok(receipt)
@@ -2221,22 +2235,9 @@ fn step_ending_held(
         now,
     )?;
     // Calls and timers the run left pending (its inbox is empty, as checked).
-    for sql in [
-        "DELETE FROM tasks WHERE instance_id = ?1",
-        "DELETE FROM timers WHERE instance_id = ?1",
-    ] {
-        conn.prepare_cached(sql)
-            .and_then(|mut s| s.execute([&c.instance_id]))
-            .map_err(db("delete pending work"))?;
-    }
-    let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
-        instance_id: c.instance_id.clone(),
-    })?;
+    delete_calls_and_timers(conn, &c.instance_id)?;
     let mut receipt = CommitReceipt::default();
-    if let (Some(parent), Some(result)) = (&info.parent, final_result(&info)) {
-        notify_parent(conn, parent, result, now)?;
-        receipt.woken.push(parent.instance_id.clone());
-    }
+    let info = settle_end(conn, &c.instance_id, now, &mut receipt)?;
     Ok(Some((receipt, info)))
 }
 
