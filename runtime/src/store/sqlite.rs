@@ -1543,10 +1543,7 @@ fn insert_instance(
         })
         .map_err(db("create instance"))?;
     if n == 0 {
-        let existing = get_instance(conn, &new.id)?.ok_or_else(|| StoreError::NotFound {
-            instance_id: new.id.clone(),
-        })?;
-        return Ok(CreateOutcome::Existing(existing));
+        return existing_instance(conn, &new.id);
     }
     if activated_by.is_some() {
         return Ok(CreateOutcome::Created);
@@ -1558,6 +1555,14 @@ fn insert_instance(
     };
     insert_inbox(conn, &new.id, Some("start:0"), &start, now)?;
     Ok(CreateOutcome::Created)
+}
+
+/// What creating an instance whose id is taken returns: the instance there.
+fn existing_instance(conn: &Connection, id: &str) -> Result<CreateOutcome, StoreError> {
+    let existing = get_instance(conn, id)?.ok_or_else(|| StoreError::NotFound {
+        instance_id: id.to_string(),
+    })?;
+    Ok(CreateOutcome::Existing(existing))
 }
 
 /// [`insert_instance`] and the [`commit_in_tx`] of its first activation `c` in one, when that
@@ -1606,10 +1611,7 @@ fn insert_stepped_instance(
         })
         .map_err(db("create instance"))?;
     if n == 0 {
-        let existing = get_instance(conn, &new.id)?.ok_or_else(|| StoreError::NotFound {
-            instance_id: new.id.clone(),
-        })?;
-        return Ok(Some(CreateOutcome::Existing(existing)));
+        return existing_instance(conn, &new.id).map(Some);
     }
     write_step(conn, c, now, held.map(|h| h.0))?;
     Ok(Some(CreateOutcome::Created))
