@@ -2479,6 +2479,53 @@ mod cases {
             );
             assert!(attempts[0].started_at_ms <= attempts[0].ended_at_ms);
         }
+
+        // Two sequential calls on the direct path, the second continuing the run as new: the
+        // first call's attempt, which only the run's history told, is kept with the second's.
+        // (Another worker: "f", ready again for its new run, stays leased to "w1".)
+        create_and_claim(s, "g", "w2").await;
+        let receipt = activate(s, "w2", "g", vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        let mut task = receipt.claimed_tasks[0].clone();
+        for (seq, then) in [
+            (0u32, scheduled(1, "act")),
+            (1, Event::ContinuedAsNew { input: json!(3) }),
+        ] {
+            assert_eq!(task.seq, seq);
+            let info = s.describe("g").await.unwrap().unwrap();
+            let commit = ActivationCommit::plan(
+                "g",
+                "w2",
+                info.generation,
+                info.next_position,
+                info.next_activation,
+                vec![completed_event(&task, json!(seq)), then],
+                vec![],
+                None,
+                &|_| true,
+                LEASE_MS,
+            );
+            match s.finish_and_activate(&task, commit).await.unwrap() {
+                DirectFinish::Activated(receipt) if seq == 0 => {
+                    task = receipt.claimed_tasks[0].clone();
+                }
+                DirectFinish::Activated(_) => {}
+                other => panic!("call {seq}: {other:?}"),
+            }
+        }
+        assert_eq!(s.describe("g").await.unwrap().unwrap().generation, 1);
+        let attempts = s.attempts("g").await.unwrap();
+        assert_eq!(
+            attempts
+                .iter()
+                .map(|a| (a.generation, a.seq, a.attempt, a.outcome))
+                .collect::<Vec<_>>(),
+            vec![
+                (0, 0, 1, AttemptEnd::Completed),
+                (0, 1, 1, AttemptEnd::Completed)
+            ]
+        );
     }
 
     pub(super) async fn finish_and_activate_commits_both(h: &Harness) {

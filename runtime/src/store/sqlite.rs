@@ -1986,6 +1986,7 @@ fn commit_in_tx(
             receipt.ready_again = ready;
         }
         Some(RunEnd::ContinueAsNew(input)) => {
+            journal_derived_attempts(conn, &c.instance_id, c.generation)?;
             conn.prepare_cached("DELETE FROM events WHERE instance_id = ?1")
                 .and_then(|mut s| s.execute([&c.instance_id]))
                 .map_err(db("continue as new"))?;
@@ -3641,10 +3642,26 @@ fn attempts_in_tx(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, Sto
     let Some(info) = get_instance(conn, id)? else {
         return Ok(records);
     };
-    let journaled: std::collections::BTreeSet<(u64, u32, u32)> = records
+    let derived = derived_attempts(conn, id, info.generation, &records)?;
+    records.extend(derived);
+    records.sort_by_key(|r| (r.generation, r.seq, r.attempt));
+    Ok(records)
+}
+
+/// The attempts of `id`'s run `generation` (its current one) that have no journal row among
+/// `journaled`: first attempts that succeeded, claimed in the commit that scheduled their
+/// call, which start and end when its two events were recorded (see `finish_and_activate_in_tx`).
+fn derived_attempts(
+    conn: &Connection,
+    id: &str,
+    generation: u64,
+    journaled: &[AttemptRecord],
+) -> Result<Vec<AttemptRecord>, StoreError> {
+    let journaled: std::collections::BTreeSet<(u64, u32, u32)> = journaled
         .iter()
         .map(|r| (r.generation, r.seq, r.attempt))
         .collect();
+    let mut derived = Vec::new();
     let mut scheduled_at = std::collections::BTreeMap::new();
     for e in read_events(conn, id, 0)? {
         match e.event {
@@ -3653,11 +3670,11 @@ fn attempts_in_tx(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, Sto
             }
             Event::ActivityCompleted {
                 seq, attempt: 1, ..
-            } if !journaled.contains(&(info.generation, seq, 1)) => {
+            } if !journaled.contains(&(generation, seq, 1)) => {
                 if let Some(started) = scheduled_at.get(&seq) {
-                    records.push(AttemptRecord {
+                    derived.push(AttemptRecord {
                         instance_id: id.to_string(),
-                        generation: info.generation,
+                        generation,
                         seq,
                         attempt: 1,
                         started_at_ms: *started,
@@ -3670,8 +3687,43 @@ fn attempts_in_tx(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, Sto
             _ => {}
         }
     }
-    records.sort_by_key(|r| (r.generation, r.seq, r.attempt));
-    Ok(records)
+    Ok(derived)
+}
+
+/// Journals the attempts of `id`'s run `generation` that only its history tells (see
+/// [`derived_attempts`]), before that history goes (continue-as-new): the journal keeps the
+/// attempts of earlier runs.
+fn journal_derived_attempts(
+    conn: &Connection,
+    id: &str,
+    generation: u64,
+) -> Result<(), StoreError> {
+    let journaled = journaled_attempts(conn, id)?;
+    let derived = derived_attempts(conn, id, generation, &journaled)?;
+    if derived.is_empty() {
+        return Ok(());
+    }
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO attempts
+                 (instance_id, generation, seq, attempt, started_at, ended_at, outcome, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+        )
+        .map_err(db("journal activity attempt"))?;
+    for r in derived {
+        insert
+            .execute(params![
+                r.instance_id,
+                r.generation as i64,
+                r.seq,
+                r.attempt,
+                r.started_at_ms as i64,
+                r.ended_at_ms as i64,
+                r.outcome.as_str()
+            ])
+            .map_err(db("journal activity attempt"))?;
+    }
+    Ok(())
 }
 
 /// The rows of `id`'s attempt journal.
