@@ -386,15 +386,16 @@ impl Ended {
         let me = Arc::clone(self);
         move |notice| {
             if let CommitNotice::Activation { ended, .. } = notice {
-                let activations = me.activations.fetch_add(1, Ordering::Relaxed) + 1;
+                // SeqCst here and in `wait`: of a count reaching the goal and the goal being
+                // set, at least one side sees the other, so the wake-up is not missed.
+                let activations = me.activations.fetch_add(1, Ordering::SeqCst) + 1;
                 let count = if *ended {
-                    me.count.fetch_add(1, Ordering::Relaxed) + 1
+                    me.count.fetch_add(1, Ordering::SeqCst) + 1
                 } else {
-                    me.count.load(Ordering::Relaxed)
+                    me.count.load(Ordering::SeqCst)
                 };
-                if count >= me.goals[Counter::Ended as usize].load(Ordering::Relaxed)
-                    || activations
-                        >= me.goals[Counter::Activations as usize].load(Ordering::Relaxed)
+                if count >= me.goals[Counter::Ended as usize].load(Ordering::SeqCst)
+                    || activations >= me.goals[Counter::Activations as usize].load(Ordering::SeqCst)
                 {
                     me.notify.notify_waiters();
                 }
@@ -404,14 +405,14 @@ impl Ended {
 
     fn get(&self, counter: Counter) -> usize {
         match counter {
-            Counter::Ended => self.count.load(Ordering::Relaxed),
-            Counter::Activations => self.activations.load(Ordering::Relaxed),
+            Counter::Ended => self.count.load(Ordering::SeqCst),
+            Counter::Activations => self.activations.load(Ordering::SeqCst),
         }
     }
 
     /// Waits until `counter` reaches `target` (the timeout only guards against a missed wake).
     async fn wait(&self, counter: Counter, target: usize) {
-        self.goals[counter as usize].store(target, Ordering::Relaxed);
+        self.goals[counter as usize].store(target, Ordering::SeqCst);
         loop {
             let notified = self.notify.notified();
             if self.get(counter) >= target {
