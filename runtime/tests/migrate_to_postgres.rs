@@ -206,6 +206,67 @@ async fn populate(s: &SharedStore) {
     // Terminated.
     create(s, "ended", None).await;
     s.terminate("ended", "by hand").await.unwrap();
+    // A signal with an id, delivered and consumed: only the store's memory of its id is left.
+    create(s, "signalled", None).await;
+    activate(s, "w", "signalled", vec![]).await;
+    assert!(s
+        .deliver(
+            "signalled",
+            Event::SignalReceived {
+                name: "go".into(),
+                payload: json!(1),
+            },
+            Some("signal:s"),
+        )
+        .await
+        .unwrap());
+    activate(s, "w", "signalled", vec![]).await;
+    // A call claimed with its scheduling and completed on the direct path: the SQLite store
+    // keeps no attempt row for it (it derives the attempt from the history).
+    create(s, "stepped", None).await;
+    let claimed = s
+        .claim_ready("w", &names(&["c"]), 100, LEASE_MS)
+        .await
+        .unwrap();
+    assert!(claimed.contains(&"stepped".to_string()));
+    let loaded = s.load("stepped", 0).await.unwrap();
+    let commit = ActivationCommit::plan(
+        "stepped",
+        "w",
+        loaded.info.generation,
+        loaded.info.next_position,
+        loaded.info.next_activation,
+        vec![loaded.inbox[0].event.clone(), scheduled(0, "quick")],
+        vec![loaded.inbox[0].id],
+        None,
+        &|_| true,
+        LEASE_MS,
+    );
+    let task = s.commit_activation(commit).await.unwrap().claimed_tasks[0].clone();
+    let info = s.describe("stepped").await.unwrap().unwrap();
+    let commit = ActivationCommit::plan(
+        "stepped",
+        "w",
+        info.generation,
+        info.next_position,
+        info.next_activation,
+        vec![Event::ActivityCompleted {
+            seq: 0,
+            output: json!(1),
+            attempt: 1,
+        }],
+        vec![],
+        None,
+        &|_| true,
+        LEASE_MS,
+    );
+    assert!(matches!(
+        s.finish_and_activate(&task, commit).await.unwrap(),
+        retrace_runtime::store::DirectFinish::Activated(_)
+    ));
+    assert_eq!(s.attempts("stepped").await.unwrap().len(), 1);
+    // Other instances claimed on the way are handed back.
+    s.release_leases("w").await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
@@ -299,6 +360,8 @@ async fn run(url: &str, schema: &str) {
         "child",
         "continued",
         "ended",
+        "signalled",
+        "stepped",
     ];
     assert_eq!(report.copied, ids.len() as u64, "{report:?}");
     assert_eq!(report.different, vec!["clash".to_string()]);
@@ -318,7 +381,14 @@ async fn run(url: &str, schema: &str) {
             inbox_events(&target, id).await,
             "{id}: inbox"
         );
+        assert_eq!(
+            source.attempts(id).await.unwrap(),
+            target.attempts(id).await.unwrap(),
+            "{id}: attempts"
+        );
     }
+    assert_eq!(target.attempts("waiting").await.unwrap().len(), 1);
+    assert_eq!(target.attempts("stepped").await.unwrap().len(), 1);
     assert_eq!(report.events, events);
     // The interrupted attempt lost its lease in the copy: it is due at once.
     assert!(target.next_due().await.unwrap().unwrap() <= now_ms());
@@ -341,6 +411,18 @@ async fn run(url: &str, schema: &str) {
                 payload: json!(7),
             },
             Some("signal:k"),
+        )
+        .await
+        .unwrap());
+    // So did the ids of messages already delivered.
+    assert!(!target
+        .deliver(
+            "signalled",
+            Event::SignalReceived {
+                name: "go".into(),
+                payload: json!(1),
+            },
+            Some("signal:s"),
         )
         .await
         .unwrap());

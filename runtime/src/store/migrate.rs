@@ -4,8 +4,10 @@
 //! # What is copied
 //! Every instance row with everything in flight: its history (event bodies byte for byte, with
 //! positions, activations and recording times), its undelivered inbox (in arrival order, with
-//! the dedupe keys, so that a signal sent again with the same id is still ignored), its
-//! activity tasks (attempt counts and retry due times kept) and its timers. Generations, parent
+//! the dedupe keys), the dedupe keys of the messages already delivered (so that a signal sent
+//! again with the same id is still ignored, delivered or not), its activity tasks (attempt
+//! counts and retry due times kept), its timers, and its attempt journal (with the attempts the
+//! SQLite store derives from the history written out as rows). Generations, parent
 //! links and custom statuses are kept, so that children still report to their parents and
 //! continue-as-new goes on.
 //!
@@ -26,6 +28,7 @@
 use super::postgres::PostgresStore;
 use super::sqlite::SqliteStore;
 use super::url::StoreUrl;
+use super::AttemptRecord;
 use crate::clock::now_ms;
 use crate::error::StoreError;
 use rusqlite::{Connection, OpenFlags};
@@ -58,6 +61,12 @@ pub(crate) struct RawInstance {
     pub(crate) tasks: Vec<RawTask>,
     /// (position, generation, fire_at).
     pub(crate) timers: Vec<(i64, i64, i64)>,
+    /// Dedupe keys of the messages delivered so far (signal ids, cancel), so that a resend is
+    /// still refused after the move.
+    pub(crate) delivered: Vec<String>,
+    /// The attempt journal, every attempt (those the SQLite store only derives from the
+    /// history included): `retrace show` and `timeline` read it.
+    pub(crate) attempts: Vec<AttemptRecord>,
 }
 
 /// An activity task of the source, without its lease.
@@ -257,6 +266,8 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
                 inbox: Vec::new(),
                 tasks: Vec::new(),
                 timers: Vec::new(),
+                delivered: Vec::new(),
+                attempts: Vec::new(),
             })
         })
         .map_err(db("read source instances"))?
@@ -281,6 +292,9 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
     let mut timers = conn
         .prepare("SELECT seq, generation, fire_at FROM timers WHERE instance_id = ?1 ORDER BY seq")
         .map_err(db("read source timers"))?;
+    let mut delivered = conn
+        .prepare("SELECT dedupe FROM delivered WHERE instance_id = ?1 ORDER BY dedupe")
+        .map_err(db("read source delivered ids"))?;
     for i in &mut instances {
         let rows: Vec<(i64, i64, String, i64, String, i64)> = events
             .query_map([&i.id], |r| {
@@ -347,6 +361,11 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
             .query_map([&i.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .and_then(|rows| rows.collect())
             .map_err(db("read source timers"))?;
+        i.delivered = delivered
+            .query_map([&i.id], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(db("read source delivered ids"))?;
+        i.attempts = super::sqlite::attempts_in_tx(conn, &i.id)?;
         // The history is contiguous from 0 up to the next position; a store that says otherwise
         // is not copied half-way.
         let contiguous = i.events.iter().enumerate().all(|(k, e)| e.0 == k as i64);

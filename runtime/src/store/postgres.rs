@@ -2164,8 +2164,8 @@ async fn import_in_tx(
     Ok(CreateOutcome::Created)
 }
 
-/// Writes a copied instance (see [`super::migrate`]): row, history, inbox, tasks and timers,
-/// without leases.
+/// Writes a copied instance (see [`super::migrate`]): row, history, inbox, tasks, timers,
+/// delivered ids and attempt journal, without leases.
 async fn copy_in_tx(tx: &impl GenericClient, i: &RawCopy) -> TxResult<CopyOutcome> {
     let stmt = tx
         .prepare_cached(
@@ -2287,6 +2287,35 @@ async fn copy_in_tx(tx: &impl GenericClient, i: &RawCopy) -> TxResult<CopyOutcom
     for (seq, generation, fire_at) in &i.timers {
         tx.execute(&stmt, &[&i.id, seq, generation, fire_at])
             .await?;
+    }
+    let stmt = tx
+        .prepare_cached("INSERT INTO delivered (instance_id, dedupe) VALUES ($1, $2)")
+        .await?;
+    for dedupe in &i.delivered {
+        tx.execute(&stmt, &[&i.id, dedupe]).await?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO attempts (instance_id, generation, seq, attempt, started_at, ended_at,
+                                   outcome, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .await?;
+    for a in &i.attempts {
+        tx.execute(
+            &stmt,
+            &[
+                &i.id,
+                &(a.generation as i64),
+                &i64::from(a.seq),
+                &i64::from(a.attempt),
+                &(a.started_at_ms as i64),
+                &(a.ended_at_ms as i64),
+                &a.outcome.as_str(),
+                &a.error,
+            ],
+        )
+        .await?;
     }
     // Pair the source's contiguity check with one on what was written.
     let stmt = tx

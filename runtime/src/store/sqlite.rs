@@ -3637,7 +3637,11 @@ impl Store for SqliteStore {
 /// The attempt journal of `id`: its rows, and the attempts no row was written for (see
 /// `finish_and_activate_in_tx`): a first attempt of the current run that completed, started
 /// when its call was scheduled and ended when its outcome was recorded in history.
-fn attempts_in_tx(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>, StoreError> {
+/// Every attempt of `id`: its journal rows and the attempts derived from its history.
+pub(crate) fn attempts_in_tx(
+    conn: &Connection,
+    id: &str,
+) -> Result<Vec<AttemptRecord>, StoreError> {
     let mut records = journaled_attempts(conn, id)?;
     let Some(info) = get_instance(conn, id)? else {
         return Ok(records);
