@@ -75,6 +75,38 @@ async fn activate(s: &SharedStore, w: &str, id: &str, commands: Vec<Event>) {
     s.release_leases(w).await.unwrap();
 }
 
+/// Creates `id` and commits its first activation for `w`, which schedules call 0 ("quick")
+/// and claims it with the commit (the SQLite store keeps it in the instance's held slot).
+async fn start_with_claimed_call(
+    s: &SharedStore,
+    id: &str,
+    w: &str,
+    lease_ms: u64,
+) -> retrace_runtime::store::ActivityTask {
+    create(s, id, None).await;
+    let claimed = s
+        .claim_ready(w, &names(&["c"]), 100, lease_ms)
+        .await
+        .unwrap();
+    assert!(claimed.contains(&id.to_string()));
+    let loaded = s.load(id, 0).await.unwrap();
+    let commit = ActivationCommit::plan(
+        id,
+        w,
+        loaded.info.generation,
+        loaded.info.next_position,
+        loaded.info.next_activation,
+        vec![loaded.inbox[0].event.clone(), scheduled(0, "quick")],
+        vec![loaded.inbox[0].id],
+        None,
+        &|_| true,
+        lease_ms,
+    );
+    let mut claimed = s.commit_activation(commit).await.unwrap().claimed_tasks;
+    assert_eq!(claimed.len(), 1);
+    claimed.remove(0)
+}
+
 fn scheduled(seq: u32, name: &str) -> Event {
     Event::ActivityScheduled {
         seq,
@@ -150,33 +182,7 @@ async fn populate(s: &SharedStore) {
     assert_eq!(t.len(), 1);
     // A call claimed with the activation that scheduled it (the SQLite store keeps it on the
     // instance row), by a worker that crashed (its lease has expired).
-    create(s, "held", None).await;
-    let claimed = s
-        .claim_ready("w-dead", &names(&["c"]), 100, 1)
-        .await
-        .unwrap();
-    assert!(claimed.contains(&"held".to_string()));
-    let loaded = s.load("held", 0).await.unwrap();
-    let commit = ActivationCommit::plan(
-        "held",
-        "w-dead",
-        loaded.info.generation,
-        loaded.info.next_position,
-        loaded.info.next_activation,
-        vec![loaded.inbox[0].event.clone(), scheduled(0, "quick")],
-        vec![loaded.inbox[0].id],
-        None,
-        &|_| true,
-        1,
-    );
-    assert_eq!(
-        s.commit_activation(commit)
-            .await
-            .unwrap()
-            .claimed_tasks
-            .len(),
-        1
-    );
+    start_with_claimed_call(s, "held", "w-dead", 1).await;
     s.release_leases("w").await.unwrap();
     // A parent waiting on a child.
     create(s, "parent", None).await;
@@ -223,26 +229,7 @@ async fn populate(s: &SharedStore) {
     activate(s, "w", "signalled", vec![]).await;
     // A call claimed with its scheduling and completed on the direct path: the SQLite store
     // keeps no attempt row for it (it derives the attempt from the history).
-    create(s, "stepped", None).await;
-    let claimed = s
-        .claim_ready("w", &names(&["c"]), 100, LEASE_MS)
-        .await
-        .unwrap();
-    assert!(claimed.contains(&"stepped".to_string()));
-    let loaded = s.load("stepped", 0).await.unwrap();
-    let commit = ActivationCommit::plan(
-        "stepped",
-        "w",
-        loaded.info.generation,
-        loaded.info.next_position,
-        loaded.info.next_activation,
-        vec![loaded.inbox[0].event.clone(), scheduled(0, "quick")],
-        vec![loaded.inbox[0].id],
-        None,
-        &|_| true,
-        LEASE_MS,
-    );
-    let task = s.commit_activation(commit).await.unwrap().claimed_tasks[0].clone();
+    let task = start_with_claimed_call(s, "stepped", "w", LEASE_MS).await;
     let info = s.describe("stepped").await.unwrap().unwrap();
     let commit = ActivationCommit::plan(
         "stepped",
