@@ -23,7 +23,9 @@ use super::{
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
-use crate::limits::{BUSY_TIMEOUT, ENDED_REMEMBERED_MAX, GROUP_COMMIT_MAX, READERS_MAX};
+use crate::limits::{
+    BUSY_TIMEOUT, ENDED_REMEMBERED_MAX, GROUP_COMMIT_MAX, HELD_EXPIRY_SCAN_INTERVAL, READERS_MAX,
+};
 use async_trait::async_trait;
 use retrace_sdk::{Error, Event, Execution, HistoryEvent, ParentRef, ReplayError, RetrySpec};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
@@ -365,6 +367,54 @@ pub struct SqliteStore {
     /// started together) makes the blocking pool start hundreds of threads, each with its own
     /// reader connection and page cache: tens of MiB for nothing, since 2 cores serve them.
     read_slots: Arc<tokio::sync::Semaphore>,
+    /// When to look for expired held calls next.
+    held_scan: Arc<HeldScan>,
+}
+
+/// How often `claim_tasks` looks for held calls whose lease ran out: at most every
+/// [`HELD_EXPIRY_SCAN_INTERVAL`], or every half of the shortest lease a commit of this handle
+/// asked for, if shorter (the scan reads every held call, and workers claim at every poll).
+#[derive(Debug)]
+struct HeldScan {
+    last_ms: std::sync::atomic::AtomicU64,
+    shortest_lease_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for HeldScan {
+    fn default() -> Self {
+        HeldScan {
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            shortest_lease_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl HeldScan {
+    /// Notes the lease a commit gave the call it may have put in a held slot.
+    fn note_lease(&self, lease_ms: u64) {
+        self.shortest_lease_ms
+            .fetch_min(lease_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a scan is due at `now_ms`; if so, it counts as done from then on.
+    fn due(&self, now_ms: u64) -> bool {
+        let interval = (HELD_EXPIRY_SCAN_INTERVAL.as_millis() as u64).min(
+            self.shortest_lease_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+                / 2,
+        );
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= interval
+            && self
+                .last_ms
+                .compare_exchange(
+                    last,
+                    now_ms,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -706,6 +756,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             worker_locks: Mutex::new(HashMap::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
+            held_scan: Arc::default(),
         }
     }
 
@@ -2867,6 +2918,7 @@ impl Store for SqliteStore {
         first: ActivationCommit,
     ) -> Result<(CreateOutcome, Option<CommitReceipt>), StoreError> {
         let ended = first.end.is_some();
+        self.held_scan.note_lease(first.lease_ms);
         let first = Arc::new(first);
         let shared = Arc::clone(&first);
         let (outcome, mut receipt, info) = self
@@ -2908,6 +2960,7 @@ impl Store for SqliteStore {
         commit: ActivationCommit,
     ) -> Result<CommitReceipt, StoreError> {
         let ended = commit.end.is_some();
+        self.held_scan.note_lease(commit.lease_ms);
         let commit = Arc::new(commit);
         let shared = Arc::clone(&commit);
         let (mut receipt, info) = self
@@ -2984,10 +3037,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ActivityTask>, StoreError> {
         let owner = owner.to_string();
         let names = json_list(activities)?;
+        let held_scan = Arc::clone(&self.held_scan);
         self.write(move |conn| {
             let now = now_ms();
             // Held calls whose lease ran out become claimable rows, like any expired task.
-            expand_held_where(conn, "held_until <= ?1", &(now as i64))?;
+            if held_scan.due(now) {
+                expand_held_where(conn, "held_until <= ?1", &(now as i64))?;
+            }
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE tasks SET lease_owner = ?1, due_at = ?2, attempt = attempt + 1,
@@ -3193,6 +3249,7 @@ impl Store for SqliteStore {
     ) -> Result<DirectFinish, StoreError> {
         let task = task.clone();
         let ended = commit.end.is_some();
+        self.held_scan.note_lease(commit.lease_ms);
         let commit = Arc::new(commit);
         let shared = Arc::clone(&commit);
         let (mut done, info) = self
@@ -3943,6 +4000,21 @@ mod tests {
             Ok(())
         })?;
         Ok(seen)
+    }
+
+    #[test]
+    fn held_calls_are_scanned_for_expiry_once_per_interval() {
+        let scan = HeldScan::default();
+        assert!(scan.due(10_000), "the first claim scans");
+        assert!(!scan.due(10_500));
+        assert!(scan.due(11_000));
+        // A commit with a short lease: scanned twice per lease from then on.
+        scan.note_lease(100);
+        assert!(!scan.due(11_049));
+        assert!(scan.due(11_050));
+        scan.note_lease(60_000);
+        assert!(!scan.due(11_060), "the shortest lease seen counts");
+        assert!(scan.due(11_100));
     }
 
     #[test]
