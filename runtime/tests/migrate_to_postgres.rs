@@ -107,6 +107,14 @@ async fn start_with_claimed_call(
     claimed.remove(0)
 }
 
+/// The signal "go" with `payload`.
+fn go(payload: u64) -> Event {
+    Event::SignalReceived {
+        name: "go".into(),
+        payload: json!(payload),
+    }
+}
+
 fn scheduled(seq: u32, name: &str) -> Event {
     Event::ActivityScheduled {
         seq,
@@ -162,16 +170,7 @@ async fn populate(s: &SharedStore) {
     )
     .await
     .unwrap();
-    s.deliver(
-        "waiting",
-        Event::SignalReceived {
-            name: "go".into(),
-            payload: json!(7),
-        },
-        Some("signal:k"),
-    )
-    .await
-    .unwrap();
+    s.deliver("waiting", go(7), Some("signal:k")).await.unwrap();
     // A task whose attempt was interrupted by a crash (its lease has expired).
     create(s, "crashed", None).await;
     activate(s, "w", "crashed", vec![scheduled(0, "quick")]).await;
@@ -216,14 +215,7 @@ async fn populate(s: &SharedStore) {
     create(s, "signalled", None).await;
     activate(s, "w", "signalled", vec![]).await;
     assert!(s
-        .deliver(
-            "signalled",
-            Event::SignalReceived {
-                name: "go".into(),
-                payload: json!(1),
-            },
-            Some("signal:s"),
-        )
+        .deliver("signalled", go(1), Some("signal:s"),)
         .await
         .unwrap());
     activate(s, "w", "signalled", vec![]).await;
@@ -391,26 +383,12 @@ async fn run(url: &str, schema: &str) {
 
     // Dedupe keys came along: the same signal id is still ignored.
     assert!(!target
-        .deliver(
-            "waiting",
-            Event::SignalReceived {
-                name: "go".into(),
-                payload: json!(7),
-            },
-            Some("signal:k"),
-        )
+        .deliver("waiting", go(7), Some("signal:k"),)
         .await
         .unwrap());
     // So did the ids of messages already delivered.
     assert!(!target
-        .deliver(
-            "signalled",
-            Event::SignalReceived {
-                name: "go".into(),
-                payload: json!(1),
-            },
-            Some("signal:s"),
-        )
+        .deliver("signalled", go(1), Some("signal:s"),)
         .await
         .unwrap());
     // Attempt counts came along, and no lease: the interrupted attempt is taken over at once as
