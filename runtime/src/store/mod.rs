@@ -24,6 +24,7 @@ mod codec;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
+mod transaction;
 pub mod transfer;
 pub mod url;
 

@@ -15,6 +15,7 @@
 //! store is an error that changes nothing in the file.
 
 use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
+use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
     CreateOutcome, DirectFinish, ExecutionFactory, FinishReceipt, ImportedInstance, InboxMessage,
@@ -236,7 +237,7 @@ impl Default for SqliteOptions {
 /// caller is answered once the batch is decided.
 trait Operation: Send {
     /// Runs the operation; returns whether it succeeded. Keeps the outcome of the last run.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, conn: &Tx<'_>) -> bool;
     /// Answers the caller: the outcome of the last run if the transaction committed (or of a
     /// failed run, which was undone), otherwise `commit`'s error.
     fn answer(self: Box<Self>, commit: Result<(), StoreError>);
@@ -263,9 +264,9 @@ struct Op<R, F> {
 impl<R, F> Operation for Op<R, F>
 where
     R: Send,
-    F: FnMut(&Connection) -> Result<R, StoreError> + Send,
+    F: FnMut(&Tx<'_>) -> Result<R, StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &Tx<'_>) -> bool {
         let outcome = (self.f)(conn);
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -312,7 +313,7 @@ impl EndedInstances {
 
 /// The instance row of `c`'s instance, read in `c`'s transaction, if `c` ended it for good (not
 /// by continuing as new).
-fn ended_info(conn: &Connection, c: &ActivationCommit) -> Result<Option<InstanceInfo>, StoreError> {
+fn ended_info(conn: &Tx<'_>, c: &ActivationCommit) -> Result<Option<InstanceInfo>, StoreError> {
     match &c.end {
         None | Some(RunEnd::ContinueAsNew(_)) => Ok(None),
         Some(_) => Ok(get_instance(conn, &c.instance_id)?.filter(|i| i.status.is_final())),
@@ -795,7 +796,7 @@ impl SqliteStore {
     async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
         self.submit(f, true).await
     }
@@ -808,7 +809,7 @@ impl SqliteStore {
     async fn submit<R, F>(&self, f: F, reruns: bool) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnMut(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel::<Box<Op<R, F>>>();
         let job: Job = Box::new(Op {
@@ -878,7 +879,7 @@ impl SqliteStore {
         let Some(pool) = &self.readers else {
             // In memory, reads go through the writer; this closure can run only once.
             let mut f = Some(f);
-            let once = move |conn: &Connection| match f.take() {
+            let once = move |conn: &Tx<'_>| match f.take() {
                 Some(f) => f(conn),
                 None => Err(StoreError::Closed),
             };
@@ -965,6 +966,8 @@ fn writer_loop(shared: &WriteConnection, rx: mpsc::Receiver<Job>) {
 /// happens: `batch` is empty on return).
 fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
     let _span = tracing::trace_span!("store_commit", operations = batch.len()).entered();
+    // The batch's statements stay prepared at hand until it is answered (see `Tx`).
+    let conn = &Tx::new(conn);
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = map_err("begin transaction", "", e);
         for job in batch.drain(..) {
@@ -1008,7 +1011,7 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
 
 /// Runs every operation of `batch` in the open transaction, without savepoints. Returns whether
 /// all succeeded and the transaction is still open.
-fn run_all(conn: &Connection, batch: &mut [Job]) -> bool {
+fn run_all(conn: &Tx<'_>, batch: &mut [Job]) -> bool {
     for job in batch.iter_mut() {
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn)));
         if !matches!(ran, Ok(true)) || conn.is_autocommit() {
@@ -1039,7 +1042,7 @@ fn finish_batch(conn: &Connection, jobs: impl Iterator<Item = Job>) {
 
 /// Runs every operation of `batch` in its own savepoint of the open transaction, then commits
 /// what succeeded and answers every operation.
-fn run_with_savepoints(conn: &Connection, batch: &mut Vec<Job>) {
+fn run_with_savepoints(conn: &Tx<'_>, batch: &mut Vec<Job>) {
     let mut done: Vec<Job> = Vec::with_capacity(batch.len());
     // Set when no transaction could be restarted: the rest of the batch is refused unrun.
     let mut lost: Option<StoreError> = None;
@@ -1252,7 +1255,7 @@ fn get_instance(conn: &Connection, id: &str) -> Result<Option<InstanceInfo>, Sto
 }
 
 fn insert_inbox(
-    conn: &Connection,
+    conn: &Tx<'_>,
     instance_id: &str,
     dedupe: Option<&str>,
     event: &Event,
@@ -1282,7 +1285,7 @@ struct HeldTask {
 /// what the attempt journal needs of it, or `None` when the task is gone or held by another
 /// attempt.
 fn take_held_task(
-    conn: &Connection,
+    conn: &Tx<'_>,
     task: &ActivityTask,
     owner: &str,
 ) -> Result<Option<HeldTask>, StoreError> {
@@ -1519,7 +1522,7 @@ fn expand_held_where(
 /// Journals an attempt of `task`: started when claimed (`claimed_at`; `now` for a task claimed
 /// before that column existed), ended `now`.
 fn journal_attempt(
-    conn: &Connection,
+    conn: &Tx<'_>,
     task: &ActivityTask,
     claimed_at: Option<i64>,
     (end, error): (AttemptEnd, Option<String>),
@@ -1546,7 +1549,7 @@ fn journal_attempt(
     Ok(())
 }
 
-fn mark_ready(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+fn mark_ready(conn: &Tx<'_>, instance_id: &str) -> Result<(), StoreError> {
     conn.prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1 AND status = 'running'")
         .and_then(|mut s| s.execute([instance_id]))
         .map_err(db("mark instance ready"))?;
@@ -1554,11 +1557,7 @@ fn mark_ready(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
 }
 
 /// Creates an instance inside the current transaction.
-fn create_in_tx(
-    conn: &Connection,
-    new: &NewInstance,
-    now: u64,
-) -> Result<CreateOutcome, StoreError> {
+fn create_in_tx(conn: &Tx<'_>, new: &NewInstance, now: u64) -> Result<CreateOutcome, StoreError> {
     insert_instance(conn, new, now, None)
 }
 
@@ -1566,7 +1565,7 @@ fn create_in_tx(
 /// first activation, and its lease), the instance is created leased to that owner and without
 /// `InstanceStarted` in its inbox: the caller appends that activation in the same transaction.
 fn insert_instance(
-    conn: &Connection,
+    conn: &Tx<'_>,
     new: &NewInstance,
     now: u64,
     activated_by: Option<(&str, u64)>,
@@ -1609,7 +1608,7 @@ fn insert_instance(
 }
 
 /// What creating an instance whose id is taken returns: the instance there.
-fn existing_instance(conn: &Connection, id: &str) -> Result<CreateOutcome, StoreError> {
+fn existing_instance(conn: &Tx<'_>, id: &str) -> Result<CreateOutcome, StoreError> {
     let existing = get_instance(conn, id)?.ok_or_else(|| StoreError::NotFound {
         instance_id: id.to_string(),
     })?;
@@ -1622,7 +1621,7 @@ fn existing_instance(conn: &Connection, id: &str) -> Result<CreateOutcome, Store
 /// tasks. A new instance has no inbox, so nothing can make it ready again. `None`, having
 /// written nothing, when the activation is not such a step.
 fn insert_stepped_instance(
-    conn: &Connection,
+    conn: &Tx<'_>,
     new: &NewInstance,
     c: &ActivationCommit,
     now: u64,
@@ -1670,7 +1669,7 @@ fn insert_stepped_instance(
 
 /// Tells a parent that its child ended, inside the current transaction.
 fn notify_parent(
-    conn: &Connection,
+    conn: &Tx<'_>,
     parent: &ParentRef,
     result: Result<Value, Error>,
     now: u64,
@@ -1705,7 +1704,7 @@ fn attempt_end(event: &Event) -> (AttemptEnd, Option<String>) {
     }
 }
 
-fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+fn delete_pending_work(conn: &Tx<'_>, instance_id: &str) -> Result<(), StoreError> {
     clear_held(conn, instance_id)?;
     conn.prepare_cached("DELETE FROM inbox WHERE instance_id = ?1")
         .and_then(|mut s| s.execute([instance_id]))
@@ -1714,7 +1713,7 @@ fn delete_pending_work(conn: &Connection, instance_id: &str) -> Result<(), Store
 }
 
 /// Deletes the activity calls (task rows) and timers of `instance_id`.
-fn delete_calls_and_timers(conn: &Connection, instance_id: &str) -> Result<(), StoreError> {
+fn delete_calls_and_timers(conn: &Tx<'_>, instance_id: &str) -> Result<(), StoreError> {
     for sql in [
         "DELETE FROM tasks WHERE instance_id = ?1",
         "DELETE FROM timers WHERE instance_id = ?1",
@@ -1729,7 +1728,7 @@ fn delete_calls_and_timers(conn: &Connection, instance_id: &str) -> Result<(), S
 /// The final row of `instance_id`, whose run just ended in this transaction; its parent, if it
 /// waits, is told of the end (and listed in `receipt` as woken).
 fn settle_end(
-    conn: &Connection,
+    conn: &Tx<'_>,
     instance_id: &str,
     now: u64,
     receipt: &mut CommitReceipt,
@@ -1745,7 +1744,7 @@ fn settle_end(
 }
 
 fn append_events(
-    conn: &Connection,
+    conn: &Tx<'_>,
     instance_id: &str,
     first_position: u64,
     activation: u32,
@@ -1851,7 +1850,7 @@ fn with_claimed_tasks(receipt: &mut CommitReceipt, commit: Arc<ActivationCommit>
 /// its owner (`held`: the one that goes to the instance's held slot instead of a row). The
 /// caller lists the claimed ones in its receipt ([`with_claimed_tasks`]).
 fn insert_tasks_and_timers(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
     held: Option<u32>,
@@ -1916,7 +1915,7 @@ fn insert_tasks_and_timers(
 }
 
 fn commit_in_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
 ) -> Result<CommitReceipt, StoreError> {
@@ -2110,7 +2109,7 @@ fn commit_in_tx(
 /// position: the outcome is written (to history or to the inbox) only while the task row is held
 /// by this attempt, and the task row is deleted in the same transaction.
 fn finish_and_activate_in_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     task: &ActivityTask,
     c: &ActivationCommit,
     now: u64,
@@ -2229,7 +2228,7 @@ fn finish_and_activate_in_tx(
 /// Returns the instance's final row too, which the caller remembers.
 /// `None`, having written nothing, when the step does not apply.
 fn step_ending_held(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
     seq: u32,
@@ -2300,7 +2299,7 @@ fn step_ending_held(
 /// any, in the same `UPDATE` that moves the instance on. `None`, having written nothing, when
 /// the call is not the held one or the step does not apply.
 fn step_finishing_held(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
     seq: u32,
@@ -2359,7 +2358,7 @@ fn step_finishing_held(
 /// nothing in its inbox), moves the instance on and writes the events and tasks. Returns `None`,
 /// having written nothing, when any of that does not hold; `commit_in_tx` then decides.
 fn step_in_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
     finishing: Option<u32>,
@@ -2430,7 +2429,7 @@ fn is_plain_step(c: &ActivationCommit) -> bool {
 /// The rest of a step once its instance has moved on: its events, and its tasks and timers
 /// (`held`: the call that went to the held slot).
 fn write_step(
-    conn: &Connection,
+    conn: &Tx<'_>,
     c: &ActivationCommit,
     now: u64,
     held: Option<u32>,
@@ -3754,11 +3753,7 @@ fn derived_attempts(
 /// Journals the attempts of `id`'s run `generation` that only its history tells (see
 /// [`derived_attempts`]), before that history goes (continue-as-new): the journal keeps the
 /// attempts of earlier runs.
-fn journal_derived_attempts(
-    conn: &Connection,
-    id: &str,
-    generation: u64,
-) -> Result<(), StoreError> {
+fn journal_derived_attempts(conn: &Tx<'_>, id: &str, generation: u64) -> Result<(), StoreError> {
     let journaled = journaled_attempts(conn, id)?;
     let derived = derived_attempts(conn, id, generation, &journaled)?;
     if derived.is_empty() {
@@ -3837,7 +3832,7 @@ fn journaled_attempts(conn: &Connection, id: &str) -> Result<Vec<AttemptRecord>,
 /// Writes an imported or forked instance inside the current transaction; see
 /// [`Store::import_instance`] for exactly what is written.
 fn import_in_tx(
-    conn: &Connection,
+    conn: &Tx<'_>,
     i: &ImportedInstance,
     now: u64,
 ) -> Result<CreateOutcome, StoreError> {
