@@ -1289,14 +1289,15 @@ fn take_held_task(
     task: &ActivityTask,
     owner: &str,
 ) -> Result<Option<HeldTask>, StoreError> {
+    // Each is read, then deleted by its key, in the same transaction: `RETURNING` would make
+    // SQLite build an ephemeral table per statement, which cost more than the write itself
+    // (W3, 1,000 calls finishing).
     if task.attempt == 1 {
-        // In the instance's held slot (`held_at` is left as it was: it is read back).
+        // In the instance's held slot (`held_at` is left as it was).
         let held_at: Option<Option<i64>> = conn
             .prepare_cached(
-                "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL,
-                        held_until = 0
-                 WHERE id = ?1 AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4
-                 RETURNING held_at",
+                "SELECT held_at FROM instances
+                 WHERE id = ?1 AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4",
             )
             .and_then(|mut s| {
                 s.query_row(
@@ -1307,37 +1308,50 @@ fn take_held_task(
             })
             .map_err(db("finish activity task"))?;
         if let Some(held_at) = held_at {
+            conn.prepare_cached(
+                "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL,
+                        held_until = 0
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![task.instance_id]))
+            .map_err(db("finish activity task"))?;
             return Ok(Some(HeldTask {
                 claimed_at: held_at,
                 claimed_when_scheduled: true,
             }));
         }
     }
-    conn.prepare_cached(
-        "DELETE FROM tasks
-         WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
-           AND generation = ?5
-         RETURNING claimed_at, claimed_at IS created_at",
-    )
-    .and_then(|mut s| {
-        s.query_row(
-            params![
-                task.instance_id,
-                task.seq,
-                task.attempt,
-                owner,
-                task.generation as i64
-            ],
-            |r| {
-                Ok(HeldTask {
-                    claimed_at: r.get(0)?,
-                    claimed_when_scheduled: r.get(1)?,
-                })
-            },
+    let held = conn
+        .prepare_cached(
+            "SELECT claimed_at, claimed_at IS created_at FROM tasks
+             WHERE instance_id = ?1 AND seq = ?2 AND attempt = ?3 AND lease_owner = ?4
+               AND generation = ?5",
         )
-        .optional()
-    })
-    .map_err(db("finish activity task"))
+        .and_then(|mut s| {
+            s.query_row(
+                params![
+                    task.instance_id,
+                    task.seq,
+                    task.attempt,
+                    owner,
+                    task.generation as i64
+                ],
+                |r| {
+                    Ok(HeldTask {
+                        claimed_at: r.get(0)?,
+                        claimed_when_scheduled: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .map_err(db("finish activity task"))?;
+    if held.is_some() {
+        conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
+            .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
+            .map_err(db("finish activity task"))?;
+    }
+    Ok(held)
 }
 
 /// The one call `c` claims, as it would sit in its instance's held slot: its seq and the
@@ -3126,33 +3140,41 @@ impl Store for SqliteStore {
                         journal_attempt(conn, &task, held.claimed_at, attempt_end(event), now)?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
-                        // Ready, and leased to this worker unless another holds it.
-                        let claimed: bool = conn
+                        // Ready, and leased to this worker unless another holds it. (Read,
+                        // then written: see `take_held_task` on `RETURNING`.)
+                        let claimable: Option<bool> = conn
                             .prepare_cached(
-                                "UPDATE instances SET ready = 1,
-                                     lease_until = CASE WHEN lease_owner IS NULL OR lease_owner = ?2
-                                                          OR lease_until < ?4
-                                                        THEN ?3 ELSE lease_until END,
-                                     lease_owner = CASE WHEN lease_owner IS NULL OR lease_owner = ?2
-                                                          OR lease_until < ?4
-                                                        THEN ?2 ELSE lease_owner END
-                                 WHERE id = ?1 AND status = 'running'
-                                 RETURNING lease_owner = ?2",
+                                "SELECT lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?3
+                                 FROM instances WHERE id = ?1 AND status = 'running'",
                             )
                             .and_then(|mut s| {
-                                s.query_row(
-                                    params![
-                                        task.instance_id,
-                                        owner,
-                                        (now + lease_ms) as i64,
-                                        now as i64
-                                    ],
-                                    |r| r.get(0),
-                                )
+                                s.query_row(params![task.instance_id, owner, now as i64], |r| {
+                                    r.get(0)
+                                })
                                 .optional()
                             })
-                            .map_err(db("finish activity task"))?
-                            .unwrap_or(false);
+                            .map_err(db("finish activity task"))?;
+                        let claimed = claimable == Some(true);
+                        match claimable {
+                            Some(true) => conn
+                                .prepare_cached(
+                                    "UPDATE instances SET ready = 1, lease_owner = ?2,
+                                            lease_until = ?3
+                                     WHERE id = ?1",
+                                )
+                                .and_then(|mut s| {
+                                    s.execute(params![
+                                        task.instance_id,
+                                        owner,
+                                        (now + lease_ms) as i64
+                                    ])
+                                }),
+                            Some(false) => conn
+                                .prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1")
+                                .and_then(|mut s| s.execute(params![task.instance_id])),
+                            None => Ok(0),
+                        }
+                        .map_err(db("finish activity task"))?;
                         Ok(FinishReceipt {
                             accepted: true,
                             instance_claimed: claimed,
