@@ -32,6 +32,7 @@ use retrace_sdk::{Error, Event, Execution, HistoryEvent, ParentRef, ReplayError,
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -793,12 +794,12 @@ impl SqliteStore {
 
     /// Runs `f` in the writer's next group-commit transaction; answers after the commit. `f`
     /// may run more than once (only the last run counts), so it must touch only the database.
-    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    fn write<R, F>(&self, f: F) -> impl Future<Output = Result<R, StoreError>> + Send + '_
     where
         R: Send + 'static,
         F: FnMut(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
     {
-        self.submit(f, true).await
+        self.submit(f, true)
     }
 
     /// Runs `f` in a group-commit transaction and waits for its answer. Usually `f` goes to the
@@ -806,7 +807,15 @@ impl SqliteStore {
     /// instance), the caller commits `f` itself, on its own thread (`block_in_place`): the
     /// answer then needs no hand-off between threads, two thread wake-ups less per step. Only
     /// on tokio's multi-threaded runtime, whose other workers go on with other tasks meanwhile.
-    async fn submit<R, F>(&self, f: F, reruns: bool) -> Result<R, StoreError>
+    ///
+    /// Not an `async fn`: `f` is boxed before the future is made, so that the future holds a
+    /// pointer to it instead of `f` itself, once per nested `async fn` (the caller's future is
+    /// boxed by `async_trait`, and its size decides which of the allocator's paths serves it).
+    fn submit<R, F>(
+        &self,
+        f: F,
+        reruns: bool,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + '_
     where
         R: Send + 'static,
         F: FnMut(&Tx<'_>) -> Result<R, StoreError> + Send + 'static,
@@ -818,30 +827,32 @@ impl SqliteStore {
             outcome: None,
             reply: Some(reply),
         });
-        let answered = |op: Result<Box<Op<R, F>>, _>| {
-            op.map_err(|_| StoreError::Closed)?
-                .outcome
-                .take()
-                .unwrap_or(Err(StoreError::Closed))
-        };
-        let job = match self.commit_directly(job) {
-            Ok(()) => return answered(answer.await),
-            Err(job) => job,
-        };
-        {
-            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
-            self.writer_conn
-                .queued
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            if sender.send(job).is_err() {
+        async move {
+            let answered = |op: Result<Box<Op<R, F>>, _>| {
+                op.map_err(|_| StoreError::Closed)?
+                    .outcome
+                    .take()
+                    .unwrap_or(Err(StoreError::Closed))
+            };
+            let job = match self.commit_directly(job) {
+                Ok(()) => return answered(answer.await),
+                Err(job) => job,
+            };
+            {
+                let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                let sender = jobs.as_ref().ok_or(StoreError::Closed)?;
                 self.writer_conn
                     .queued
-                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                return Err(StoreError::Closed);
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                if sender.send(job).is_err() {
+                    self.writer_conn
+                        .queued
+                        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    return Err(StoreError::Closed);
+                }
             }
+            answered(answer.await)
         }
-        answered(answer.await)
     }
 
     /// Runs `job` as a batch of its own on the caller's thread, if the writer is idle with
