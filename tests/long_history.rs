@@ -1,5 +1,6 @@
-//! Long histories, loaded cold: past 512 events the SQLite store reads rows on one thread while a
-//! second decodes them and replays them into the execution (`Store::load_and_replay`).
+//! Long histories, loaded cold (`Store::load_and_replay`: the SQLite store replays events into
+//! the execution while it is still reading them; past 512 history rows, rows are read on one
+//! thread and decoded on two others, which `store::sqlite`'s unit tests cover row by row).
 //! - a coordinator of 400 sequential calls (803 events) runs to the right result with the cache
 //!   off, so that every activation is a cold load and replay of the history so far;
 //! - a cold `load_and_replay` of the finished history ends where a plain `load` and a replay of
