@@ -82,7 +82,11 @@ fn events(c: &mut Criterion) {
         group.bench_function(format!("encode_{name}"), |b| {
             b.iter(|| serde_json::to_string(black_box(event)).unwrap())
         });
+        // What the stores decode with; `decode_generic_` is serde's own way, for comparison.
         group.bench_function(format!("decode_{name}"), |b| {
+            b.iter(|| Event::from_json(black_box(&text)).unwrap())
+        });
+        group.bench_function(format!("decode_generic_{name}"), |b| {
             b.iter(|| serde_json::from_str::<Event>(black_box(&text)).unwrap())
         });
     }

@@ -28,6 +28,20 @@ pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Decodes a stored history event (`Event::from_json`: faster than the generic decoder for the
+/// commonest events); a failure names the instance and the position.
+pub(crate) fn decode_event_json(
+    instance_id: &str,
+    pos: i64,
+    text: &str,
+) -> Result<retrace_sdk::Event, StoreError> {
+    retrace_sdk::Event::from_json(text).map_err(|e| StoreError::Corrupt {
+        instance_id: instance_id.to_string(),
+        what: format!("event at position {pos}"),
+        detail: e.to_string(),
+    })
+}
+
 /// What an ended instance reports to a parent waiting on it; `None` while it runs.
 pub(crate) fn final_result(info: &InstanceInfo) -> Option<Result<Value, Error>> {
     match info.status {

@@ -54,7 +54,7 @@
 //! [`StoreError::NewerSchema`]; a schema holding tables but no `retrace_schema` is refused with
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
-use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
+use super::codec::{decode_event_json, decode_json, end_columns, final_result, lock_map, to_json};
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
@@ -1481,7 +1481,7 @@ fn events_from_rows(id: &str, rows: Vec<Row>) -> TxResult<Vec<HistoryEvent>> {
         let activation: i64 = row.try_get(1)?;
         let recorded_at: i64 = row.try_get(2)?;
         let body: String = row.try_get(3)?;
-        let event = decode_json(id, || format!("event at position {pos}"), &body)?;
+        let event = decode_event_json(id, pos, &body)?;
         events.push(HistoryEvent {
             position: pos as u64,
             activation: activation as u32,

@@ -14,7 +14,7 @@
 //! tables and the reason for each change are in `MIGRATIONS` below. Opening a file of a newer schema or a file that is not a Retrace
 //! store is an error that changes nothing in the file.
 
-use super::codec::{decode_json, end_columns, final_result, lock_map, to_json};
+use super::codec::{decode_event_json, decode_json, end_columns, final_result, lock_map, to_json};
 use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
@@ -1812,7 +1812,8 @@ fn append_events(
 const EVENT_SEPARATOR: char = '\n';
 
 /// Calls `f` with the position and body of each event of one `events` row: `len` events from
-/// `pos` on. A row whose bodies do not number `len` is reported as corrupt, before `f` is called.
+/// `pos` on. A row whose bodies do not number `len` is reported as corrupt, once `f` has seen at
+/// most `len` of them: callers discard what they collected from a row in error.
 pub(crate) fn for_each_event_in_row(
     instance_id: &str,
     pos: i64,
@@ -1823,16 +1824,21 @@ pub(crate) fn for_each_event_in_row(
     if len == 1 {
         return f(pos, body);
     }
-    let found = body.matches(EVENT_SEPARATOR).count() as i64 + 1;
-    if found != len || len < 1 {
+    // One pass: the parts are handed out as they are found, and a count that does not match
+    // is reported once the row ends (the caller discards what it got from a row in error).
+    let mut found = 0i64;
+    for part in body.split(EVENT_SEPARATOR) {
+        if found < len {
+            f(pos + found, part)?;
+        }
+        found += 1;
+    }
+    if found != len {
         return Err(StoreError::Corrupt {
             instance_id: instance_id.to_string(),
             what: format!("history row at position {pos}"),
             detail: format!("it holds {found} events where its length says {len}"),
         });
-    }
-    for (i, part) in body.split(EVENT_SEPARATOR).enumerate() {
-        f(pos + i as i64, part)?;
     }
     Ok(())
 }
@@ -2875,7 +2881,7 @@ fn decode_event(
     recorded_at: i64,
     body: &str,
 ) -> Result<HistoryEvent, StoreError> {
-    let event = decode_json(id, || format!("event at position {pos}"), body)?;
+    let event = decode_event_json(id, pos, body)?;
     Ok(HistoryEvent {
         position: pos as u64,
         activation: activation as u32,
@@ -4196,7 +4202,7 @@ mod tests {
                 (9, "[2]".to_string())
             ])
         );
-        // A length that does not match is reported before anything is handed out.
+        // A length that does not match is reported, and nothing past `len` is handed out.
         for (len, body) in [(2, "{}"), (2, "{}\n{}\n{}"), (0, "{}\n{}")] {
             match split(len, body) {
                 Err(StoreError::Corrupt {
