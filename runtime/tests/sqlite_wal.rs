@@ -1,6 +1,7 @@
 //! The SQLite store extends its WAL file ahead when it opens (so that early commits overwrite
 //! allocated blocks). The zeros past the last frame must never be taken for frames: commits
-//! made before and after survive reopening, by another handle and after an unclean end.
+//! made before and after survive reopening, by another handle and after an unclean end. And a
+//! write waits for another connection's write lock without holding up its tokio worker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use retrace_runtime::store::{CreateOutcome, NewInstance};
@@ -108,4 +109,39 @@ async fn writes_from_a_blocking_thread_work() {
     .await
     .unwrap();
     assert_eq!(count(&store).await, 5);
+}
+
+/// While another connection (another process, the CLI) holds the write lock, a write neither
+/// fails nor holds up its tokio worker: a caller that would commit directly leaves the waiting
+/// to the writer thread, and the task it just spawned (in the worker's own slot, which other
+/// workers do not take) runs meanwhile. The write commits once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waits_for_another_connections_lock_without_blocking_its_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    let store = std::sync::Arc::new(SqliteStore::open(&db).unwrap());
+    store.create_instance(new("before")).await.unwrap();
+
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let (ran, ran_rx) = tokio::sync::oneshot::channel::<()>();
+    let s = std::sync::Arc::clone(&store);
+    let write = tokio::spawn(async move {
+        tokio::spawn(async move {
+            let _ = ran.send(());
+        });
+        s.create_instance(new("during")).await
+    });
+    // The spawned task runs while the lock is still held.
+    tokio::time::timeout(std::time::Duration::from_secs(2), ran_rx)
+        .await
+        .expect("the task spawned next to the write ran while the write waited")
+        .unwrap();
+    assert!(!write.is_finished(), "the write waits for the lock");
+
+    other.execute_batch("COMMIT").unwrap();
+    let created = write.await.unwrap().unwrap();
+    assert_eq!(created, CreateOutcome::Created);
+    assert_eq!(count(&store).await, 2);
 }

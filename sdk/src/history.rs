@@ -406,7 +406,7 @@ mod canonical {
             let digits = rest.len() - rest.bytes().rev().take_while(u8::is_ascii_digit).count();
             let (rest, attempt) = rest.split_at(digits);
             let attempt = whole_u32(attempt)?;
-            let output = rest.strip_suffix(r#","attempt":"#)?;
+            let output = payload(rest.strip_suffix(r#","attempt":"#)?)?;
             // One whole JSON value, or the text is not in this shape (a field inside).
             let output: Value = serde_json::from_str(output).ok()?;
             return Some(Event::ActivityCompleted {
@@ -424,7 +424,7 @@ mod canonical {
             return None;
         }
         // A custom retry policy would follow the input: then it is not one JSON value.
-        let input = rest.strip_prefix(r#"","input":"#)?.strip_suffix('}')?;
+        let input = payload(rest.strip_prefix(r#"","input":"#)?.strip_suffix('}')?)?;
         let input: Value = serde_json::from_str(input).ok()?;
         Some(Event::ActivityScheduled {
             seq,
@@ -432,6 +432,14 @@ mod canonical {
             input,
             retry: standard_retry(),
         })
+    }
+
+    /// `text`, unless it may nest deeper than serde_json allows inside the event (its depth
+    /// limit counts the event's own object, which parsing the payload alone would not): a
+    /// payload with that many brackets goes the serde way, and fails as it does there.
+    fn payload(text: &str) -> Option<&str> {
+        let brackets = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+        (brackets < 64).then_some(text)
     }
 
     /// The number `text` starts with, as JSON writes a `u32`, and what follows it.
@@ -724,6 +732,19 @@ mod tests {
         for text in elsewhere {
             assert!(canonical::decode(text).is_none(), "not fast: {text}");
             agree(text);
+        }
+        // Nested as deep as serde_json refuses inside an event (its limit counts the event's
+        // own object), or nearly: the same answer either way.
+        for depth in [10, 62, 63, 64, 126, 127, 128] {
+            let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let completed =
+                format!(r#"{{"type":"activity_completed","seq":1,"output":{nested},"attempt":1}}"#);
+            let scheduled =
+                format!(r#"{{"type":"activity_scheduled","seq":1,"name":"n","input":{nested}}}"#);
+            for text in [completed, scheduled] {
+                let decoded = agree(&text);
+                assert_eq!(decoded.is_some(), depth < 127, "depth {depth}");
+            }
         }
     }
 

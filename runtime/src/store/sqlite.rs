@@ -884,11 +884,23 @@ impl SqliteStore {
         let Some(conn) = self.writer_conn.try_idle() else {
             return Err(job);
         };
+        // The write lock without waiting for it: when another connection (another process,
+        // the CLI) holds it, the writer thread waits for it, not this worker.
+        let begun = conn
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| conn.execute_batch("BEGIN IMMEDIATE"));
+        if let Err(e) = conn.busy_timeout(self.options.busy_timeout) {
+            tracing::warn!(error = %e, "could not restore the busy timeout");
+        }
+        if begun.is_err() {
+            // Nothing begun: the writer thread tries (and reports a lasting error).
+            return Err(job);
+        }
         let mut batch = vec![job];
         if runtime.metrics().num_workers() >= 2 {
-            run_batch(&conn, &mut batch);
+            run_begun_batch(&conn, &mut batch);
         } else {
-            tokio::task::block_in_place(|| run_batch(&conn, &mut batch));
+            tokio::task::block_in_place(|| run_begun_batch(&conn, &mut batch));
         }
         Ok(())
     }
@@ -988,9 +1000,6 @@ fn writer_loop(shared: &WriteConnection, rx: mpsc::Receiver<Job>) {
 /// Runs `batch` in one transaction and answers every operation of it (all of them, whatever
 /// happens: `batch` is empty on return).
 fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
-    let _span = tracing::trace_span!("store_commit", operations = batch.len()).entered();
-    // The batch's statements stay prepared at hand until it is answered (see `Tx`).
-    let conn = &Tx::new(conn);
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = map_err("begin transaction", "", e);
         for job in batch.drain(..) {
@@ -998,6 +1007,15 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
         }
         return;
     }
+    run_begun_batch(conn, batch);
+}
+
+/// Runs `batch` in the write transaction just begun on `conn`, commits, and answers every
+/// operation of it (`batch` is empty on return).
+fn run_begun_batch(conn: &Connection, batch: &mut Vec<Job>) {
+    let _span = tracing::trace_span!("store_commit", operations = batch.len()).entered();
+    // The batch's statements stay prepared at hand until it is answered (see `Tx`).
+    let conn = &Tx::new(conn);
     // First, every operation runs as it comes, without a savepoint: when all succeed (the
     // common case), the batch commits as it is. Savepoints cost a copy of every page an
     // operation touches (13% of the writer's time in W1).
@@ -2686,32 +2704,44 @@ fn read_events_into<S: HistorySink>(
             mpsc::sync_channel::<Result<Vec<HistoryEvent>, StoreError>>(8);
         // The sink goes to the first decoding thread once it has started; if none can be
         // started, this thread decodes everything itself.
-        let (hand_over, handed) = mpsc::sync_channel::<S>(1);
+        // With it, whether a second decoding thread takes the odd chunks.
+        let (hand_over, handed) = mpsc::sync_channel::<(S, bool)>(1);
         let first = std::thread::Builder::new()
             .name("retrace-decode".into())
             .spawn_scoped(s, move || -> Result<S, StoreError> {
-                let Ok(mut sink) = handed.recv() else {
+                let Ok((mut sink, paired)) = handed.recv() else {
                     return Err(StoreError::Closed);
                 };
+                let mut second_done = !paired;
                 for chunk in first_inbox {
+                    if second_done && paired {
+                        // The second stopped without its next chunk (it panicked): the events
+                        // would have a gap.
+                        return Err(decoder_panicked());
+                    }
                     decode_chunk(&mut sink, id, from, &chunk)?;
                     // The odd chunk after this one, if there is one (the second thread's
                     // channel closes when it has no more).
-                    if let Ok(events) = decoded_inbox.recv() {
-                        for event in events? {
-                            sink.push(event);
+                    if !second_done {
+                        match decoded_inbox.recv() {
+                            Ok(events) => {
+                                for event in events? {
+                                    sink.push(event);
+                                }
+                            }
+                            Err(_) => second_done = true,
                         }
                     }
                 }
                 Ok(sink)
             });
+        let mut sink = Some(sink);
         let first = match first {
-            Ok(first) => {
-                // The thread waits for nothing else: the send cannot fail while it runs.
-                let _ = hand_over.send(sink);
-                first
-            }
+            Ok(first) => first,
             Err(e) => {
+                let Some(mut sink) = sink.take() else {
+                    return Err(StoreError::Closed);
+                };
                 tracing::debug!(error = %e, "no thread for decoding; decoding as the rows are read");
                 while let Some(r) = rows.next().map_err(db("read history"))? {
                     let head = read(r).map_err(db("read history"))?;
@@ -2737,8 +2767,7 @@ fn read_events_into<S: HistorySink>(
                     }
                 }
             });
-        // Without a second thread (none could be started), the first decodes every chunk: its
-        // channel from the second is closed, so it never waits on it.
+        // Without a second thread (none could be started), the first decodes every chunk.
         let second = match second {
             Ok(second) => Some(second),
             Err(e) => {
@@ -2746,6 +2775,10 @@ fn read_events_into<S: HistorySink>(
                 None
             }
         };
+        if let Some(sink) = sink.take() {
+            // The first thread waits for nothing else: the send cannot fail while it runs.
+            let _ = hand_over.send((sink, second.is_some()));
+        }
         let mut to_second = second.as_ref().map(|_| to_second);
         let mut chunk = RawChunk::new();
         let mut sent = 0usize;
@@ -2783,18 +2816,22 @@ fn read_events_into<S: HistorySink>(
         }
         drop(to_first);
         to_second.take();
-        let panicked = || StoreError::Database {
-            operation: "read history".into(),
-            detail: "a history decoding thread panicked".into(),
-        };
-        let decoded = first.join().unwrap_or_else(|_| Err(panicked()));
+        let decoded = first.join().unwrap_or_else(|_| Err(decoder_panicked()));
         let second_ok = second.is_none_or(|second| second.join().is_ok());
         match (decoded, failed) {
             (Err(e), _) | (Ok(_), Some(e)) => Err(e),
-            (Ok(_), None) if !second_ok => Err(panicked()),
+            (Ok(_), None) if !second_ok => Err(decoder_panicked()),
             (Ok(sink), None) => Ok(sink),
         }
     })
+}
+
+/// The error of a load whose decoding thread panicked (a bug).
+fn decoder_panicked() -> StoreError {
+    StoreError::Database {
+        operation: "read history".into(),
+        detail: "a history decoding thread panicked".into(),
+    }
 }
 
 /// Sends the `index`th chunk of a history to the decoding thread whose turn it is: the first
