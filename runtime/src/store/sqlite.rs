@@ -1464,11 +1464,7 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
     if let Some((first, len, body)) = row {
         for_each_event_in_row(id, first, len, &body, |at, part| {
             if at == pos {
-                event = Some(decode_json(
-                    id,
-                    || format!("event at position {pos}"),
-                    part,
-                )?);
+                event = Some(decode_event_json(id, pos, part)?);
             }
             Ok(())
         })?;
@@ -2702,9 +2698,9 @@ fn read_events_into<S: HistorySink>(
         let (to_second, second_inbox) = mpsc::sync_channel::<RawChunk>(8);
         let (decoded, decoded_inbox) =
             mpsc::sync_channel::<Result<Vec<HistoryEvent>, StoreError>>(8);
-        // The sink goes to the first decoding thread once it has started; if none can be
-        // started, this thread decodes everything itself.
-        // With it, whether a second decoding thread takes the odd chunks.
+        // The sink goes to the first decoding thread once the second has been started or not,
+        // with which of the two it is; if no thread can be started, this one decodes
+        // everything itself.
         let (hand_over, handed) = mpsc::sync_channel::<(S, bool)>(1);
         let first = std::thread::Builder::new()
             .name("retrace-decode".into())
