@@ -110,6 +110,7 @@ impl<'c> DerefMut for TxStatement<'_, 'c> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
