@@ -2731,13 +2731,9 @@ fn read_events_into<S: HistorySink>(
                 }
                 Ok(sink)
             });
-        let mut sink = Some(sink);
         let first = match first {
             Ok(first) => first,
             Err(e) => {
-                let Some(mut sink) = sink.take() else {
-                    return Err(StoreError::Closed);
-                };
                 tracing::debug!(error = %e, "no thread for decoding; decoding as the rows are read");
                 while let Some(r) = rows.next().map_err(db("read history"))? {
                     let head = read(r).map_err(db("read history"))?;
@@ -2771,10 +2767,8 @@ fn read_events_into<S: HistorySink>(
                 None
             }
         };
-        if let Some(sink) = sink.take() {
-            // The first thread waits for nothing else: the send cannot fail while it runs.
-            let _ = hand_over.send((sink, second.is_some()));
-        }
+        // The first thread waits for nothing else: the send cannot fail while it runs.
+        let _ = hand_over.send((sink, second.is_some()));
         let mut to_second = second.as_ref().map(|_| to_second);
         let mut chunk = RawChunk::new();
         let mut sent = 0usize;
