@@ -717,13 +717,13 @@ impl Inner {
             committed,
             unknown_activity,
         } = self.plan(id, generation, info.next_position, activation, consumed);
-        let summary = summarize(&commit.events);
+        let summary = debug_summary(&commit.events);
         let commit_span = tracing::debug_span!(
             "store_commit",
             position = commit.expected_position,
             activation = commit.activation
         );
-        let receipt = match self
+        let mut receipt = match self
             .store
             .commit_activation(commit)
             .instrument(commit_span)
@@ -741,7 +741,7 @@ impl Inner {
             .after_commit(
                 id,
                 execution,
-                &receipt,
+                &mut receipt,
                 committed,
                 unknown_activity,
                 Start::None,
@@ -800,9 +800,9 @@ impl Inner {
             committed,
             unknown_activity,
         } = self.plan(&id, 0, 0, activation, Vec::new());
-        let summary = summarize(&commit.events);
+        let summary = debug_summary(&commit.events);
         let (outcome, receipt) = self.store.create_and_activate(new, commit).await?;
-        let Some(receipt) = receipt else {
+        let Some(mut receipt) = receipt else {
             // Existing, or the store created the instance without the activation: the usual
             // path takes it from here.
             return Ok(outcome);
@@ -812,7 +812,7 @@ impl Inner {
             .after_commit(
                 &id,
                 execution,
-                &receipt,
+                &mut receipt,
                 committed,
                 unknown_activity,
                 Start::None,
@@ -884,7 +884,7 @@ impl Inner {
         self: &Arc<Self>,
         id: &str,
         execution: Execution,
-        receipt: &CommitReceipt,
+        receipt: &mut CommitReceipt,
         committed: Committed,
         unknown_activity: Option<String>,
         start: Start,
@@ -895,16 +895,18 @@ impl Inner {
             ended: committed.ended,
         });
         self.cache_put(id, committed.generation, execution);
-        let mut kept = Vec::new();
-        match (start, receipt.claimed_tasks.as_slice()) {
-            (Start::None, tasks) => kept.extend(tasks.iter().cloned()),
-            (Start::AllButOne, [only]) => kept.push(only.clone()),
-            (_, tasks) => {
-                for task in tasks.iter().cloned() {
+        // The claimed tasks move out of the receipt (no copy of their names and inputs).
+        let claimed = std::mem::take(&mut receipt.claimed_tasks);
+        let kept = match start {
+            Start::None => claimed,
+            Start::AllButOne if claimed.len() == 1 => claimed,
+            Start::AllButOne => {
+                for task in claimed {
                     self.spawn_task(task);
                 }
+                Vec::new()
             }
-        }
+        };
         for at in committed.timers_due {
             self.wake_poller_at(at);
         }
@@ -1007,13 +1009,13 @@ impl Inner {
             is_final: true,
         };
         match self.store.finish_and_activate(task, commit).await {
-            Ok(DirectFinish::Activated(receipt)) => {
+            Ok(DirectFinish::Activated(mut receipt)) => {
                 self.notify(outcome_notice);
                 let next = match self
                     .after_commit(
                         id,
                         execution,
-                        &receipt,
+                        &mut receipt,
                         committed,
                         unknown_activity,
                         Start::AllButOne,
@@ -1310,6 +1312,16 @@ impl Inner {
 
 /// A one-line account of an activation's events, for the debug log: what was delivered and what
 /// the code asked for (`activity_completed #0, activity book_hotel #1`).
+/// [`summarize`], when debug output is on (an empty string otherwise: formatting it cost
+/// a few thousand instructions per activation that nobody would read).
+fn debug_summary(events: &[Event]) -> String {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        summarize(events)
+    } else {
+        String::new()
+    }
+}
+
 fn summarize(events: &[Event]) -> String {
     events
         .iter()
