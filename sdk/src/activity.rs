@@ -188,7 +188,8 @@ where
                     format!("input of activity {} does not decode: {e}", ctx.activity()),
                 )
             })?;
-            let activity = ctx.activity().to_string();
+            // Kept for an encoding error's message (a shared name: no copy per call).
+            let activity = Arc::clone(&ctx.activity);
             let output = body(ctx, input).await?;
             serde_json::to_value(output).map_err(|e| {
                 ActivityError::non_retryable(
