@@ -1310,8 +1310,6 @@ impl Inner {
     }
 }
 
-/// A one-line account of an activation's events, for the debug log: what was delivered and what
-/// the code asked for (`activity_completed #0, activity book_hotel #1`).
 /// [`summarize`], when debug output is on (an empty string otherwise: formatting it cost
 /// a few thousand instructions per activation that nobody would read).
 fn debug_summary(events: &[Event]) -> String {
@@ -1322,6 +1320,8 @@ fn debug_summary(events: &[Event]) -> String {
     }
 }
 
+/// A one-line account of an activation's events, for the debug log: what was delivered and what
+/// the code asked for (`activity_completed #0, activity book_hotel #1`).
 fn summarize(events: &[Event]) -> String {
     events
         .iter()

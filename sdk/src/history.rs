@@ -394,8 +394,8 @@ mod canonical {
     use super::{standard_retry, Event};
     use serde_json::Value;
 
-    const COMPLETED: &str = r#"{"type":"activity_completed","seq":"#;
-    const SCHEDULED: &str = r#"{"type":"activity_scheduled","seq":"#;
+    pub(super) const COMPLETED: &str = r#"{"type":"activity_completed","seq":"#;
+    pub(super) const SCHEDULED: &str = r#"{"type":"activity_scheduled","seq":"#;
 
     /// The event `text` holds, if it is in one of the shapes above.
     pub(super) fn decode(text: &str) -> Option<Event> {
@@ -464,6 +464,49 @@ mod canonical {
 }
 
 impl Event {
+    /// Appends the event's JSON form to `out`: the same bytes as `serde_json::to_writer`, written
+    /// several times faster for the commonest events (a completed activity, a scheduled one with
+    /// the standard retry policy), whose field names are written as they are instead of through
+    /// serde's generic map encoder.
+    ///
+    /// # Errors
+    /// What `serde_json::to_writer` reports for the same event (a payload that cannot be
+    /// encoded); `out` may then hold part of the event.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        match self {
+            Event::ActivityCompleted {
+                seq,
+                output,
+                attempt,
+            } => {
+                out.extend_from_slice(canonical::COMPLETED.as_bytes());
+                serde_json::to_writer(&mut *out, seq)?;
+                out.extend_from_slice(br#","output":"#);
+                serde_json::to_writer(&mut *out, output)?;
+                out.extend_from_slice(br#","attempt":"#);
+                serde_json::to_writer(&mut *out, attempt)?;
+                out.push(b'}');
+                Ok(())
+            }
+            Event::ActivityScheduled {
+                seq,
+                name,
+                input,
+                retry,
+            } if is_standard_retry(retry) => {
+                out.extend_from_slice(canonical::SCHEDULED.as_bytes());
+                serde_json::to_writer(&mut *out, seq)?;
+                out.extend_from_slice(br#","name":"#);
+                serde_json::to_writer(&mut *out, name)?;
+                out.extend_from_slice(br#","input":"#);
+                serde_json::to_writer(&mut *out, input)?;
+                out.push(b'}');
+                Ok(())
+            }
+            other => serde_json::to_writer(out, other),
+        }
+    }
+
     /// Decodes an event's JSON form: the same result as `serde_json::from_str::<Event>`, found
     /// several times faster for the commonest events as this crate writes them (a completed
     /// activity, a scheduled one with the standard retry policy).

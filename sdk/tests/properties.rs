@@ -434,6 +434,29 @@ proptest! {
     /// event's JSON form as serde does, and texts edited at random to the same result as serde
     /// (the same event, or an error).
     #[test]
+    fn the_fast_event_encoder_writes_what_serde_writes(
+        event in event(),
+        standard in any::<bool>(),
+        odd_name in ".{0,8}",
+        prefix in "[a-z]{0,3}",
+    ) {
+        let mut event = event;
+        // Half the scheduled calls with the standard policy (the encoder's own way), named
+        // with any characters (quotes, backslashes, control characters).
+        if let Event::ActivityScheduled { retry, name, .. } = &mut event {
+            if standard {
+                *retry = RetryPolicy::new().spec();
+                *name = odd_name;
+            }
+        }
+        let mut fast = prefix.clone().into_bytes();
+        event.write_json(&mut fast).unwrap();
+        let mut serde = prefix.into_bytes();
+        serde_json::to_writer(&mut serde, &event).unwrap();
+        prop_assert_eq!(String::from_utf8(fast).unwrap(), String::from_utf8(serde).unwrap());
+    }
+
+    #[test]
     fn the_fast_event_decoder_agrees_with_serde(
         event in event(),
         edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, prop::sample::select(vec!['"', '\\', ',', ':', '}', '{', '[', '0', '1', '9', ' ', 'a', '\n'])), 0..3),

@@ -1820,19 +1820,26 @@ struct HistoryRow {
 impl HistoryRow {
     fn encode(events: &[Event]) -> Result<Self, StoreError> {
         // Each string allocated once: the kinds' length is known, and the events are written
-        // straight into one buffer (a sequential step's two events take about 150 bytes).
-        let kinds_len = events.iter().map(|e| e.kind().len() + 1).sum::<usize>();
+        // straight into one buffer (a sequential step's two events take about 150 bytes), by
+        // `Event::write_json`, which writes the commonest events without serde's map encoder.
+        let kinds_len = events
+            .iter()
+            .map(|e| e.kind().len() + 1)
+            .sum::<usize>()
+            .saturating_sub(1);
         let mut kind = String::with_capacity(kinds_len);
         let mut body = Vec::with_capacity(256);
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
-                body.push(EVENT_SEPARATOR as u8);
+                body.push(EVENT_SEPARATOR_BYTE);
                 kind.push(',');
             }
-            serde_json::to_writer(&mut body, event).map_err(|e| StoreError::Database {
-                operation: "encode".into(),
-                detail: e.to_string(),
-            })?;
+            event
+                .write_json(&mut body)
+                .map_err(|e| StoreError::Database {
+                    operation: "encode".into(),
+                    detail: e.to_string(),
+                })?;
             kind.push_str(event.kind());
         }
         let body = String::from_utf8(body).map_err(|e| StoreError::Database {
@@ -1901,8 +1908,11 @@ fn append_row(
 }
 
 /// Between the bodies of the events one `events` row holds (schema 7). Compact JSON, as
-/// `to_json` writes it, never has a raw newline.
+/// serde_json writes it (and `Event::write_json`, byte for byte), never has a raw newline.
 const EVENT_SEPARATOR: char = '\n';
+/// [`EVENT_SEPARATOR`] as the byte [`HistoryRow::encode`] writes.
+const EVENT_SEPARATOR_BYTE: u8 = b'\n';
+const _: () = assert!(EVENT_SEPARATOR as u32 == EVENT_SEPARATOR_BYTE as u32);
 
 /// Calls `f` with the position and body of each event of one `events` row: `len` events from
 /// `pos` on. A row whose bodies do not number `len` is reported as corrupt, once `f` has seen at
