@@ -392,10 +392,31 @@ pub enum EventFamily {
 /// is always what `serde_json::from_str::<Event>` gives.
 mod canonical {
     use super::{standard_retry, Event};
+    use serde::Serialize;
     use serde_json::Value;
 
     pub(super) const COMPLETED: &str = r#"{"type":"activity_completed","seq":"#;
     pub(super) const SCHEDULED: &str = r#"{"type":"activity_scheduled","seq":"#;
+
+    /// Writes an event of one of the shapes above: `prefix` (type and the `seq` key), `seq`,
+    /// then two fields, each a literal `,"key":` and a value encoded by serde_json.
+    #[inline(always)]
+    pub(super) fn encode<A: Serialize + ?Sized, B: Serialize + ?Sized>(
+        out: &mut Vec<u8>,
+        prefix: &str,
+        seq: u32,
+        (key_a, a): (&[u8], &A),
+        (key_b, b): (&[u8], &B),
+    ) -> Result<(), serde_json::Error> {
+        out.extend_from_slice(prefix.as_bytes());
+        serde_json::to_writer(&mut *out, &seq)?;
+        out.extend_from_slice(key_a);
+        serde_json::to_writer(&mut *out, a)?;
+        out.extend_from_slice(key_b);
+        serde_json::to_writer(&mut *out, b)?;
+        out.push(b'}');
+        Ok(())
+    }
 
     /// The event `text` holds, if it is in one of the shapes above.
     pub(super) fn decode(text: &str) -> Option<Event> {
@@ -478,31 +499,25 @@ impl Event {
                 seq,
                 output,
                 attempt,
-            } => {
-                out.extend_from_slice(canonical::COMPLETED.as_bytes());
-                serde_json::to_writer(&mut *out, seq)?;
-                out.extend_from_slice(br#","output":"#);
-                serde_json::to_writer(&mut *out, output)?;
-                out.extend_from_slice(br#","attempt":"#);
-                serde_json::to_writer(&mut *out, attempt)?;
-                out.push(b'}');
-                Ok(())
-            }
+            } => canonical::encode(
+                out,
+                canonical::COMPLETED,
+                *seq,
+                (br#","output":"#, output),
+                (br#","attempt":"#, attempt),
+            ),
             Event::ActivityScheduled {
                 seq,
                 name,
                 input,
                 retry,
-            } if is_standard_retry(retry) => {
-                out.extend_from_slice(canonical::SCHEDULED.as_bytes());
-                serde_json::to_writer(&mut *out, seq)?;
-                out.extend_from_slice(br#","name":"#);
-                serde_json::to_writer(&mut *out, name)?;
-                out.extend_from_slice(br#","input":"#);
-                serde_json::to_writer(&mut *out, input)?;
-                out.push(b'}');
-                Ok(())
-            }
+            } if is_standard_retry(retry) => canonical::encode(
+                out,
+                canonical::SCHEDULED,
+                *seq,
+                (br#","name":"#, name),
+                (br#","input":"#, input),
+            ),
             other => serde_json::to_writer(out, other),
         }
     }
