@@ -9,10 +9,15 @@ use std::sync::{Mutex, MutexGuard};
 
 /// Encodes a payload for storage.
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Database {
+    serde_json::to_string(value).map_err(encode_error)
+}
+
+/// What a payload that cannot be encoded for storage is reported as.
+pub(crate) fn encode_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Database {
         operation: "encode".into(),
-        detail: e.to_string(),
-    })
+        detail: error.to_string(),
+    }
 }
 
 /// Decodes a stored payload; a failure names the instance and what was being read.

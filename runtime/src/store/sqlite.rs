@@ -14,7 +14,9 @@
 //! tables and the reason for each change are in `MIGRATIONS` below. Opening a file of a newer schema or a file that is not a Retrace
 //! store is an error that changes nothing in the file.
 
-use super::codec::{decode_event_json, decode_json, end_columns, final_result, lock_map, to_json};
+use super::codec::{
+    decode_event_json, decode_json, encode_error, end_columns, final_result, lock_map, to_json,
+};
 use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
@@ -1834,18 +1836,10 @@ impl HistoryRow {
                 body.push(EVENT_SEPARATOR_BYTE);
                 kind.push(',');
             }
-            event
-                .write_json(&mut body)
-                .map_err(|e| StoreError::Database {
-                    operation: "encode".into(),
-                    detail: e.to_string(),
-                })?;
+            event.write_json(&mut body).map_err(encode_error)?;
             kind.push_str(event.kind());
         }
-        let body = String::from_utf8(body).map_err(|e| StoreError::Database {
-            operation: "encode".into(),
-            detail: e.to_string(),
-        })?;
+        let body = String::from_utf8(body).map_err(encode_error)?;
         Ok(HistoryRow {
             kind,
             body,
