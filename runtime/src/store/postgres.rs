@@ -54,7 +54,9 @@
 //! [`StoreError::NewerSchema`]; a schema holding tables but no `retrace_schema` is refused with
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
-use super::codec::{decode_event_json, decode_json, end_columns, final_result, lock_map, to_json};
+use super::codec::{
+    decode_event_json, decode_json, end_columns, event_json, final_result, lock_map, to_json,
+};
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
@@ -963,7 +965,7 @@ async fn insert_inbox(
     event: &Event,
     now: u64,
 ) -> TxResult<bool> {
-    let body = to_json(event)?;
+    let body = event_json(event)?;
     let stmt = tx
         .prepare_cached(
             "INSERT INTO inbox (instance_id, dedupe, body, created_at) VALUES ($1, $2, $3, $4)
@@ -1134,7 +1136,7 @@ async fn append_events(
     for (i, event) in events.iter().enumerate() {
         positions.push((first_position + i as u64) as i64);
         kinds.push(event.kind());
-        bodies.push(to_json(event)?);
+        bodies.push(event_json(event)?);
     }
     let stmt = tx
         .prepare_cached(
@@ -2090,7 +2092,7 @@ async fn import_in_tx(
             activations.push(i64::from(e.activation));
             kinds.push(e.event.kind());
             recorded.push(e.recorded_at_ms as i64);
-            bodies.push(to_json(&e.event)?);
+            bodies.push(event_json(&e.event)?);
         }
         let stmt = tx
             .prepare_cached(
@@ -2704,7 +2706,7 @@ impl Store for PostgresStore {
                             (SELECT count(*) FROM marked)",
                 )
                 .await?;
-            let body = to_json(&event)?;
+            let body = event_json(&event)?;
             let row = client
                 .query_one(
                     &stmt,

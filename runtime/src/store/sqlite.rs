@@ -15,7 +15,8 @@
 //! store is an error that changes nothing in the file.
 
 use super::codec::{
-    decode_event_json, decode_json, encode_error, end_columns, final_result, lock_map, to_json,
+    decode_event_json, decode_json, encode_error, end_columns, event_json, final_result, lock_map,
+    to_json,
 };
 use super::transaction::Tx;
 use super::{
@@ -1304,7 +1305,7 @@ fn insert_inbox(
     event: &Event,
     now: u64,
 ) -> Result<bool, StoreError> {
-    let body = to_json(event)?;
+    let body = event_json(event)?;
     let n = conn
         .prepare_cached(
             "INSERT INTO inbox (instance_id, dedupe, body, created_at) VALUES (?1, ?2, ?3, ?4)
@@ -4108,7 +4109,7 @@ fn import_in_tx(
                 e.activation,
                 e.event.kind(),
                 e.recorded_at_ms as i64,
-                to_json(&e.event)?
+                event_json(&e.event)?
             ])
             .map_err(db("import history"))?;
         }
