@@ -1011,7 +1011,7 @@ async fn insert_instance(
     let parent_seq = new.parent.as_ref().map(|p| i64::from(p.seq));
     let n = match activated_by {
         None => {
-            let start = to_json(&Event::InstanceStarted {
+            let start = event_json(&Event::InstanceStarted {
                 coordinator: new.coordinator.clone(),
                 input: new.input.clone(),
                 parent: new.parent.clone(),
