@@ -198,3 +198,65 @@ async fn another_activity_at_a_recorded_position_stops_the_instance_until_fixed(
 async fn another_command_kind_at_a_recorded_position_stops_the_instance_until_fixed() {
     diverge_then_fix("kind", Code::Timer, "timer").await;
 }
+
+const FRAGILE: Coordinator<u32, u32> = Coordinator::new("fragile");
+
+/// Whether `fragile` panics once `step_a` has answered (a bug, then its fix).
+static FRAGILE_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+async fn fragile(ctx: Context, n: u32) -> Result<u32, Error> {
+    let a = ctx.call(&STEP_A, &n).await?;
+    if FRAGILE_BROKEN.load(std::sync::atomic::Ordering::SeqCst) {
+        panic!("fragile broke on {a}");
+    }
+    ctx.call(&STEP_C, &a).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_coordinator_stops_its_instance_until_fixed() {
+    init_tracing();
+    let dir = TempDir::new("coordinator-panic");
+    let store = open_store(&dir.file("store.db"));
+    let client = Client::new(store.clone());
+    let w = Worker::builder(store.clone())
+        .coordinator(&FRAGILE, fragile)
+        .coordinator(&OTHER, other)
+        .activity(&STEP_A, |_ctx: ActivityContext, n: u32| async move {
+            Ok::<_, ActivityError>(n + 1)
+        })
+        .activity(&STEP_C, |_ctx: ActivityContext, n: u32| async move {
+            Ok::<_, ActivityError>(n + 7)
+        })
+        .start();
+
+    // The panic stops the instance, with the panic as its reason, instead of killing the task
+    // that ran it (which left the instance leased and never run again).
+    let handle = client.start(&FRAGILE, "fragile-1", &1).await.unwrap();
+    let info = within("the instance to stop", client.wait("fragile-1"))
+        .await
+        .unwrap();
+    assert_eq!(info.status, InstanceStatus::Stopped, "{info:?}");
+    let reason = info.reason.clone().expect("a stopped instance says why");
+    for needle in ["fragile-1", "panicked", "fragile broke on 2"] {
+        assert!(
+            reason.contains(needle),
+            "reason {reason:?} lacks {needle:?}"
+        );
+    }
+    let before = client.history("fragile-1").await.unwrap();
+    assert_well_formed(&before);
+    assert_eq!(scheduled_names(&before), vec!["step_a"]);
+
+    // Other instances on the same worker go on.
+    let other_handle = client.start(&OTHER, "other-panic", &5).await.unwrap();
+    assert_eq!(result_of(&other_handle).await.unwrap(), 13);
+
+    // Fixed, and resumed: it completes on the history it had.
+    FRAGILE_BROKEN.store(false, std::sync::atomic::Ordering::SeqCst);
+    client.resume("fragile-1").await.unwrap();
+    assert_eq!(result_of(&handle).await.unwrap(), 1 + 1 + 7);
+    let done = client.history("fragile-1").await.unwrap();
+    assert_well_formed(&done);
+    assert_eq!(&done[..before.len()], &before[..]);
+    w.shutdown().await.unwrap();
+}

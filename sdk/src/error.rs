@@ -184,4 +184,18 @@ pub enum ReplayError {
         /// What is wrong.
         message: String,
     },
+    /// The coordinator code panicked. The execution cannot go on (its future is gone); a
+    /// worker stops the instance with this reason and leaves its history as it is, so that
+    /// it can be resumed once the code is fixed.
+    #[error(
+        "coordinator of instance {instance_id} panicked at history position {position}: {message}"
+    )]
+    Panicked {
+        /// The instance.
+        instance_id: String,
+        /// The history position of the activation during which it panicked.
+        position: u64,
+        /// The panic's message (`"a panic without a message"` when it had none).
+        message: String,
+    },
 }

@@ -337,6 +337,9 @@ impl Divergence {
             }
             ReplayError::CorruptHistory {
                 position, message, ..
+            }
+            | ReplayError::Panicked {
+                position, message, ..
             } => {
                 let recorded = history
                     .iter()
@@ -381,6 +384,12 @@ impl std::fmt::Display for Divergence {
             ReplayError::CorruptHistory { .. } => write!(
                 f,
                 "history of instance {} is malformed {at}: {}\n  event there: {}",
+                self.instance_id, self.requested, self.recorded
+            ),
+            ReplayError::Panicked { .. } => write!(
+                f,
+                "the coordinator of instance {} panicked {at}: {}\n  event there: {}\nFix the \
+                 coordinator code; the history is intact, and the instance can be resumed.",
                 self.instance_id, self.requested, self.recorded
             ),
         }

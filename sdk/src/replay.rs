@@ -22,6 +22,7 @@ use crate::error::{Error, Nondeterminism, ReplayError};
 use crate::history::{check_shape, Event, EventFamily, HistoryEvent};
 use futures::future::BoxFuture;
 use serde_json::Value;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Wake, Waker};
@@ -414,7 +415,14 @@ impl Execution {
                     }
                     lock(&self.shared).parent = parent.clone();
                     let ctx = Context::new(Arc::clone(&self.shared));
-                    self.future = Some((self.coordinator)(ctx, input.clone()));
+                    let coordinator = &self.coordinator;
+                    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        coordinator(ctx, input.clone())
+                    }));
+                    match started {
+                        Ok(future) => self.future = Some(future),
+                        Err(payload) => return Err(self.panicked(position_hint, &*payload)),
+                    }
                 }
                 other => wakers.extend(lock(&self.shared).deliver(other)),
             }
@@ -441,10 +449,19 @@ impl Execution {
                     "coordinator keeps waking itself without waiting on anything".into(),
                 ));
             }
-            if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
-                self.returned = Some(result);
-                self.future = None;
-                break;
+            // A panic in coordinator code is a bug in it, not in the history: the instance
+            // stops with the panic as its reason (the future, half run, is dropped unpolled).
+            match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx))) {
+                Ok(Poll::Ready(result)) => {
+                    self.returned = Some(result);
+                    self.future = None;
+                    break;
+                }
+                Ok(Poll::Pending) => {}
+                Err(payload) => {
+                    self.future = None;
+                    return Err(self.panicked(position_hint, &*payload));
+                }
             }
         }
         if let Some(nd) = lock(&self.shared).nondeterminism.take() {
@@ -477,6 +494,21 @@ impl Execution {
             recorded,
             requested,
         })
+    }
+
+    fn panicked(&self, position: u64, payload: &(dyn std::any::Any + Send)) -> ReplayError {
+        let message = if let Some(text) = payload.downcast_ref::<&str>() {
+            (*text).to_string()
+        } else if let Some(text) = payload.downcast_ref::<String>() {
+            text.clone()
+        } else {
+            "a panic without a message".to_string()
+        };
+        ReplayError::Panicked {
+            instance_id: self.instance_id.clone(),
+            position,
+            message,
+        }
     }
 
     fn corrupt(&self, position: u64, message: String) -> ReplayError {

@@ -271,6 +271,62 @@ fn a_recorded_failure_is_returned_on_replay() {
 // ----- nondeterminism -----
 
 #[test]
+fn a_panicking_coordinator_is_reported_as_an_error_not_propagated() {
+    // Panics on its first poll.
+    let at_start = coordinator_fn(&PAIR, |_ctx: Context, n: u32| async move {
+        if n > 0 {
+            panic!("bad input {n}");
+        }
+        Ok(n)
+    });
+    let mut d = Driver::new("pair-panics", at_start);
+    match d.try_activate(vec![started("pair", json!(7))]) {
+        Err(e @ ReplayError::Panicked { .. }) => {
+            let text = e.to_string();
+            for part in ["pair-panics", "panicked", "bad input 7"] {
+                assert!(text.contains(part), "{text:?} lacks {part:?}");
+            }
+        }
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert!(
+        d.history.is_empty(),
+        "nothing of the activation is recorded"
+    );
+
+    // Panics after its first call returned (a formatted message), live and on replay.
+    let after_call = coordinator_fn(&PAIR, |ctx: Context, n: u32| async move {
+        let a = ctx.call(&A, &n).await?;
+        let parts: Vec<u32> = Vec::new();
+        Ok(a + parts[a as usize])
+    });
+    let mut d = Driver::new("pair-later", after_call.clone());
+    d.start("pair", json!(1));
+    match d.try_activate(vec![completed(0, json!(2))]) {
+        Err(ReplayError::Panicked {
+            instance_id,
+            message,
+            ..
+        }) => {
+            assert_eq!(instance_id, "pair-later");
+            assert!(message.contains("index out of bounds"), "{message}");
+        }
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    let mut history = d.history.clone();
+    history.push(HistoryEvent {
+        position: history.len() as u64,
+        activation: 1,
+        recorded_at_ms: T0,
+        event: completed(0, json!(2)),
+    });
+    assert!(matches!(
+        replay_history("pair-later", after_call, &history),
+        Err(ReplayError::Panicked { .. })
+    ));
+}
+
+#[test]
 fn nondeterminism_when_the_code_calls_another_activity() {
     let d = trip_driver();
     let hotel_first = coordinator_fn(&TRIP, |ctx: Context, who: String| async move {
