@@ -407,6 +407,7 @@ conformance!(
     continue_as_new_bumps_generation,
     terminate_ends_instance,
     children_report_to_parents,
+    a_stopped_parent_keeps_its_childs_result,
     stop_and_resume,
     finish_and_activate_commits_both,
     attempts_are_journaled,
@@ -1877,6 +1878,63 @@ mod cases {
         s.terminate("p", "over").await.unwrap();
         s.terminate("k3", "also over").await.unwrap();
         assert!(inbox_events(s, "p").await.is_empty());
+    }
+
+    /// A parent stopped (a bug in its code) while its child runs still gets the child's end:
+    /// it waits in the parent's inbox, which stays stopped, and is delivered once resumed.
+    pub(super) async fn a_stopped_parent_keeps_its_childs_result(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "p", "w1").await;
+        let child = Event::ChildStarted {
+            seq: 0,
+            instance_id: "k1".to_string(),
+            coordinator: "c".to_string(),
+            input: json!("k1"),
+            detached: false,
+        };
+        activate(s, "w1", "p", vec![child], false).await.unwrap();
+        s.stop_instance("p", "w1", "a bug").await.unwrap();
+        assert_eq!(
+            s.describe("p").await.unwrap().unwrap().status,
+            InstanceStatus::Stopped
+        );
+
+        let claimed = s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["k1".to_string()]);
+        activate(
+            s,
+            "w2",
+            "k1",
+            vec![Event::InstanceCompleted { output: json!(7) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            inbox_events(s, "p").await,
+            vec![Event::ChildCompleted {
+                seq: 0,
+                result: Ok(json!(7))
+            }]
+        );
+        let info = s.describe("p").await.unwrap().unwrap();
+        assert_eq!(info.status, InstanceStatus::Stopped, "still stopped");
+        assert!(s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+
+        s.resume("p").await.unwrap();
+        assert_eq!(
+            s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["p".to_string()]
+        );
     }
 
     pub(super) async fn stop_and_resume(h: &Harness) {

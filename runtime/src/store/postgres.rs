@@ -1086,15 +1086,16 @@ async fn notify_parent(
     result: Result<Value, Error>,
     now: u64,
 ) -> TxResult<()> {
-    // A parent that has ended (or moved to a new run) no longer waits for anything.
+    // A parent that has ended no longer waits for anything. A stopped one still does: the
+    // result waits in its inbox until it is resumed (`mark_ready` leaves it stopped).
     let stmt = tx
         .prepare_cached("SELECT status FROM instances WHERE id = $1 FOR UPDATE")
         .await?;
-    let running = match tx.query_opt(&stmt, &[&parent.instance_id]).await? {
-        Some(row) => row.try_get::<_, String>(0)? == "running",
+    let waiting = match tx.query_opt(&stmt, &[&parent.instance_id]).await? {
+        Some(row) => matches!(row.try_get::<_, String>(0)?.as_str(), "running" | "stopped"),
         None => false,
     };
-    if !running {
+    if !waiting {
         return Ok(());
     }
     let event = Event::ChildCompleted {
