@@ -827,3 +827,61 @@ async fn every_attempt_gets_the_same_idempotency_key() {
     )));
     worker.shutdown().await.unwrap();
 }
+
+// ----- a restarted worker of the same name -----------------------------------------------------
+
+const STALL: Activity<u32, u32> = Activity::new("stall");
+const STALLING: Coordinator<u32, u32> = Coordinator::new("stalling");
+
+async fn stalling(ctx: Context, n: u32) -> Result<u32, Error> {
+    ctx.call(&STALL, &n).await
+}
+
+/// Calls of `stall` so far: the first never answers (its worker "crashes" meanwhile).
+static STALL_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+fn named_worker(store: SharedStore) -> Worker {
+    Worker::builder(store)
+        .worker_id("main")
+        .lease(Duration::from_millis(300))
+        .poll_interval(Duration::from_millis(20))
+        .coordinator(&STALLING, stalling)
+        .activity(&STALL, |_ctx: ActivityContext, n: u32| async move {
+            if STALL_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+                futures::future::pending::<()>().await;
+            }
+            Ok::<_, ActivityError>(n + 1)
+        })
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_under_its_name_takes_over_what_its_crashed_run_held() {
+    init_tracing();
+    let dir = TempDir::new("same-name");
+    let store = open_store(&dir.file("store.db"));
+    let client = Client::new(store.clone());
+    let first = named_worker(store.clone());
+    let handle = client.start(&STALLING, "stalled", &1).await.unwrap();
+    within("the first attempt to start", async {
+        while STALL_CALLS.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // The first run stops without handing its leases back, as a crash would.
+    let first_id = first.id().to_string();
+    drop(first);
+
+    // Same name, new run: it must not renew the crashed run's lease on the call as its own.
+    let second = named_worker(store.clone());
+    assert!(second.id().starts_with("main-"), "{}", second.id());
+    assert_ne!(second.id(), first_id);
+    assert_eq!(result_of(&handle).await.unwrap(), 2);
+    assert_eq!(
+        STALL_CALLS.load(Ordering::SeqCst),
+        2,
+        "one retry after the lease expired"
+    );
+    second.shutdown().await.unwrap();
+}

@@ -253,7 +253,11 @@ impl WorkerBuilder {
         self
     }
 
-    /// A fixed worker id (default: a random one).
+    /// Names this worker. Its id (in the leases it holds, its lock file and its logs) is then
+    /// `{id}-{suffix}`, with a suffix new to each start; without a name it is
+    /// `worker-{uuid}`. Each start gets an id of its own so that a worker restarted under
+    /// the same name never renews, as its own, the leases of the run that crashed before it:
+    /// those expire (or are reaped) and their work is taken over.
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self
@@ -288,9 +292,13 @@ impl WorkerBuilder {
         activity_names.sort();
         let inner = Arc::new(Inner {
             store: self.store,
-            owner: self
-                .id
-                .unwrap_or_else(|| format!("worker-{}", uuid::Uuid::new_v4())),
+            owner: match self.id {
+                Some(name) => {
+                    let run = uuid::Uuid::new_v4().simple().to_string();
+                    format!("{name}-{}", &run[..12])
+                }
+                None => format!("worker-{}", uuid::Uuid::new_v4()),
+            },
             coordinators: self.coordinators,
             activities: self.activities,
             coordinator_names,
