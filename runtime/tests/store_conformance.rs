@@ -413,6 +413,7 @@ conformance!(
     attempts_are_journaled,
     a_task_claimed_with_its_activation_starts_its_attempt_then,
     a_call_claimed_with_its_activation_is_a_task_like_any_other,
+    a_run_that_ends_claims_no_call,
     calls_claimed_with_their_activations_hand_over_race_and_end,
     mark_unclaimed_notes_unknown_coordinators,
     list_and_describe,
@@ -1878,6 +1879,31 @@ mod cases {
         s.terminate("p", "over").await.unwrap();
         s.terminate("k3", "also over").await.unwrap();
         assert!(inbox_events(s, "p").await.is_empty());
+    }
+
+    /// An activation that schedules a call and ends the run (a call not awaited, then a
+    /// return or a continue-as-new) hands no call to run: the end drops it.
+    pub(super) async fn a_run_that_ends_claims_no_call(h: &Harness) {
+        let s = &h.store;
+        for (id, end) in [
+            ("ends", Event::InstanceCompleted { output: json!(1) }),
+            ("goes-on", Event::ContinuedAsNew { input: json!(2) }),
+        ] {
+            create_and_claim(s, id, "w1").await;
+            let receipt = activate(s, "w1", id, vec![scheduled(0, "act"), end], true)
+                .await
+                .unwrap();
+            assert!(
+                receipt.claimed_tasks.is_empty(),
+                "{id}: {:?}",
+                receipt.claimed_tasks
+            );
+        }
+        let tasks = s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert!(tasks.is_empty(), "{tasks:?}");
     }
 
     /// A parent stopped (a bug in its code) while its child runs still gets the child's end:

@@ -342,6 +342,13 @@ impl ActivationCommit {
                 _ => {}
             }
         }
+        if end.is_some() {
+            // A run that ends here leaves no call behind (the store drops its pending calls
+            // with the end): none is claimed, so no worker runs a call nobody will record.
+            for task in &mut tasks {
+                task.claim = false;
+            }
+        }
         ActivationCommit {
             instance_id: instance_id.to_string(),
             owner: owner.to_string(),
