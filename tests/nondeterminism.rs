@@ -260,3 +260,108 @@ async fn a_panicking_coordinator_stops_its_instance_until_fixed() {
     assert_eq!(&done[..before.len()], &before[..]);
     w.shutdown().await.unwrap();
 }
+
+const WAITER: Coordinator<u32, u32> = Coordinator::new("waiter");
+
+/// The code a forked instance started with: a call, then a signal.
+async fn waiter_v1(ctx: Context, n: u32) -> Result<u32, Error> {
+    let a = ctx.call(&STEP_A, &n).await?;
+    let go: u32 = ctx.signal("go").await?;
+    Ok(a + go)
+}
+
+/// A change that calls another activity first.
+async fn waiter_v2(ctx: Context, n: u32) -> Result<u32, Error> {
+    let x = ctx.call(&STEP_X, &n).await?;
+    let go: u32 = ctx.signal("go").await?;
+    Ok(x + go)
+}
+
+fn waiter_worker(store: &SharedStore, v2: bool) -> Worker {
+    let builder = Worker::builder(store.clone()).poll_interval(Duration::from_millis(20));
+    let builder = if v2 {
+        builder.coordinator(&WAITER, waiter_v2)
+    } else {
+        builder.coordinator(&WAITER, waiter_v1)
+    };
+    builder
+        .activity(&STEP_A, |_ctx: ActivityContext, n: u32| async move {
+            Ok::<_, ActivityError>(n + 1)
+        })
+        .activity(&STEP_X, |_ctx: ActivityContext, n: u32| async move {
+            Ok::<_, ActivityError>(n * 100)
+        })
+        .start()
+}
+
+/// A forked (or imported) running instance has nothing in its inbox; it is created ready so
+/// that the first worker replays its history at once: code that no longer matches stops it
+/// then, and code that does hands it back, no longer ready, until a message comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_instance_is_replayed_at_once_then_waits() {
+    init_tracing();
+    let dir = TempDir::new("fork-replayed");
+    let store = open_store(&dir.file("store.db"));
+    let client = Client::new(store.clone());
+    let w1 = waiter_worker(&store, false);
+    client.start(&WAITER, "source", &1).await.unwrap();
+    within("the source to wait for its signal", async {
+        loop {
+            let history = client.history("source").await.unwrap();
+            if kinds(&history).contains(&"signal_awaited") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    w1.shutdown().await.unwrap();
+    let end = client.history("source").await.unwrap().len() as u64;
+    store.fork_instance("source", end, "fork-v2").await.unwrap();
+
+    // Changed code: the fork is stopped by its first replay, without any message.
+    let w2 = waiter_worker(&store, true);
+    let info = within("the fork to stop", async {
+        loop {
+            let info = client.describe("fork-v2").await.unwrap();
+            if info.status != InstanceStatus::Running {
+                break info;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(info.status, InstanceStatus::Stopped, "{info:?}");
+    assert!(
+        info.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("nondeterminism"),
+        "{info:?}"
+    );
+    w2.shutdown().await.unwrap();
+
+    // The same code: replayed, handed back and no longer ready (nothing to claim), until its
+    // signal comes.
+    store.fork_instance("source", end, "fork-v1").await.unwrap();
+    let w3 = waiter_worker(&store, false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w3.shutdown().await.unwrap();
+    let claimable = store
+        .claim_ready("probe", &["waiter".to_string()], 10, 1_000)
+        .await
+        .unwrap();
+    assert!(claimable.is_empty(), "still ready: {claimable:?}");
+    let w4 = waiter_worker(&store, false);
+    client.signal("fork-v1", "go", &5).await.unwrap();
+    assert_eq!(
+        result_of(&client.handle(&WAITER, "fork-v1")).await.unwrap(),
+        2 + 5
+    );
+    assert_eq!(
+        client.describe("source").await.unwrap().status,
+        InstanceStatus::Running,
+        "the source waits on"
+    );
+    w4.shutdown().await.unwrap();
+}

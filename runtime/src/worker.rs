@@ -650,8 +650,11 @@ impl Inner {
             None => {
                 // Cold: the store replays the history into a fresh execution while reading it.
                 let inner = Arc::clone(self);
-                let start: ExecutionFactory = Box::new(move |info, inbox| {
-                    if info.status != InstanceStatus::Running || inbox.is_empty() {
+                // Replayed even with nothing to deliver: an instance claimed with an empty
+                // inbox (an imported or forked one, created ready for this) has its history
+                // checked against this code at once.
+                let start: ExecutionFactory = Box::new(move |info, _inbox| {
+                    if info.status != InstanceStatus::Running {
                         return None;
                     }
                     let (body, patches) = inner.coordinators.get(&info.coordinator)?.clone();
@@ -673,7 +676,7 @@ impl Inner {
                     self.store.note_waiting(id, &self.owner, &reason).await?;
                     return Ok(false);
                 }
-                // No execution: nothing to deliver (see above).
+                // No execution: not running, or a coordinator unknown here (both seen above).
                 let Some(execution) = replayed.execution else {
                     return Ok(false);
                 };
@@ -702,6 +705,14 @@ impl Inner {
                 expected: execution.next_position(),
                 found: info.next_position,
             });
+        }
+        if inbox.is_empty() {
+            // Nothing to deliver (only a cold load gets here): the history replays on this code.
+            // Hand the instance back, ready only if a message came meanwhile; otherwise the
+            // dispatcher would claim it again at every poll and the renewer keep its lease.
+            self.cache_put(id, generation, execution);
+            self.store.release_idle(id, &self.owner).await?;
+            return Ok(false);
         }
         // The start of a run is delivered first, even when signals for the new run arrived
         // before it (continue-as-new keeps the inbox).

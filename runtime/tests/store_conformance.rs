@@ -409,6 +409,7 @@ conformance!(
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
     stop_and_resume,
+    release_idle_hands_back_the_lease,
     finish_and_activate_commits_both,
     attempts_are_journaled,
     a_task_claimed_with_its_activation_starts_its_attempt_then,
@@ -1960,6 +1961,67 @@ mod cases {
                 .await
                 .unwrap(),
             vec!["p".to_string()]
+        );
+    }
+
+    /// `release_idle`: the lease goes back, and the instance stays ready only while its inbox
+    /// holds something; nobody but the holder can release it.
+    pub(super) async fn release_idle_hands_back_the_lease(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "idle", "w1").await;
+        activate(s, "w1", "idle", vec![], false).await.unwrap();
+        // Made ready again (as an imported instance is) and claimed, with an empty inbox.
+        s.deliver("idle", signal("go", json!(1)), None)
+            .await
+            .unwrap();
+        let claimed = s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["idle".to_string()]);
+        activate(s, "w1", "idle", vec![], false).await.unwrap();
+        s.deliver("idle", signal("go", json!(2)), None)
+            .await
+            .unwrap();
+        let claimed = s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["idle".to_string()]);
+
+        // Not the holder: nothing changes.
+        s.release_idle("idle", "w2").await.unwrap();
+        assert!(s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        // The holder, with a message waiting: released, and still ready.
+        s.release_idle("idle", "w1").await.unwrap();
+        let claimed = s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["idle".to_string()]);
+        // Ready with an empty inbox (a fork, like an import, is created so), claimed, then
+        // released: no longer ready, and free.
+        activate(s, "w2", "idle", vec![], false).await.unwrap();
+        let end = s.history("idle").await.unwrap().len() as u64;
+        s.fork_instance("idle", end, "idle-fork").await.unwrap();
+        let claimed = s
+            .claim_ready("w3", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["idle-fork".to_string()]);
+        s.release_idle("idle-fork", "w3").await.unwrap();
+        assert!(s
+            .claim_ready("w4", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.describe("idle-fork").await.unwrap().unwrap().status,
+            InstanceStatus::Running
         );
     }
 

@@ -573,6 +573,12 @@ pub trait Store: Send + Sync + 'static {
         reason: &str,
     ) -> Result<(), StoreError>;
 
+    /// Hands back the lease `owner` took on an instance in which it found nothing to deliver
+    /// (an imported or forked instance, created ready so that its history is replayed at
+    /// once): the lease is released, and the instance stays ready only if its inbox holds
+    /// something by now. Applies only while `owner` holds the lease.
+    async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError>;
+
     /// Notes why a running instance cannot progress here (for example an unknown coordinator
     /// or activity), and hands back its lease. Applies only while `owner` or nobody holds the
     /// lease. The instance stays running; its next activation clears the note.

@@ -2497,6 +2497,26 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError> {
+        autocommit!(self, "release idle instance", |tx| {
+            async {
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE instances SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
+                            lease_owner = NULL, lease_until = 0
+                     WHERE id = $1 AND lease_owner = $2",
+                )
+                .await?;
+            tx.execute(&stmt, &[&instance_id, &owner]).await?;
+            TxResult::Ok(())
+        }
+        .await
+        })?;
+        // Ready again (a message came meanwhile): workers must look.
+        self.bump();
+        Ok(())
+    }
+
     async fn note_waiting(
         &self,
         instance_id: &str,
