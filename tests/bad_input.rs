@@ -360,3 +360,31 @@ async fn a_full_disk_refuses_the_write_and_keeps_everything_committed() {
     ));
     w.shutdown().await.unwrap();
 }
+
+const FIRE_AND_RETURN: Coordinator<u64, u64> = Coordinator::new("fire_and_return");
+
+/// Schedules a call nobody here runs, does not await it, and returns.
+async fn fire_and_return(ctx: Context, n: u64) -> Result<u64, Error> {
+    let _not_awaited = ctx.call(&NOBODY, &n);
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_ended_is_not_marked_as_waiting_for_an_unknown_activity() {
+    let scratch = Scratch::new("ended-unknown");
+    let store: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    let client = Client::new(store.clone());
+    let w = Worker::builder(store.clone())
+        .coordinator(&FIRE_AND_RETURN, fire_and_return)
+        .start();
+    let handle = client.start(&FIRE_AND_RETURN, "f-1", &4).await.unwrap();
+    assert_eq!(handle.result().await.unwrap(), 4);
+    // What the worker does after the commit runs after the result is visible: give it time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.shutdown().await.unwrap();
+    // Read through another handle: this one answers for instances it saw end from memory.
+    let other: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    let info = other.describe("f-1").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Completed);
+    assert_eq!(info.reason, None, "{info:?}");
+}

@@ -455,3 +455,50 @@ async fn exhausting_max_attempts_fails_with_the_last_attempt_and_its_error() {
         "the error does not say which attempt failed and why: {text}"
     );
 }
+
+const FOREVER_POLICY: RetryPolicy = RetryPolicy::new()
+    .max_attempts(3)
+    .initial_interval(Duration::MAX)
+    .max_interval(Duration::MAX);
+const PATIENT: Activity<u32, String> = Activity::new("patient").with_retry(FOREVER_POLICY);
+
+/// A backoff too large for a millisecond clock is "much later": the retry's due time is the
+/// latest the store can hold, not a wrapped one that is due at once (nor a panic that would
+/// leave the call leased for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enormous_backoff_waits_instead_of_retrying_at_once() {
+    let dir = TempDir::new("retry-enormous");
+    let db = dir.file("store.db");
+    let store = open_store(&db);
+    let client = Client::new(store.clone());
+    let attempts = Attempts::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let w = charge_worker(
+        &store,
+        PATIENT,
+        1,
+        &attempts,
+        1,
+        u32::MAX,
+        unavailable,
+        move |n| {
+            if let CommitNotice::ActivityOutcome {
+                is_final: false, ..
+            } = n
+            {
+                let _ = tx.send(());
+            }
+        },
+    );
+    client.start(&CHARGE, "enormous", &1).await.unwrap();
+    recv(&mut rx, "the failed attempt to be recorded").await;
+    let (attempt, due_at) = task_row(&db, "enormous", 0).expect("the call waits in its row");
+    assert_eq!(attempt, 1);
+    assert!(
+        due_at > now_ms() + 1_000 * 3600 * 24 * 365,
+        "due at {due_at}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(attempts.lock().unwrap().len(), 1, "retried at once");
+    w.shutdown().await.unwrap();
+}

@@ -881,7 +881,7 @@ impl Inner {
         let unknown_activity = commit
             .tasks
             .iter()
-            .find(|t| !t.claim)
+            .find(|t| !self.activities.contains_key(&t.name))
             .map(|t| t.name.clone());
         Planned {
             commit,
@@ -929,7 +929,8 @@ impl Inner {
         for at in committed.timers_due {
             self.wake_poller_at(at);
         }
-        if let (false, Some(name)) = (receipt.ready_again, unknown_activity) {
+        if let (false, false, Some(name)) = (receipt.ready_again, committed.ended, unknown_activity)
+        {
             // Not a failure: another worker may run it. Say why the instance waits.
             let reason = format!(
                 "waiting for a worker that runs activity {name} (worker {} does not)",
@@ -1132,7 +1133,12 @@ impl Inner {
                     .may_retry(task.attempt, &error.kind, error.retryable) =>
             {
                 let delay = task.retry.backoff(task.attempt);
-                let next = now_ms() + u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                // Saturating, and within the stores' signed 64-bit times: an enormous backoff
+                // (a policy's `max_interval(Duration::MAX)`) means "much later", never a wrap
+                // to "at once".
+                let next = now_ms()
+                    .saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                    .min(i64::MAX as u64);
                 tracing::debug!(%error, retry_in_ms = delay.as_millis() as u64, "attempt failed; retry scheduled");
                 AttemptOutcome::Retry {
                     next_attempt_at_ms: next,

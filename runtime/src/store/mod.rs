@@ -580,8 +580,8 @@ pub trait Store: Send + Sync + 'static {
     async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError>;
 
     /// Notes why a running instance cannot progress here (for example an unknown coordinator
-    /// or activity), and hands back its lease. Applies only while `owner` or nobody holds the
-    /// lease. The instance stays running; its next activation clears the note.
+    /// or activity), and hands back its lease. Applies only to a running instance, while
+    /// `owner` or nobody holds the lease. The instance stays running; its next activation clears the note.
     async fn note_waiting(
         &self,
         instance_id: &str,

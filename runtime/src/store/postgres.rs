@@ -2527,7 +2527,8 @@ impl Store for PostgresStore {
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET reason = $3, lease_owner = NULL, lease_until = 0
-                     WHERE id = $1 AND (lease_owner = $2 OR lease_owner IS NULL)",
+                     WHERE id = $1 AND status = 'running'
+                       AND (lease_owner = $2 OR lease_owner IS NULL)",
                 )
                 .await?;
             tx.execute(&stmt, &[&instance_id, &owner, &reason]).await?;

@@ -3241,7 +3241,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "UPDATE instances SET reason = ?3, lease_owner = NULL, lease_until = 0
-                 WHERE id = ?1 AND (lease_owner = ?2 OR lease_owner IS NULL)",
+                 WHERE id = ?1 AND status = 'running'
+                   AND (lease_owner = ?2 OR lease_owner IS NULL)",
             )
             .and_then(|mut s| s.execute(params![id, owner, reason]))
             .map_err(db("note waiting instance"))?;
