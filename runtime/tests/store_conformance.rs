@@ -405,6 +405,7 @@ conformance!(
     activity_outcome_recorded_once,
     activity_task_lease_expires,
     continue_as_new_bumps_generation,
+    continue_as_new_drops_the_old_runs_late_outcomes,
     terminate_ends_instance,
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
@@ -1631,6 +1632,63 @@ mod cases {
                 output: json!(2),
                 attempt: 2
             }]
+        );
+    }
+
+    /// Outcomes of the old run that reach the inbox while its last activation (the one that
+    /// continues as new) is computed are dropped with the run; signals stay.
+    pub(super) async fn continue_as_new_drops_the_old_runs_late_outcomes(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "a", "w1").await;
+        let due = now_ms().saturating_sub(1);
+        activate(
+            s,
+            "w1",
+            "a",
+            vec![
+                scheduled(0, "act"),
+                Event::TimerStarted {
+                    seq: 1,
+                    fire_at_ms: due,
+                },
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        let task = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap()
+            .remove(0);
+        // The run's last activation is computed from an empty inbox...
+        let last = plan(
+            s,
+            "w1",
+            "a",
+            vec![Event::ContinuedAsNew { input: json!(2) }],
+            false,
+        )
+        .await;
+        // ...while the call's outcome, the timer and a signal arrive.
+        assert!(
+            s.finish_task("w1", &task, completed(&task, json!(1)), LEASE_MS)
+                .await
+                .unwrap()
+                .accepted
+        );
+        assert_eq!(s.fire_due_timers(now_ms(), 10).await.unwrap(), vec!["a"]);
+        s.deliver("a", signal("s", json!(1)), None).await.unwrap();
+        assert_eq!(inbox_events(s, "a").await.len(), 3);
+        s.commit_activation(last).await.unwrap();
+        let inbox = inbox_events(s, "a").await;
+        assert_eq!(inbox.len(), 2, "{inbox:?}");
+        assert!(inbox.contains(&signal("s", json!(1))), "{inbox:?}");
+        assert!(
+            inbox
+                .iter()
+                .any(|e| matches!(e, Event::InstanceStarted { input, .. } if *input == json!(2))),
+            "{inbox:?}"
         );
     }
 

@@ -1418,6 +1418,16 @@ async fn commit_in_tx(
                 ],
             )
             .await?;
+            // Outcomes of the old run that came after its last activation read the inbox (an
+            // activity, a timer, a child): the new run must not take them for its own calls at
+            // the same positions. Signals and cancellation stay: they are for the instance.
+            let stmt = tx
+                .prepare_cached(
+                    "DELETE FROM inbox WHERE instance_id = $1
+                       AND (dedupe LIKE 'seq:%' OR dedupe LIKE 'timer:%' OR dedupe LIKE 'child:%')",
+                )
+                .await?;
+            tx.execute(&stmt, &[&c.instance_id]).await?;
             let start = Event::InstanceStarted {
                 coordinator: info.coordinator.clone(),
                 input: input.clone(),

@@ -2193,6 +2193,15 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
                 ])
             })
             .map_err(db("continue as new"))?;
+            // Outcomes of the old run that came after its last activation read the inbox (an
+            // activity, a timer, a child): the new run must not take them for its own calls at
+            // the same positions. Signals and cancellation stay: they are for the instance.
+            conn.prepare_cached(
+                "DELETE FROM inbox WHERE instance_id = ?1
+                   AND (dedupe LIKE 'seq:%' OR dedupe LIKE 'timer:%' OR dedupe LIKE 'child:%')",
+            )
+            .and_then(|mut s| s.execute([&c.instance_id]))
+            .map_err(db("continue as new"))?;
             let start = Event::InstanceStarted {
                 coordinator: info.coordinator.clone(),
                 input: input.clone(),
