@@ -406,6 +406,7 @@ conformance!(
     activity_task_lease_expires,
     continue_as_new_bumps_generation,
     continue_as_new_drops_the_old_runs_late_outcomes,
+    continue_as_new_detaches_the_old_runs_children,
     terminate_ends_instance,
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
@@ -1632,6 +1633,94 @@ mod cases {
                 output: json!(2),
                 attempt: 2
             }]
+        );
+    }
+
+    /// A child the old run left running runs on, detached: its end does not go to the new run,
+    /// which could have a child of its own at the same position.
+    pub(super) async fn continue_as_new_detaches_the_old_runs_children(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "p", "w1").await;
+        let child = |id: &str| Event::ChildStarted {
+            seq: 0,
+            instance_id: id.to_string(),
+            coordinator: "c".to_string(),
+            input: json!(id),
+            detached: false,
+        };
+        activate(s, "w1", "p", vec![child("old-kid")], false)
+            .await
+            .unwrap();
+        // The child starts and ends its own first activation: it now waits.
+        let claimed = s
+            .claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["old-kid".to_string()]);
+        activate(s, "w2", "old-kid", vec![], false).await.unwrap();
+        assert!(s
+            .describe("old-kid")
+            .await
+            .unwrap()
+            .unwrap()
+            .parent
+            .is_some());
+
+        // The parent is woken (a signal) and continues as new.
+        s.deliver("p", signal("again", json!(1)), None)
+            .await
+            .unwrap();
+        let claimed = s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["p".to_string()]);
+        activate(
+            s,
+            "w1",
+            "p",
+            vec![Event::ContinuedAsNew { input: json!(2) }],
+            false,
+        )
+        .await
+        .unwrap();
+        let old_kid = s.describe("old-kid").await.unwrap().unwrap();
+        assert_eq!(old_kid.status, InstanceStatus::Running);
+        assert_eq!(old_kid.parent, None, "detached");
+        // The new run starts a child at the same position; the old one ends first.
+        s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        activate(s, "w1", "p", vec![child("new-kid")], false)
+            .await
+            .unwrap();
+        s.deliver("old-kid", signal("end", json!(0)), None)
+            .await
+            .unwrap();
+        s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w2",
+            "old-kid",
+            vec![Event::InstanceCompleted {
+                output: json!("old"),
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(
+            inbox_events(s, "p").await.is_empty(),
+            "the old run's child reported to the new run"
+        );
+        assert_eq!(
+            s.describe("new-kid").await.unwrap().unwrap().parent,
+            Some(ParentRef {
+                instance_id: "p".into(),
+                seq: 0
+            })
         );
     }
 

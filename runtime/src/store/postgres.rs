@@ -80,7 +80,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Config, IsolationLevel, NoTls, Row};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The application name in `retrace_schema`, telling our tables from another program's.
 const APPLICATION: &str = "retrace";
@@ -204,6 +204,12 @@ CREATE TABLE delivered (
 -- policy when it is the standard one (see docs/history-format.md, version 2). Marking the store
 -- makes a build that would misread such bodies refuse the file instead of stopping instances.
 SELECT 1;
+"#,
+    r#"
+-- Version 5: the children of an instance, found by their parent. A run that continues as new
+-- detaches the children it left running (they run on; their end no longer goes to the new
+-- run, which would take it for its own child at the same position).
+CREATE INDEX IF NOT EXISTS instances_parent ON instances (parent_id) WHERE parent_id IS NOT NULL;
 "#,
 ];
 
@@ -1418,6 +1424,16 @@ async fn commit_in_tx(
                 ],
             )
             .await?;
+            // The old run's children still running are detached: the new run did not start
+            // them, and would take the end of one for that of its own child at the same
+            // position (Temporal's "abandon" parent-close policy).
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE instances SET parent_id = NULL, parent_seq = NULL
+                     WHERE parent_id = $1 AND status IN ('running', 'stopped')",
+                )
+                .await?;
+            tx.execute(&stmt, &[&c.instance_id]).await?;
             // Outcomes of the old run that came after its last activation read the inbox (an
             // activity, a timer, a child): the new run must not take them for its own calls at
             // the same positions. Signals and cancellation stay: they are for the instance.

@@ -44,7 +44,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -190,6 +190,13 @@ CREATE UNIQUE INDEX events_at ON events(instance_id, pos);
 -- written before hold one event each (`len` 1). Older builds refuse the file (newer schema):
 -- they would read a row of several events as one.
 ALTER TABLE events ADD COLUMN len INTEGER NOT NULL DEFAULT 1;
+"#,
+    r#"
+-- Version 8: the children of an instance, found by their parent. A run that continues as new
+-- detaches the children it left running (they run on; their end no longer goes to the new
+-- run, which would take it for its own child at the same position). Only an index: older
+-- builds could use the file as it is, but refuse it as newer, as for every version.
+CREATE INDEX IF NOT EXISTS instances_parent ON instances(parent_id) WHERE parent_id IS NOT NULL;
 "#,
 ];
 
@@ -2192,6 +2199,15 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
                     now as i64
                 ])
             })
+            .map_err(db("continue as new"))?;
+            // The old run's children still running are detached: the new run did not start
+            // them, and would take the end of one for that of its own child at the same
+            // position (Temporal's "abandon" parent-close policy).
+            conn.prepare_cached(
+                "UPDATE instances SET parent_id = NULL, parent_seq = NULL
+                 WHERE parent_id = ?1 AND status IN ('running', 'stopped')",
+            )
+            .and_then(|mut s| s.execute([&c.instance_id]))
             .map_err(db("continue as new"))?;
             // Outcomes of the old run that came after its last activation read the inbox (an
             // activity, a timer, a child): the new run must not take them for its own calls at
