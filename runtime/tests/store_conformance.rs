@@ -714,6 +714,24 @@ async fn history_events(store: &SharedStore, id: &str) -> Vec<Event> {
         .collect()
 }
 
+/// `id`, created and activated by `w1` with an activity call `act` at position 0 (claimed
+/// by `w1` and returned) and a timer due at `due` at position 1.
+async fn call_and_timer(store: &SharedStore, id: &str, due: u64) -> ActivityTask {
+    create_and_claim(store, id, "w1").await;
+    let timer = Event::TimerStarted {
+        seq: 1,
+        fire_at_ms: due,
+    };
+    activate(store, "w1", id, vec![scheduled(0, "act"), timer], false)
+        .await
+        .unwrap();
+    store
+        .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap()
+        .remove(0)
+}
+
 /// An instance waiting on one unclaimed activity task at position 0.
 async fn instance_with_task(store: &SharedStore, id: &str) {
     create_and_claim(store, id, "w0").await;
@@ -1728,28 +1746,7 @@ mod cases {
     /// continues as new) is computed are dropped with the run; signals stay.
     pub(super) async fn continue_as_new_drops_the_old_runs_late_outcomes(h: &Harness) {
         let s = &h.store;
-        create_and_claim(s, "a", "w1").await;
-        let due = now_ms().saturating_sub(1);
-        activate(
-            s,
-            "w1",
-            "a",
-            vec![
-                scheduled(0, "act"),
-                Event::TimerStarted {
-                    seq: 1,
-                    fire_at_ms: due,
-                },
-            ],
-            false,
-        )
-        .await
-        .unwrap();
-        let task = s
-            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
-            .await
-            .unwrap()
-            .remove(0);
+        let task = call_and_timer(s, "a", now_ms().saturating_sub(1)).await;
         // The run's last activation is computed from an empty inbox...
         let last = plan(
             s,
@@ -1783,28 +1780,8 @@ mod cases {
 
     pub(super) async fn continue_as_new_bumps_generation(h: &Harness) {
         let s = &h.store;
-        create_and_claim(s, "a", "w1").await;
         let due = now_ms() + 3_600_000;
-        activate(
-            s,
-            "w1",
-            "a",
-            vec![
-                scheduled(0, "act"),
-                Event::TimerStarted {
-                    seq: 1,
-                    fire_at_ms: due,
-                },
-            ],
-            false,
-        )
-        .await
-        .unwrap();
-        let old_task = s
-            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
-            .await
-            .unwrap()
-            .remove(0);
+        let old_task = call_and_timer(s, "a", due).await;
         s.finish_task("w1", &old_task, completed(&old_task, json!(1)), LEASE_MS)
             .await
             .unwrap();
