@@ -3285,11 +3285,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ActivityTask>, StoreError> {
         let owner = owner.to_string();
         let names = json_list(activities)?;
-        let held_scan = Arc::clone(&self.held_scan);
+        // Decided once, outside the operation: a batch that is run again (see `writer_loop`)
+        // must scan again, not find the scan already counted as done.
+        let scan = self.held_scan.due(now_ms());
         self.write(move |conn| {
             let now = now_ms();
             // Held calls whose lease ran out become claimable rows, like any expired task.
-            if held_scan.due(now) {
+            if scan {
                 expand_held_where(conn, "held_until <= ?1", &(now as i64))?;
             }
             let mut stmt = conn
