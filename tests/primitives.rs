@@ -832,3 +832,42 @@ async fn time_randomness_and_side_effects_are_recorded_once() {
     assert!(out.after.0 >= out.before.0);
     worker.shutdown().await.unwrap();
 }
+
+// ----- a timer too far to keep ----------------------------------------------------------------
+
+const FOREVER: Coordinator<(), String> = Coordinator::new("forever");
+
+/// Sleeps "forever" unless a signal comes first.
+async fn forever(ctx: Context, _: ()) -> Result<String, Error> {
+    let nap = Box::pin(ctx.sleep(Duration::MAX));
+    let wake = Box::pin(ctx.signal::<String>("wake"));
+    match select(nap, wake).await {
+        Either::Left(_) => Ok("the timer fired".to_string()),
+        Either::Right((woken, _)) => woken,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_beyond_the_stores_clock_never_fires() {
+    let scratch = Scratch::new("forever");
+    let store = scratch.store();
+    let client = Client::new(store.clone());
+    let worker = Worker::builder(store.clone())
+        .poll_interval(Duration::from_millis(20))
+        .coordinator(&FOREVER, forever)
+        .start();
+    client.start(&FOREVER, "f", &()).await.unwrap();
+    until_history(&client, "f", has("timer_started")).await;
+    // Several timer passes: a due time stored as a negative number would fire at the first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&client.history("f").await.unwrap(), "timer_fired"), 0);
+    client
+        .signal("f", "wake", &"signal".to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        client.handle(&FOREVER, "f").result().await.unwrap(),
+        "signal"
+    );
+    worker.shutdown().await.unwrap();
+}

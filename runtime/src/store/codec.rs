@@ -94,3 +94,10 @@ pub(crate) fn end_columns(
         RunEnd::ContinueAsNew(_) => ("running", None, None),
     })
 }
+
+/// A time in ms since the Unix epoch as the stores keep it (a signed 64-bit integer):
+/// anything later than the latest they can hold is that latest ("never", in practice), not a
+/// negative number that would be due at once.
+pub(crate) fn stored_ms(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}

@@ -1246,7 +1246,11 @@ async fn insert_timers(tx: &impl GenericClient, c: &ActivationCommit) -> TxResul
         return Ok(());
     }
     let seqs: Vec<i64> = c.timers.iter().map(|(s, _)| i64::from(*s)).collect();
-    let fires: Vec<i64> = c.timers.iter().map(|(_, f)| *f as i64).collect();
+    let fires: Vec<i64> = c
+        .timers
+        .iter()
+        .map(|(_, f)| super::codec::stored_ms(*f))
+        .collect();
     let stmt = tx
         .prepare_cached(
             "INSERT INTO timers (instance_id, seq, generation, fire_at)
@@ -2166,8 +2170,11 @@ async fn import_in_tx(
             )
             .await?;
         for (seq, fire_at) in &i.timers {
-            tx.execute(&stmt, &[&i.id, &i64::from(*seq), &(*fire_at as i64)])
-                .await?;
+            tx.execute(
+                &stmt,
+                &[&i.id, &i64::from(*seq), &super::codec::stored_ms(*fire_at)],
+            )
+            .await?;
         }
     }
     if i.start_in_inbox {

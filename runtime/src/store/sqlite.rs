@@ -2046,7 +2046,7 @@ fn insert_tasks_and_timers(
                 c.instance_id,
                 seq,
                 c.generation as i64,
-                *fire_at as i64
+                super::codec::stored_ms(*fire_at)
             ])
             .map_err(db("create timer"))?;
         }
@@ -4176,7 +4176,7 @@ fn import_in_tx(
         conn.prepare_cached(
             "INSERT INTO timers (instance_id, seq, generation, fire_at) VALUES (?1, ?2, 0, ?3)",
         )
-        .and_then(|mut s| s.execute(params![i.id, seq, *fire_at as i64]))
+        .and_then(|mut s| s.execute(params![i.id, seq, super::codec::stored_ms(*fire_at)]))
         .map_err(db("re-create timer"))?;
     }
     if i.start_in_inbox {
