@@ -1977,11 +1977,15 @@ async fn fire_in_tx(
     let stmt = tx
         .prepare_cached(
             "DELETE FROM timers t USING unnest($1::TEXT[], $2::BIGINT[]) AS c(instance_id, seq)
-             WHERE t.instance_id = c.instance_id AND t.seq = c.seq
+             WHERE t.instance_id = c.instance_id AND t.seq = c.seq AND t.fire_at <= $3
              RETURNING t.instance_id, t.seq, t.generation",
         )
         .await?;
-    let fired = tx.query(&stmt, &[&iids, &seqs]).await?;
+    // Due again under the lock: the candidates were read before it, and the timer at that
+    // position may since have been replaced (by a new run's) with a later due time.
+    let fired = tx
+        .query(&stmt, &[&iids, &seqs, &super::codec::stored_ms(now)])
+        .await?;
     let mut fired_rows: Vec<(String, i64, i64)> = Vec::with_capacity(fired.len());
     for row in &fired {
         fired_rows.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
@@ -2531,8 +2535,14 @@ impl Store for PostgresStore {
     }
 
     async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError> {
-        autocommit!(self, "release idle instance", |tx| {
+        write_tx!(self, "release idle instance", |tx| {
             async {
+            // Lock first, so that the inbox check below sees every delivery committed before
+            // (in one statement, READ COMMITTED would check the inbox as of before the wait).
+            let lock = tx
+                .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
+                .await?;
+            tx.query_opt(&lock, &[&instance_id]).await?;
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
@@ -2868,7 +2878,8 @@ impl Store for PostgresStore {
             );
             let stmt = tx.prepare_cached(&sql).await?;
             let status = filter.status.map(InstanceStatus::as_str);
-            let limit = filter.limit.map(|l| l as i64);
+            // Beyond what a BIGINT holds means no limit (NULL), as SQLite takes it.
+            let limit = filter.limit.and_then(|l| i64::try_from(l).ok());
             let rows = tx
                 .query(&stmt, &[&status, &filter.coordinator, &limit])
                 .await?;

@@ -3784,7 +3784,11 @@ impl Store for SqliteStore {
                  WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR coordinator = ?2)
                  ORDER BY created_at DESC, id LIMIT ?3"
             );
-            let limit = filter.limit.map_or(-1, |l| l as i64);
+            // -1: no limit (also for a limit beyond what SQLite's integers hold).
+            let limit = filter
+                .limit
+                .and_then(|l| i64::try_from(l).ok())
+                .unwrap_or(-1);
             let raws = conn
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
