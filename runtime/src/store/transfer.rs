@@ -346,8 +346,12 @@ fn pending_work(id: &str, events: &[HistoryEvent]) -> Result<PendingWork, StoreE
             Event::TimerFired { seq } => {
                 timers.remove(seq);
             }
+            // A detached child reports nothing: nobody waits on it.
             Event::ChildStarted {
-                seq, instance_id, ..
+                seq,
+                instance_id,
+                detached: false,
+                ..
             } => {
                 children.insert(*seq, (e.position, instance_id.clone()));
             }
@@ -475,6 +479,41 @@ mod tests {
         let f0 = ImportedInstance::fork(&info, &h, 0, "t3", 7).unwrap();
         assert!(f0.events.is_empty() && f0.start_in_inbox && f0.tasks.is_empty());
         assert!(ImportedInstance::fork(&info, &h, 7, "t4", 7).is_err());
+    }
+
+    #[test]
+    fn a_detached_child_without_an_outcome_does_not_stop_a_fork() {
+        let child = |detached: bool| Event::ChildStarted {
+            seq: 1,
+            instance_id: "kid".into(),
+            coordinator: "c".into(),
+            input: Value::Null,
+            detached,
+        };
+        let info = InstanceInfo {
+            id: "t".into(),
+            coordinator: "trip".into(),
+            status: InstanceStatus::Running,
+            input: Value::Null,
+            output: None,
+            error: None,
+            reason: None,
+            custom_status: None,
+            parent: None,
+            generation: 0,
+            next_position: 4,
+            next_activation: 2,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ended_at_ms: None,
+        };
+        for detached in [true, false] {
+            let mut h = trip()[..3].to_vec();
+            h.push(ev(3, 1, child(detached)));
+            let forked = ImportedInstance::fork(&info, &h, 4, "t2", 7);
+            // Nothing waits on a detached child; an attached one's end is in the source store.
+            assert_eq!(forked.is_ok(), detached, "detached: {detached}");
+        }
     }
 
     #[test]
