@@ -230,6 +230,12 @@ impl HistoryExport {
         check_shape(id, 0, &self.events).map_err(|e| bad(e.to_string()))?;
         if let Some(first) = self.events.first() {
             match &first.event {
+                Event::InstanceStarted { input, .. } if *input != self.instance.input => {
+                    return Err(bad(format!(
+                        "event 0 starts the run with input {input}, the instance says {}",
+                        self.instance.input
+                    )))
+                }
                 Event::InstanceStarted { coordinator, .. }
                     if *coordinator == self.instance.coordinator => {}
                 Event::InstanceStarted { coordinator, .. } => {
@@ -246,6 +252,7 @@ impl HistoryExport {
                 }
             }
         }
+        check_causality(&self.events).map_err(bad)?;
         let terminal = self
             .events
             .iter()
@@ -362,6 +369,74 @@ impl Divergence {
     pub fn is_nondeterminism(&self) -> bool {
         matches!(*self.cause, ReplayError::Nondeterminism(_))
     }
+}
+
+/// What a run can have recorded, in the order it can have recorded it: commands numbered 0,
+/// 1, 2… as they appear; within an activation, the events delivered before the commands
+/// issued; each outcome resolving, once, a command of its kind issued in an earlier
+/// activation; the instance started only at position 0. A history out of this order would
+/// be imported, then wait forever or run activities before replay stopped it.
+fn check_causality(events: &[HistoryEvent]) -> Result<(), String> {
+    use crate::history::EventFamily;
+    let mut next_seq = 0u32;
+    // Command position -> (its kind, its activation, whether an outcome resolved it).
+    let mut issued: std::collections::HashMap<u32, (&'static str, u32, bool)> =
+        std::collections::HashMap::new();
+    let mut commands_in: Option<u32> = None;
+    for e in events {
+        let at = e.position;
+        match e.event.family() {
+            EventFamily::Command => {
+                let Some(seq) = e.event.seq() else { continue };
+                if seq != next_seq {
+                    return Err(format!(
+                        "the command at position {at} has command position {seq}, expected \
+                         {next_seq}"
+                    ));
+                }
+                next_seq += 1;
+                issued.insert(seq, (e.event.kind(), e.activation, false));
+                commands_in = Some(e.activation);
+            }
+            EventFamily::Inbound => {
+                if commands_in == Some(e.activation) {
+                    return Err(format!(
+                        "{} at position {at} is delivered after a command of its own \
+                         activation {}",
+                        e.event.kind(),
+                        e.activation
+                    ));
+                }
+                if matches!(e.event, Event::InstanceStarted { .. }) && at != 0 {
+                    return Err(format!("instance_started at position {at}, not 0"));
+                }
+                let Some(seq) = e.event.seq() else { continue };
+                let wanted = match e.event {
+                    Event::ActivityCompleted { .. } | Event::ActivityFailed { .. } => {
+                        "activity_scheduled"
+                    }
+                    Event::TimerFired { .. } => "timer_started",
+                    _ => "child_started",
+                };
+                match issued.get_mut(&seq) {
+                    Some((kind, activation, resolved))
+                        if *kind == wanted && *activation < e.activation && !*resolved =>
+                    {
+                        *resolved = true;
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{} at position {at} resolves no {wanted} of command position \
+                             {seq} issued in an earlier activation and still waiting",
+                            e.event.kind()
+                        ))
+                    }
+                }
+            }
+            EventFamily::Terminal => {}
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Display for Divergence {
@@ -562,5 +637,92 @@ mod tests {
         gap.events.remove(1);
         let err = HistoryExport::from_json(&gap.to_json().unwrap()).unwrap_err();
         assert!(matches!(err, ExportError::BadHistory { .. }), "{err}");
+    }
+
+    /// The export with its events edited by `edit`, positions renumbered.
+    fn edited(edit: impl FnOnce(&mut Vec<HistoryEvent>)) -> HistoryExport {
+        let mut e = export();
+        edit(&mut e.events);
+        for (i, event) in e.events.iter_mut().enumerate() {
+            event.position = i as u64;
+        }
+        e
+    }
+
+    fn refused(e: &HistoryExport, needle: &str) {
+        match e.check() {
+            Err(ExportError::BadHistory { detail, .. }) => {
+                assert!(detail.contains(needle), "{detail:?} lacks {needle:?}")
+            }
+            other => panic!("expected BadHistory ({needle}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_histories_out_of_causal_order() {
+        export().check().unwrap();
+        // The outcome in the activation that issued its command.
+        refused(
+            &edited(|ev| ev[2].activation = 0),
+            "delivered after a command",
+        );
+        // An outcome before its command.
+        refused(
+            &edited(|ev| {
+                let outcome = ev.remove(2);
+                ev.insert(1, outcome);
+                ev[1].activation = 0;
+            }),
+            "resolves no activity_scheduled",
+        );
+        // The same outcome twice.
+        refused(
+            &edited(|ev| {
+                let again = ev[2].clone();
+                ev.insert(3, again);
+            }),
+            "still waiting",
+        );
+        // A command position skipped.
+        refused(
+            &edited(|ev| {
+                if let Event::ActivityScheduled { seq, .. } = &mut ev[1].event {
+                    *seq = 1;
+                }
+                if let Event::ActivityCompleted { seq, .. } = &mut ev[2].event {
+                    *seq = 1;
+                }
+            }),
+            "expected 0",
+        );
+        // A delivery after a command of its own activation.
+        refused(
+            &edited(|ev| {
+                let signal = HistoryEvent {
+                    event: Event::SignalReceived {
+                        name: "go".into(),
+                        payload: 1.into(),
+                    },
+                    ..ev[1].clone()
+                };
+                ev.insert(2, signal);
+            }),
+            "delivered after a command",
+        );
+        // The run started again.
+        refused(
+            &edited(|ev| {
+                let start = HistoryEvent {
+                    activation: 1,
+                    ..ev[0].clone()
+                };
+                ev.insert(2, start);
+            }),
+            "instance_started at position 2",
+        );
+        // An input that is not the one the run started with.
+        let mut other_input = export();
+        other_input.instance.input = 7.into();
+        refused(&other_input, "starts the run with input 1");
     }
 }

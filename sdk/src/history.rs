@@ -639,7 +639,9 @@ pub struct HistoryEvent {
 }
 
 /// Checks that `events` form a well-shaped history segment starting at `first_position`:
-/// positions contiguous, activations non-decreasing, every command seq in order.
+/// positions contiguous, activations non-decreasing. (A segment does not say which command
+/// positions came before it; a whole history's commands and outcomes are checked on import,
+/// by `HistoryExport::check`.)
 pub fn check_shape(
     instance_id: &str,
     first_position: u64,
