@@ -89,10 +89,13 @@ impl Timeline {
             .filter(|a| a.generation == info.generation)
             .map(|a| a.ended_at_ms)
             .max();
+        // Never before the start: recorded times need not increase (an imported history, a
+        // clock stepped back), and the bars below subtract one from the other.
         let last_ms = history
             .last()
             .map_or(start_ms, |e| e.recorded_at_ms)
-            .max(last_attempt_ms.unwrap_or(0));
+            .max(last_attempt_ms.unwrap_or(0))
+            .max(start_ms);
         let ended = history.last().and_then(|e| match &e.event {
             Event::InstanceCompleted { .. } => Some(BarState::Done),
             Event::InstanceFailed { .. }
@@ -105,7 +108,7 @@ impl Timeline {
         let end_ms = if ended.is_some() {
             last_ms.max(start_ms + 1)
         } else {
-            last_ms + ((last_ms - start_ms) / 10).max(1)
+            last_ms.saturating_add(((last_ms - start_ms) / 10).max(1))
         };
         let run = Bar {
             label: match ended {
