@@ -758,6 +758,16 @@ fn migrate_refuses_sources_and_targets_it_cannot_use_and_touches_nothing() {
     // Both stores are required.
     let err = retrace_bare(&["migrate", "--from", &db_url]).fails();
     assert!(err.contains("--to"), "{err}");
+
+    // A worker of another process runs on the source, idle (no lease): refused, since it
+    // would go on with the source after the copy.
+    let workers = PathBuf::from(format!("{}.workers", db.display()));
+    std::fs::create_dir_all(&workers).unwrap();
+    let lock = std::fs::File::create(workers.join("idle-worker.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let err = retrace_bare(&["migrate", "--from", &db_url, "--to", nowhere]).fails();
+    assert!(err.contains("running worker"), "{err}");
+    drop(lock);
 }
 
 /// Every event of `id` in `store`, as JSON values.

@@ -12,8 +12,9 @@
 //! continue-as-new goes on.
 //!
 //! # Leases
-//! The copy is meant for a stopped store: it refuses to start while any lease of the source is
-//! live (a worker is running, or died less than a lease ago), and it does not copy leases: a
+//! The copy is meant for a stopped store: it refuses to start while a worker of the source
+//! runs (its lock file beside the store is held, even by an idle worker) or any lease is live
+//! (a worker died less than a lease ago), and it does not copy leases: a
 //! copied instance or task is free for the first worker of the target, as after a graceful
 //! shutdown (a task whose attempt was interrupted counts that attempt, as
 //! [`Store::release_leases`](super::Store::release_leases) does).
@@ -177,6 +178,8 @@ pub async fn migrate_urls(from: &str, to: &str) -> Result<MigrationReport, Store
             )))
         }
     };
+    // Before the target is contacted (and maybe created): a source in use is refused as is.
+    refuse_running_source(&source)?;
     let target = match StoreUrl::parse(to)? {
         StoreUrl::Postgres(url) => PostgresStore::connect(&url).await?,
         other => {
@@ -188,6 +191,23 @@ pub async fn migrate_urls(from: &str, to: &str) -> Result<MigrationReport, Store
     migrate_store(source, &target).await
 }
 
+/// Refuses a source a worker runs on. A running worker may be idle (no lease), yet it would go
+/// on firing timers and taking signals in the source after the copy: its lock file beside the
+/// store says it runs.
+fn refuse_running_source(path: &Path) -> Result<(), StoreError> {
+    let workers = super::sqlite::live_workers(path);
+    if workers > 0 {
+        return Err(StoreError::Busy {
+            operation: "migrate store".into(),
+            detail: format!(
+                "{} is used by {workers} running worker(s): stop every process using it first",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Reads every instance of the store at `path` from one snapshot, refusing while leases are live.
 fn read_source(path: &Path) -> Result<Vec<RawInstance>, StoreError> {
     let display = path.display().to_string();
@@ -197,6 +217,7 @@ fn read_source(path: &Path) -> Result<Vec<RawInstance>, StoreError> {
             detail: "no such file".into(),
         });
     }
+    refuse_running_source(path)?;
     // Opening it checks that it is a Retrace store of a schema this build knows (and migrates an
     // older one), exactly as a worker would.
     SqliteStore::open(path)?.close();

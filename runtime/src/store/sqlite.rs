@@ -577,14 +577,14 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
 /// read as one undecodable event and stop the instance for.
 const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 7;
 
-/// Refuses (without changing anything) while a worker of another process holds its lock file
-/// beside the store: upgrading the store under a running older build would let that build end
-/// instances without dropping their held calls, or miss them when its workers die.
-fn refuse_while_workers_live(path: &Path, display: &str) -> Result<(), StoreError> {
+/// How many workers of other processes use the store at `path` now: lock files beside it
+/// (`PATH.workers/*.lock`) that someone holds. A worker holds its file for as long as it runs,
+/// idle or not, whatever its leases.
+pub(crate) fn live_workers(path: &Path) -> usize {
     let mut dir = path.as_os_str().to_owned();
     dir.push(".workers");
     let Ok(entries) = std::fs::read_dir(PathBuf::from(dir)) else {
-        return Ok(());
+        return 0;
     };
     let mut live = 0;
     for entry in entries.flatten() {
@@ -602,6 +602,14 @@ fn refuse_while_workers_live(path: &Path, display: &str) -> Result<(), StoreErro
             }
         }
     }
+    live
+}
+
+/// Refuses (without changing anything) while a worker of another process holds its lock file
+/// beside the store: upgrading the store under a running older build would let that build end
+/// instances without dropping their held calls, or miss them when its workers die.
+fn refuse_while_workers_live(path: &Path, display: &str) -> Result<(), StoreError> {
+    let live = live_workers(path);
     if live > 0 {
         return Err(StoreError::Busy {
             operation: "upgrade store schema".into(),
