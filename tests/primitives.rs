@@ -869,5 +869,25 @@ async fn a_timer_beyond_the_stores_clock_never_fires() {
         client.handle(&FOREVER, "f").result().await.unwrap(),
         "signal"
     );
+    // It has ended: what is sent now is refused, not silently dropped.
+    for refused in [
+        client.signal("f", "wake", &"late".to_string()).await,
+        client
+            .signal_once("f", "wake", &"late".to_string(), "id-1")
+            .await
+            .map(|_| ()),
+        client.cancel("f", "too late").await,
+    ] {
+        assert!(
+            matches!(
+                refused,
+                Err(ClientError::Ended {
+                    status: InstanceStatus::Completed,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
     worker.shutdown().await.unwrap();
 }

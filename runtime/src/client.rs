@@ -137,7 +137,8 @@ impl Client {
     /// are buffered in arrival order.
     ///
     /// # Errors
-    /// [`ClientError::NotFound`], payload and store errors.
+    /// [`ClientError::NotFound`], [`ClientError::Ended`] (nothing was delivered), payload and
+    /// store errors.
     pub async fn signal<T: Serialize>(
         &self,
         id: &str,
@@ -148,10 +149,11 @@ impl Client {
     }
 
     /// Sends a signal at most once per `signal_id`: a repeated delivery with the same id is
-    /// ignored. Returns whether this delivery was accepted.
+    /// ignored. Returns whether this delivery was accepted (`false`: one with this id was).
     ///
     /// # Errors
-    /// [`ClientError::NotFound`], payload and store errors.
+    /// [`ClientError::NotFound`], [`ClientError::Ended`] (nothing was delivered), payload and
+    /// store errors.
     pub async fn signal_once<T: Serialize>(
         &self,
         id: &str,
@@ -178,26 +180,45 @@ impl Client {
             payload,
         };
         let dedupe = signal_id.map(|s| format!("signal:{s}"));
-        self.store
-            .deliver(id, event, dedupe.as_deref())
+        self.deliver(id, event, dedupe.as_deref()).await
+    }
+
+    /// Delivers `event`; a refusal is [`ClientError::Ended`] when the instance has ended, and
+    /// `Ok(false)` otherwise (a message with this dedupe key came before).
+    async fn deliver(
+        &self,
+        id: &str,
+        event: Event,
+        dedupe: Option<&str>,
+    ) -> Result<bool, ClientError> {
+        let accepted = self
+            .store
+            .deliver(id, event, dedupe)
             .await
-            .map_err(|e| not_found(id, e))
+            .map_err(|e| not_found(id, e))?;
+        if !accepted {
+            let info = self.describe(id).await?;
+            if info.status.is_final() {
+                return Err(ClientError::Ended {
+                    instance_id: id.to_string(),
+                    status: info.status,
+                });
+            }
+        }
+        Ok(accepted)
     }
 
     /// Asks the instance to cancel: its pending awaits fail with [`Error::Cancelled`], it may
     /// run compensations, and it ends as cancelled when its coordinator returns that error.
     ///
     /// # Errors
-    /// [`ClientError::NotFound`], store errors.
+    /// [`ClientError::NotFound`], [`ClientError::Ended`], store errors. Asking again while a
+    /// cancellation is pending is not an error.
     pub async fn cancel(&self, id: &str, reason: &str) -> Result<(), ClientError> {
         let event = Event::CancelRequested {
             reason: reason.to_string(),
         };
-        self.store
-            .deliver(id, event, Some("cancel"))
-            .await
-            .map_err(|e| not_found(id, e))?;
-        Ok(())
+        self.deliver(id, event, Some("cancel")).await.map(|_| ())
     }
 
     /// Ends the instance at once, without running any more of its code, recording `reason`.

@@ -1,5 +1,6 @@
 //! Errors of the durable side: the store, and the client.
 
+use crate::store::InstanceStatus;
 use retrace_sdk::Error;
 
 /// What went wrong in a store operation.
@@ -155,6 +156,14 @@ pub enum ClientError {
         instance_id: String,
         /// Why.
         reason: String,
+    },
+    /// The instance has ended: it takes no more signals or cancellation.
+    #[error("instance {instance_id} has ended ({status}); nothing more can be delivered to it")]
+    Ended {
+        /// The instance.
+        instance_id: String,
+        /// How it ended.
+        status: InstanceStatus,
     },
     /// A payload did not encode or decode.
     #[error("payload of instance {instance_id}: {message}")]
