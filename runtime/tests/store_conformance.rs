@@ -465,6 +465,52 @@ fn history_to_single_event_rows(conn: &rusqlite::Connection) {
     }
 }
 
+/// A held call whose `activity_scheduled` event can no longer be read (damaged behind the
+/// store's back) cannot become a task: its instance is stopped with the reason (guarantee 8)
+/// instead of waiting forever with no call held by anyone and none to claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_unreadable_held_call_stops_its_instance() {
+    let dir = std::env::temp_dir().join(format!("retrace-held-{}", random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("held.db");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    for id in ["damaged", "sound"] {
+        create_and_claim(&s, id, "w1").await;
+        let receipt = activate(&s, "w1", id, vec![scheduled(0, "act")], true)
+            .await
+            .unwrap();
+        assert_eq!(receipt.claimed_tasks.len(), 1);
+    }
+    let damaged = rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE events SET body = replace(body, '\"name\":\"act\"', '\"name\":7')
+             WHERE instance_id = 'damaged'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(damaged, 1);
+    // The worker goes: its held calls become tasks, but for the unreadable one.
+    s.release_leases("w1").await.unwrap();
+    let info = s.describe("damaged").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Stopped, "{info:?}");
+    assert!(
+        info.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("undecodable event at position 1"),
+        "{info:?}"
+    );
+    let tasks = s
+        .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = tasks.iter().map(|t| t.instance_id.as_str()).collect();
+    assert_eq!(ids, vec!["sound"], "the other instance goes on");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
 /// claimed before the upgrade is journaled when it finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1581,11 +1581,32 @@ fn expand_held_where(
             Err(e) => {
                 conn.execute_batch("ROLLBACK TO expand_held; RELEASE expand_held")
                     .map_err(db("expand held calls"))?;
-                tracing::error!(instance_id = %id, error = %e, "cannot turn a held activity call into a task; left as it is");
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    tracing::error!(instance_id = %id, error = %e, "cannot turn a held activity call into a task; stopping the instance");
+                    stop_unexpandable(conn, id, &e)?;
+                } else {
+                    tracing::error!(instance_id = %id, error = %e, "cannot turn a held activity call into a task; left as it is");
+                }
             }
         }
     }
     Ok(n)
+}
+
+/// Stops `id`, whose held call cannot become a task because its history cannot be read
+/// (`error`): as for any unreadable history, the instance is marked with the reason and
+/// everyone else goes on (guarantee 8); otherwise the call would be neither held by a live
+/// worker nor a task, and the instance would wait forever with no reason given. The slot's
+/// owner goes, so that expiry scans pass it by; its history is left as it is.
+fn stop_unexpandable(conn: &Connection, id: &str, error: &StoreError) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE instances SET status = 'stopped', reason = ?2, ready = 0, lease_owner = NULL,
+                lease_until = 0, held_owner = NULL, held_until = 0, updated_at = ?3
+         WHERE id = ?1 AND status = 'running'",
+    )
+    .and_then(|mut s| s.execute(params![id, error.to_string(), now_ms() as i64]))
+    .map_err(db("stop instance"))?;
+    Ok(())
 }
 
 /// Journals an attempt of `task`: started when claimed (`claimed_at`; `now` for a task claimed
@@ -3449,7 +3470,20 @@ impl Store for SqliteStore {
                                 })
                                 .map_err(db("finish activity task"))?;
                         if held_here {
-                            expand_held(conn, &task.instance_id)?;
+                            match expand_held(conn, &task.instance_id) {
+                                Err(e @ StoreError::Corrupt { .. }) => {
+                                    // No row to reschedule: the instance stops, the retry is
+                                    // refused (retrying it would fail the same way forever).
+                                    stop_unexpandable(conn, &task.instance_id, &e)?;
+                                    return Ok(FinishReceipt {
+                                        accepted: false,
+                                        instance_claimed: false,
+                                    });
+                                }
+                                other => {
+                                    other?;
+                                }
+                            }
                         }
                         let row: Option<(u32, Option<String>, i64, Option<i64>)> = conn
                             .prepare_cached(
