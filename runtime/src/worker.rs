@@ -1080,6 +1080,11 @@ impl Inner {
     }
 
     fn spawn_task(self: &Arc<Self>, task: ActivityTask) {
+        // A stopping worker starts no more attempts: it hands their leases back (or they
+        // expire) and another worker runs them, instead of both.
+        if self.stopping() {
+            return;
+        }
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             let Ok(_permit) = Arc::clone(&inner.activity_slots).acquire_owned().await else {
@@ -1089,6 +1094,9 @@ impl Inner {
             // A sequential coordinator's next call, claimed by the commit of this one's
             // outcome, runs in this same task and slot: no task spawn or wake-up per step.
             while let Some(task) = next.take() {
+                if inner.stopping() {
+                    break;
+                }
                 let span = tracing::debug_span!(
                     "activity",
                     instance_id = %task.instance_id,
