@@ -407,6 +407,7 @@ conformance!(
     continue_as_new_bumps_generation,
     continue_as_new_drops_the_old_runs_late_outcomes,
     continue_as_new_detaches_the_old_runs_children,
+    a_detached_child_started_again_by_id_reports_to_its_new_caller,
     terminate_ends_instance,
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
@@ -1785,6 +1786,90 @@ mod cases {
                 instance_id: "p".into(),
                 seq: 0
             })
+        );
+    }
+
+    /// A run that starts, as its child, an instance that runs with no parent (here: left by
+    /// the previous run, detached when it continued as new) gets that instance's end.
+    pub(super) async fn a_detached_child_started_again_by_id_reports_to_its_new_caller(
+        h: &Harness,
+    ) {
+        let s = &h.store;
+        create_and_claim(s, "p", "w1").await;
+        let child = |seq: u32| Event::ChildStarted {
+            seq,
+            instance_id: "kid".to_string(),
+            coordinator: "c".to_string(),
+            input: json!("kid"),
+            detached: false,
+        };
+        activate(s, "w1", "p", vec![child(0)], false).await.unwrap();
+        s.deliver("p", signal("again", json!(1)), None)
+            .await
+            .unwrap();
+        s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w1",
+            "p",
+            vec![Event::ContinuedAsNew { input: json!(2) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.describe("kid").await.unwrap().unwrap().parent, None);
+        // The new run starts the same child id, at another position.
+        let claimed = s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert!(claimed.contains(&"p".to_string()), "{claimed:?}");
+        activate(
+            s,
+            "w1",
+            "p",
+            vec![
+                Event::SideEffect {
+                    seq: 0,
+                    name: "now".into(),
+                    value: json!(1),
+                },
+                child(1),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.describe("kid").await.unwrap().unwrap().parent,
+            Some(ParentRef {
+                instance_id: "p".into(),
+                seq: 1
+            })
+        );
+        // (The kid was claimed by w1 with its parent's claims above.)
+        let claimed = s
+            .claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert!(claimed.contains(&"kid".to_string()), "{claimed:?}");
+        activate(
+            s,
+            "w1",
+            "kid",
+            vec![Event::InstanceCompleted { output: json!(5) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            inbox_events(s, "p").await,
+            vec![Event::ChildCompleted {
+                seq: 1,
+                result: Ok(json!(5))
+            }]
         );
     }
 

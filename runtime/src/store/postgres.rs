@@ -1356,6 +1356,25 @@ async fn commit_in_tx(
                 if let (Some(result), Some(parent)) = (final_result(&existing), &child.parent) {
                     notify_parent(tx, parent, result, now).await?;
                 }
+                // One still running with no parent (started detached, or detached when the run
+                // that started it continued as new) now reports to this call: otherwise this
+                // call would wait for an end that goes nowhere.
+                if let (None, false, Some(parent)) =
+                    (&existing.parent, existing.status.is_final(), &child.parent)
+                {
+                    let stmt = tx
+                        .prepare_cached(
+                            "UPDATE instances SET parent_id = $2, parent_seq = $3
+                             WHERE id = $1 AND parent_id IS NULL
+                               AND status IN ('running', 'stopped')",
+                        )
+                        .await?;
+                    tx.execute(
+                        &stmt,
+                        &[&child.id, &parent.instance_id, &i64::from(parent.seq)],
+                    )
+                    .await?;
+                }
             }
         }
     }

@@ -2150,6 +2150,19 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
                 if let (Some(result), Some(parent)) = (final_result(&existing), &child.parent) {
                     notify_parent(conn, parent, result, now)?;
                 }
+                // One still running with no parent (started detached, or detached when the run
+                // that started it continued as new) now reports to this call: otherwise this
+                // call would wait for an end that goes nowhere.
+                if let (None, false, Some(parent)) =
+                    (&existing.parent, existing.status.is_final(), &child.parent)
+                {
+                    conn.prepare_cached(
+                        "UPDATE instances SET parent_id = ?2, parent_seq = ?3
+                         WHERE id = ?1 AND parent_id IS NULL AND status IN ('running', 'stopped')",
+                    )
+                    .and_then(|mut s| s.execute(params![child.id, parent.instance_id, parent.seq]))
+                    .map_err(db("adopt child"))?;
+                }
             }
         }
     }
