@@ -237,7 +237,13 @@ async fn a_panicking_coordinator_stops_its_instance_until_fixed() {
         .unwrap();
     assert_eq!(info.status, InstanceStatus::Stopped, "{info:?}");
     let reason = info.reason.clone().expect("a stopped instance says why");
-    for needle in ["fragile-1", "panicked", "fragile broke on 2"] {
+    // The first activation recorded positions 0 to 2; the panic came in the next one.
+    for needle in [
+        "fragile-1",
+        "panicked",
+        "history position 3",
+        "fragile broke on 2",
+    ] {
         assert!(
             reason.contains(needle),
             "reason {reason:?} lacks {needle:?}"

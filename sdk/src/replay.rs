@@ -243,7 +243,9 @@ impl Execution {
             inbound.insert(i + 1, pinned);
         }
         if !self.terminal_recorded {
-            self.run(inbound.iter(), u64::MAX)?;
+            // (Errors name the activation's first position.)
+            let first = self.next_position;
+            self.run(inbound.iter(), first)?;
         }
         let mut events = inbound;
         let custom_status = {
@@ -334,10 +336,11 @@ impl Execution {
         let terminal_position = terminal.map(|t| t.position);
         let first_seq = lock(&self.shared).next_seq;
         if !self.terminal_recorded {
-            self.run(
-                inbound.iter().copied(),
-                terminal_position.unwrap_or(u64::MAX),
-            )?;
+            // Errors name the end of the run if the batch holds it, else its first position.
+            let position = terminal_position
+                .or_else(|| batch.first().map(|e| e.position))
+                .unwrap_or(self.next_position);
+            self.run(inbound.iter().copied(), position)?;
         }
         // The code must not request more commands in this activation than the recorded run did:
         // neither new ones nor ones the recorded run only issued in a later activation.
@@ -459,8 +462,11 @@ impl Execution {
                 }
                 Ok(Poll::Pending) => {}
                 Err(payload) => {
-                    self.future = None;
-                    return Err(self.panicked(position_hint, &*payload));
+                    let error = self.panicked(position_hint, &*payload);
+                    // Dropped here, and a second panic (in a local's `Drop`) caught too.
+                    let future = self.future.take();
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(future)));
+                    return Err(error);
                 }
             }
         }

@@ -281,9 +281,9 @@ fn a_panicking_coordinator_is_reported_as_an_error_not_propagated() {
     });
     let mut d = Driver::new("pair-panics", at_start);
     match d.try_activate(vec![started("pair", json!(7))]) {
-        Err(e @ ReplayError::Panicked { .. }) => {
+        Err(e @ ReplayError::Panicked { position: 0, .. }) => {
             let text = e.to_string();
-            for part in ["pair-panics", "panicked", "bad input 7"] {
+            for part in ["pair-panics", "panicked", "position 0", "bad input 7"] {
                 assert!(text.contains(part), "{text:?} lacks {part:?}");
             }
         }
@@ -306,9 +306,11 @@ fn a_panicking_coordinator_is_reported_as_an_error_not_propagated() {
         Err(ReplayError::Panicked {
             instance_id,
             message,
-            ..
+            position,
         }) => {
             assert_eq!(instance_id, "pair-later");
+            // The activation that delivered the outcome starts after the first one's events.
+            assert_eq!(position, d.history.len() as u64);
             assert!(message.contains("index out of bounds"), "{message}");
         }
         other => panic!("expected Panicked, got {other:?}"),
