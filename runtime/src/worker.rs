@@ -555,9 +555,14 @@ impl Inner {
     }
 
     async fn run_instance(self: Arc<Self>, id: String) {
+        // Only the first activation of this task checks an instance found with nothing to
+        // deliver (an imported or forked one); a rerun asked for meanwhile (a duplicate claim
+        // of an instance this task was activating) finds its inbox emptied by that activation.
+        let mut first = true;
         loop {
             let mut claimed = Vec::new();
-            let again = match self.activate_once(&id, &mut claimed).await {
+            let check_idle = std::mem::replace(&mut first, false);
+            let again = match self.activate_once(&id, check_idle, &mut claimed).await {
                 Ok(again) => again,
                 Err(e) => {
                     tracing::warn!(instance_id = %id, error = %e, "activation failed; handing the instance back for another try");
@@ -598,15 +603,21 @@ impl Inner {
     async fn activate_once(
         self: &Arc<Self>,
         id: &str,
+        check_idle: bool,
         claimed: &mut Vec<ActivityTask>,
     ) -> Result<bool, StoreError> {
         let span = tracing::debug_span!("activation", instance_id = %id, replaying = tracing::field::Empty, position = tracing::field::Empty);
-        self.activate_inner(id, claimed).instrument(span).await
+        self.activate_inner(id, check_idle, claimed)
+            .instrument(span)
+            .await
     }
 
+    /// See [`Inner::activate_once`]. With `check_idle`, an instance found with nothing to
+    /// deliver on a cold load is replayed all the same, then handed back.
     async fn activate_inner(
         self: &Arc<Self>,
         id: &str,
+        check_idle: bool,
         claimed: &mut Vec<ActivityTask>,
     ) -> Result<bool, StoreError> {
         let cached = if self.cache_enabled {
@@ -650,11 +661,11 @@ impl Inner {
             None => {
                 // Cold: the store replays the history into a fresh execution while reading it.
                 let inner = Arc::clone(self);
-                // Replayed even with nothing to deliver: an instance claimed with an empty
-                // inbox (an imported or forked one, created ready for this) has its history
-                // checked against this code at once.
-                let start: ExecutionFactory = Box::new(move |info, _inbox| {
-                    if info.status != InstanceStatus::Running {
+                // Replayed even with nothing to deliver when `check_idle`: an instance claimed
+                // with an empty inbox (an imported or forked one, created ready for this) has
+                // its history checked against this code at once.
+                let start: ExecutionFactory = Box::new(move |info, inbox| {
+                    if info.status != InstanceStatus::Running || (inbox.is_empty() && !check_idle) {
                         return None;
                     }
                     let (body, patches) = inner.coordinators.get(&info.coordinator)?.clone();
@@ -676,7 +687,8 @@ impl Inner {
                     self.store.note_waiting(id, &self.owner, &reason).await?;
                     return Ok(false);
                 }
-                // No execution: not running, or a coordinator unknown here (both seen above).
+                // No execution: not running, a coordinator unknown here (both seen above), or
+                // nothing to deliver to an instance this task has just activated.
                 let Some(execution) = replayed.execution else {
                     return Ok(false);
                 };

@@ -2554,8 +2554,11 @@ impl Store for PostgresStore {
     }
 
     async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError> {
-        write_tx!(self, "release idle instance", |tx| {
-            async {
+        let ready_again: Result<bool, StoreError> = write_tx!(
+            self,
+            "release idle instance",
+            |tx| {
+                async {
             // Lock first, so that the inbox check below sees every delivery committed before
             // (in one statement, READ COMMITTED would check the inbox as of before the wait).
             let lock = tx
@@ -2566,16 +2569,23 @@ impl Store for PostgresStore {
                 .prepare_cached(
                     "UPDATE instances SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
                             lease_owner = NULL, lease_until = 0
-                     WHERE id = $1 AND lease_owner = $2",
+                     WHERE id = $1 AND lease_owner = $2
+                     RETURNING ready",
                 )
                 .await?;
-            tx.execute(&stmt, &[&instance_id, &owner]).await?;
-            TxResult::Ok(())
+            let row = tx.query_opt(&stmt, &[&instance_id, &owner]).await?;
+            TxResult::Ok(match row {
+                Some(row) => row.try_get::<_, bool>(0)?,
+                None => false,
+            })
         }
         .await
-        })?;
+            }
+        );
         // Ready again (a message came meanwhile): workers must look.
-        self.bump();
+        if ready_again? {
+            self.bump();
+        }
         Ok(())
     }
 

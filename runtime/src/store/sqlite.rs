@@ -3278,19 +3278,23 @@ impl Store for SqliteStore {
 
     async fn release_idle(&self, instance_id: &str, owner: &str) -> Result<(), StoreError> {
         let (id, owner) = (instance_id.to_string(), owner.to_string());
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE instances SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1),
-                        lease_owner = NULL, lease_until = 0
-                 WHERE id = ?1 AND lease_owner = ?2",
-            )
-            .and_then(|mut s| s.execute(params![id, owner]))
-            .map_err(db("release idle instance"))?;
-            Ok(())
-        })
-        .await?;
+        let ready_again = self
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "UPDATE instances
+                     SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1),
+                         lease_owner = NULL, lease_until = 0
+                     WHERE id = ?1 AND lease_owner = ?2
+                     RETURNING ready",
+                )
+                .and_then(|mut s| s.query_row(params![id, owner], |r| r.get(0)).optional())
+                .map_err(db("release idle instance"))
+            })
+            .await?;
         // Ready again (a message came meanwhile): workers must look.
-        self.bump();
+        if ready_again == Some(true) {
+            self.bump();
+        }
         Ok(())
     }
 
