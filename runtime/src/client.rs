@@ -2,7 +2,7 @@
 
 use crate::error::{ClientError, StoreError};
 use crate::store::{
-    CreateOutcome, InstanceInfo, InstanceStatus, ListFilter, NewInstance, SharedStore,
+    CreateOutcome, Delivery, InstanceInfo, InstanceStatus, ListFilter, NewInstance, SharedStore,
 };
 use retrace_sdk::{Coordinator, Error, Event, HistoryEvent};
 use serde::de::DeserializeOwned;
@@ -183,29 +183,28 @@ impl Client {
         self.deliver(id, event, dedupe.as_deref()).await
     }
 
-    /// Delivers `event`; a refusal is [`ClientError::Ended`] when the instance has ended, and
-    /// `Ok(false)` otherwise (a message with this dedupe key came before).
+    /// Delivers `event`: `Ok(true)` when accepted, `Ok(false)` when a message with this dedupe
+    /// key was delivered before (even if the instance has ended since), and
+    /// [`ClientError::Ended`] when nothing was delivered because the instance has ended.
     async fn deliver(
         &self,
         id: &str,
         event: Event,
         dedupe: Option<&str>,
     ) -> Result<bool, ClientError> {
-        let accepted = self
+        match self
             .store
-            .deliver(id, event, dedupe)
+            .deliver_message(id, event, dedupe)
             .await
-            .map_err(|e| not_found(id, e))?;
-        if !accepted {
-            let info = self.describe(id).await?;
-            if info.status.is_final() {
-                return Err(ClientError::Ended {
-                    instance_id: id.to_string(),
-                    status: info.status,
-                });
-            }
+            .map_err(|e| not_found(id, e))?
+        {
+            Delivery::Accepted => Ok(true),
+            Delivery::Duplicate => Ok(false),
+            Delivery::Ended(status) => Err(ClientError::Ended {
+                instance_id: id.to_string(),
+                status,
+            }),
         }
-        Ok(accepted)
     }
 
     /// Asks the instance to cancel: its pending awaits fail with [`Error::Cancelled`], it may

@@ -23,7 +23,7 @@ pub use store::postgres::{PostgresOptions, PostgresStore};
 pub use store::sqlite::{Durability, SqliteOptions, SqliteStore};
 pub use store::url::{open_store, StoreUrl};
 pub use store::{
-    ExecutionFactory, InstanceInfo, InstanceStatus, ListFilter, ReplayedInstance, SharedStore,
-    Store,
+    Delivery, ExecutionFactory, InstanceInfo, InstanceStatus, ListFilter, ReplayedInstance,
+    SharedStore, Store,
 };
 pub use worker::{CommitNotice, Worker, WorkerBuilder, CACHE_ENV};

@@ -18,8 +18,8 @@ use retrace_runtime::store::{
     DirectFinish, FinishReceipt, NewInstance,
 };
 use retrace_runtime::{
-    Client, InstanceStatus, ListFilter, PostgresOptions, PostgresStore, SharedStore, SqliteStore,
-    StoreError, StoreUrl, Worker,
+    Client, Delivery, InstanceStatus, ListFilter, PostgresOptions, PostgresStore, SharedStore,
+    SqliteStore, StoreError, StoreUrl, Worker,
 };
 use retrace_sdk::{
     Activity, ActivityContext, ActivityError, Context, Coordinator, Error, Event, ParentRef,
@@ -399,6 +399,7 @@ conformance!(
     claim_ready_skips_rows_others_hold,
     timers_fire_once_when_due,
     signals_buffered_in_order_and_deduped,
+    delivery_says_what_became_of_a_message,
     create_is_idempotent,
     create_and_activate_is_one_commit,
     activity_tasks_count_attempts,
@@ -2160,6 +2161,57 @@ mod cases {
             .await
             .unwrap();
         assert!(tasks.is_empty(), "{tasks:?}");
+    }
+
+    /// `deliver_message`: accepted; a key delivered before is a duplicate, even once the
+    /// instance has ended; anything else sent after the end is refused as ended.
+    pub(super) async fn delivery_says_what_became_of_a_message(h: &Harness) {
+        let s = &h.store;
+        create_and_claim(s, "d", "w1").await;
+        activate(s, "w1", "d", vec![], false).await.unwrap();
+        let pay = || signal("pay", json!(7));
+        assert_eq!(
+            s.deliver_message("d", pay(), Some("signal:p-1"))
+                .await
+                .unwrap(),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            s.deliver_message("d", pay(), Some("signal:p-1"))
+                .await
+                .unwrap(),
+            Delivery::Duplicate
+        );
+        s.claim_ready("w1", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w1",
+            "d",
+            vec![Event::InstanceCompleted { output: json!(7) }],
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            s.deliver_message("d", pay(), Some("signal:p-1"))
+                .await
+                .unwrap(),
+            Delivery::Duplicate,
+            "delivered before the end: not lost"
+        );
+        for key in [Some("signal:p-2"), None] {
+            assert_eq!(
+                s.deliver_message("d", pay(), key).await.unwrap(),
+                Delivery::Ended(InstanceStatus::Completed)
+            );
+        }
+        assert!(!s.deliver("d", pay(), None).await.unwrap());
+        assert!(matches!(
+            s.deliver_message("nobody", pay(), None).await,
+            Err(StoreError::NotFound { .. })
+        ));
     }
 
     /// A parent stopped (a bug in its code) while its child runs still gets the child's end:

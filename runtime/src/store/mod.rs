@@ -188,6 +188,17 @@ pub struct LoadedInstance {
 pub type ExecutionFactory =
     Box<dyn FnOnce(&InstanceInfo, &[InboxMessage]) -> Option<Execution> + Send>;
 
+/// What became of a message handed to [`Store::deliver_message`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// It is in the instance's inbox.
+    Accepted,
+    /// One with the same dedupe key was delivered before: this one was ignored.
+    Duplicate,
+    /// The instance has ended (with this status): nothing was delivered.
+    Ended(InstanceStatus),
+}
+
 /// What [`Store::load_and_replay`] returns.
 #[derive(Debug)]
 pub struct ReplayedInstance {
@@ -652,14 +663,25 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due(&self) -> Result<Option<u64>, StoreError>;
 
     /// Puts an inbound event (a signal, a cancel request) in an instance's inbox. With a
-    /// `dedupe_key`, a second delivery with the same key is ignored; returns whether it was
-    /// accepted.
+    /// `dedupe_key`, a second delivery with the same key is ignored. Says what became of it:
+    /// a message whose key was delivered before is a [`Delivery::Duplicate`] even once the
+    /// instance has ended; [`Delivery::Ended`] means nothing was, or ever will be, delivered.
+    async fn deliver_message(
+        &self,
+        instance_id: &str,
+        event: Event,
+        dedupe_key: Option<&str>,
+    ) -> Result<Delivery, StoreError>;
+
+    /// [`Store::deliver_message`], answering only whether the message was accepted.
     async fn deliver(
         &self,
         instance_id: &str,
         event: Event,
         dedupe_key: Option<&str>,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        Ok(self.deliver_message(instance_id, event, dedupe_key).await? == Delivery::Accepted)
+    }
 
     /// Ends an instance at once, recording why in its history.
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError>;

@@ -60,8 +60,8 @@ use super::codec::{
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
-    CreateOutcome, DirectFinish, FinishReceipt, ImportedInstance, InboxMessage, InstanceInfo,
-    InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd, Store,
+    CreateOutcome, Delivery, DirectFinish, FinishReceipt, ImportedInstance, InboxMessage,
+    InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -2763,16 +2763,16 @@ impl Store for PostgresStore {
         Ok(due.map(|v| v as u64))
     }
 
-    async fn deliver(
+    async fn deliver_message(
         &self,
         instance_id: &str,
         event: Event,
         dedupe_key: Option<&str>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Delivery, StoreError> {
         // One statement: lock the instance, put the event in its inbox unless it has ended,
         // and mark it ready if it runs and the event was not a duplicate (a duplicate must not
         // mark ready an instance whose inbox is empty).
-        let (status, accepted) = autocommit!(self, "deliver event", |client| async {
+        let (status, accepted, seen) = autocommit!(self, "deliver event", |client| async {
             let stmt = client
                 .prepare_cached(
                     "WITH target AS (
@@ -2797,7 +2797,10 @@ impl Store for PostgresStore {
                          RETURNING 1)
                      SELECT (SELECT status FROM target),
                             (SELECT count(*) FROM accepted) > 0,
-                            (SELECT count(*) FROM marked)",
+                            (SELECT count(*) FROM marked),
+                            -- Delivered before this statement (its own insert is not seen).
+                            EXISTS (SELECT 1 FROM delivered
+                                    WHERE instance_id = $1 AND dedupe = $2)",
                 )
                 .await?;
             let body = event_json(&event)?;
@@ -2810,16 +2813,23 @@ impl Store for PostgresStore {
             TxResult::Ok((
                 row.try_get::<_, Option<String>>(0)?,
                 row.try_get::<_, bool>(1)?,
+                row.try_get::<_, bool>(3)?,
             ))
         }
         .await)?;
-        if status.is_none() {
+        let Some(status) = status else {
             return Err(StoreError::NotFound {
                 instance_id: instance_id.to_string(),
             });
+        };
+        if accepted {
+            self.bump();
+            return Ok(Delivery::Accepted);
         }
-        self.bump();
-        Ok(accepted)
+        match InstanceStatus::parse(&status) {
+            Some(status) if status.is_final() && !seen => Ok(Delivery::Ended(status)),
+            _ => Ok(Delivery::Duplicate),
+        }
     }
 
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {

@@ -21,9 +21,9 @@ use super::codec::{
 use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
-    CreateOutcome, DirectFinish, ExecutionFactory, FinishReceipt, ImportedInstance, InboxMessage,
-    InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance, ReplayedInstance,
-    RunEnd, Store,
+    CreateOutcome, Delivery, DirectFinish, ExecutionFactory, FinishReceipt, ImportedInstance,
+    InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance,
+    ReplayedInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
 use crate::error::StoreError;
@@ -3696,46 +3696,59 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn deliver(
+    async fn deliver_message(
         &self,
         instance_id: &str,
         event: Event,
         dedupe_key: Option<&str>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Delivery, StoreError> {
         let id = instance_id.to_string();
         let dedupe = dedupe_key.map(str::to_string);
-        let accepted = self
+        let delivery = self
             .write(move |conn| {
                 let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
                     instance_id: id.clone(),
                 })?;
+                if let Some(key) = dedupe.as_deref() {
+                    // A key delivered before answers so even after the end: the message was
+                    // delivered (the caller must not take it for lost).
+                    let seen: bool = conn
+                        .prepare_cached(
+                            "SELECT EXISTS (SELECT 1 FROM delivered
+                                            WHERE instance_id = ?1 AND dedupe = ?2)",
+                        )
+                        .and_then(|mut s| s.query_row(params![id, key], |r| r.get(0)))
+                        .map_err(db("remember delivered message"))?;
+                    if seen {
+                        return Ok(Delivery::Duplicate);
+                    }
+                }
                 if info.status.is_final() {
-                    return Ok(false);
+                    return Ok(Delivery::Ended(info.status));
                 }
                 if let Some(key) = dedupe.as_deref() {
                     // Remembered for good: a resend after delivery is refused too.
-                    let first = conn
-                        .prepare_cached(
-                            "INSERT INTO delivered (instance_id, dedupe) VALUES (?1, ?2)
-                             ON CONFLICT (instance_id, dedupe) DO NOTHING",
-                        )
-                        .and_then(|mut s| s.execute(params![id, key]))
-                        .map_err(db("remember delivered message"))?;
-                    if first == 0 {
-                        return Ok(false);
-                    }
+                    conn.prepare_cached(
+                        "INSERT INTO delivered (instance_id, dedupe) VALUES (?1, ?2)
+                         ON CONFLICT (instance_id, dedupe) DO NOTHING",
+                    )
+                    .and_then(|mut s| s.execute(params![id, key]))
+                    .map_err(db("remember delivered message"))?;
                 }
                 let accepted = insert_inbox(conn, &id, dedupe.as_deref(), &event, now_ms())?;
                 // A duplicate must not mark ready an instance whose inbox is empty: it would be
                 // claimed and found idle at every poll.
-                if accepted {
-                    mark_ready(conn, &id)?;
+                if !accepted {
+                    return Ok(Delivery::Duplicate);
                 }
-                Ok(accepted)
+                mark_ready(conn, &id)?;
+                Ok(Delivery::Accepted)
             })
             .await?;
-        self.bump();
-        Ok(accepted)
+        if delivery == Delivery::Accepted {
+            self.bump();
+        }
+        Ok(delivery)
     }
 
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {
