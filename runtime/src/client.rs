@@ -217,7 +217,17 @@ impl Client {
         let event = Event::CancelRequested {
             reason: reason.to_string(),
         };
-        self.deliver(id, event, Some("cancel")).await.map(|_| ())
+        if !self.deliver(id, event, Some("cancel")).await? {
+            // Asked before: fine while it runs, but once it has ended nothing more happens.
+            let info = self.describe(id).await?;
+            if info.status.is_final() {
+                return Err(ClientError::Ended {
+                    instance_id: id.to_string(),
+                    status: info.status,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Ends the instance at once, without running any more of its code, recording `reason`.

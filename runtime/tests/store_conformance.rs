@@ -409,6 +409,7 @@ conformance!(
     continue_as_new_drops_the_old_runs_late_outcomes,
     continue_as_new_detaches_the_old_runs_children,
     a_detached_child_started_again_by_id_reports_to_its_new_caller,
+    a_child_id_that_cannot_be_this_calls_child_fails_the_call,
     terminate_ends_instance,
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
@@ -1872,6 +1873,69 @@ mod cases {
                 result: Ok(json!(5))
             }]
         );
+    }
+
+    /// Starting, as a child, an id that cannot report to this call fails the call at once
+    /// instead of leaving it waiting forever: an instance of another coordinator, the caller
+    /// itself, or a child that reports to another call already.
+    pub(super) async fn a_child_id_that_cannot_be_this_calls_child_fails_the_call(h: &Harness) {
+        let s = &h.store;
+        let child = |seq: u32, id: &str, coordinator: &str| Event::ChildStarted {
+            seq,
+            instance_id: id.to_string(),
+            coordinator: coordinator.to_string(),
+            input: json!(id),
+            detached: false,
+        };
+        create_and_claim(s, "other", "w1").await;
+        activate(s, "w1", "other", vec![], false).await.unwrap();
+        create_and_claim(s, "p2", "w2").await;
+        create_and_claim(s, "p1", "w1").await;
+        activate(s, "w1", "p1", vec![child(0, "kid", "c")], false)
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w2",
+            "p2",
+            vec![
+                child(0, "other", "d"),
+                child(1, "p2", "c"),
+                child(2, "kid", "c"),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        let kinds: Vec<(u32, String)> = inbox_events(s, "p2")
+            .await
+            .into_iter()
+            .map(|e| match e {
+                Event::ChildCompleted {
+                    seq,
+                    result: Err(Error::Application { kind, .. }),
+                } => (seq, kind),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, "child_mismatch".to_string()),
+                (1, "child_cycle".to_string()),
+                (2, "child_taken".to_string())
+            ]
+        );
+        // Nothing changed hands.
+        assert_eq!(
+            s.describe("kid").await.unwrap().unwrap().parent,
+            Some(ParentRef {
+                instance_id: "p1".into(),
+                seq: 0
+            })
+        );
+        assert_eq!(s.describe("p2").await.unwrap().unwrap().parent, None);
+        assert_eq!(s.describe("other").await.unwrap().unwrap().parent, None);
     }
 
     /// Outcomes of the old run that reach the inbox while its last activation (the one that

@@ -1,7 +1,7 @@
 //! Helpers every store shares: JSON encoding of payloads, decoding with the instance and the
 //! field named in the error, and what an ended instance reports to its parent.
 
-use super::{InstanceInfo, InstanceStatus, RunEnd};
+use super::{InstanceInfo, InstanceStatus, NewInstance, RunEnd};
 use crate::error::StoreError;
 use retrace_sdk::Error;
 use serde_json::Value;
@@ -100,4 +100,63 @@ pub(crate) fn end_columns(
 /// negative number that would be due at once.
 pub(crate) fn stored_ms(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// What an activation that starts `child` as an attached child does when the id is taken by
+/// `existing`. `in_chain`: the id is the starting instance's own or one of its ancestors'.
+pub(crate) enum ExistingChild {
+    /// Nothing (a detached start; or the child already reports to this very call).
+    Nothing,
+    /// Tell the parent at once, with this result.
+    Report(Result<Value, Error>),
+    /// The child runs with no parent: it now reports to this call.
+    Adopt,
+}
+
+/// Decides [`ExistingChild`]: the end of one that has ended; an error for one of another
+/// coordinator, one that would wait on itself, or one that reports to another call already
+/// (each would otherwise leave the call waiting forever, or hand it a stranger's result);
+/// adoption of one that runs with no parent.
+pub(crate) fn existing_child(
+    existing: &InstanceInfo,
+    child: &NewInstance,
+    in_chain: bool,
+) -> ExistingChild {
+    let Some(parent) = &child.parent else {
+        return ExistingChild::Nothing;
+    };
+    let refuse =
+        |kind: &str, message: String| ExistingChild::Report(Err(Error::application(kind, message)));
+    if existing.coordinator != child.coordinator {
+        return refuse(
+            "child_mismatch",
+            format!(
+                "instance {} runs coordinator {}, not {}",
+                existing.id, existing.coordinator, child.coordinator
+            ),
+        );
+    }
+    if let Some(result) = final_result(existing) {
+        return ExistingChild::Report(result);
+    }
+    if in_chain {
+        return refuse(
+            "child_cycle",
+            format!(
+                "instance {} is {} or one of its parents: it would wait on itself",
+                existing.id, parent.instance_id
+            ),
+        );
+    }
+    match &existing.parent {
+        None => ExistingChild::Adopt,
+        Some(p) if p == parent => ExistingChild::Nothing,
+        Some(p) => refuse(
+            "child_taken",
+            format!(
+                "instance {} already reports to {} (call {})",
+                existing.id, p.instance_id, p.seq
+            ),
+        ),
+    }
 }

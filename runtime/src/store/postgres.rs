@@ -55,7 +55,8 @@
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
 use super::codec::{
-    decode_event_json, decode_json, end_columns, event_json, final_result, lock_map, to_json,
+    decode_event_json, decode_json, end_columns, event_json, existing_child, final_result,
+    lock_map, to_json, ExistingChild,
 };
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
@@ -1351,29 +1352,49 @@ async fn commit_in_tx(
             CreateOutcome::Created => {
                 receipt.woken.push(child.id.clone());
             }
-            CreateOutcome::Existing(existing) => {
-                // Starting an existing id returns that instance: report its end if it has one.
-                if let (Some(result), Some(parent)) = (final_result(&existing), &child.parent) {
-                    notify_parent(tx, parent, result, now).await?;
-                }
-                // One still running with no parent (started detached, or detached when the run
-                // that started it continued as new) now reports to this call: otherwise this
-                // call would wait for an end that goes nowhere.
-                if let (None, false, Some(parent)) =
-                    (&existing.parent, existing.status.is_final(), &child.parent)
-                {
-                    let stmt = tx
-                        .prepare_cached(
-                            "UPDATE instances SET parent_id = $2, parent_seq = $3
-                             WHERE id = $1 AND parent_id IS NULL
-                               AND status IN ('running', 'stopped')",
-                        )
-                        .await?;
-                    tx.execute(
-                        &stmt,
-                        &[&child.id, &parent.instance_id, &i64::from(parent.seq)],
+            CreateOutcome::Existing(_) => {
+                // Starting an existing id returns that instance (see `existing_child`), read
+                // again under its lock: its own commit may be ending it right now.
+                let Some(parent) = &child.parent else {
+                    continue;
+                };
+                let Some(existing) = get_instance(tx, &child.id, true).await? else {
+                    continue;
+                };
+                let stmt = tx
+                    .prepare_cached(
+                        "WITH RECURSIVE chain(id, depth) AS (
+                             SELECT $1::TEXT, 0
+                             UNION ALL
+                             SELECT i.parent_id, chain.depth + 1
+                             FROM instances i JOIN chain ON i.id = chain.id
+                             WHERE i.parent_id IS NOT NULL AND chain.depth < 10000)
+                         SELECT EXISTS (SELECT 1 FROM chain WHERE id = $2)",
                     )
                     .await?;
+                let in_chain: bool = tx
+                    .query_one(&stmt, &[&c.instance_id, &child.id])
+                    .await?
+                    .try_get(0)?;
+                match existing_child(&existing, child, in_chain) {
+                    ExistingChild::Report(result) => {
+                        notify_parent(tx, parent, result, now).await?;
+                    }
+                    ExistingChild::Adopt => {
+                        let stmt = tx
+                            .prepare_cached(
+                                "UPDATE instances SET parent_id = $2, parent_seq = $3
+                                 WHERE id = $1 AND parent_id IS NULL
+                                   AND status IN ('running', 'stopped')",
+                            )
+                            .await?;
+                        tx.execute(
+                            &stmt,
+                            &[&child.id, &parent.instance_id, &i64::from(parent.seq)],
+                        )
+                        .await?;
+                    }
+                    ExistingChild::Nothing => {}
                 }
             }
         }
@@ -2827,7 +2848,28 @@ impl Store for PostgresStore {
             return Ok(Delivery::Accepted);
         }
         match InstanceStatus::parse(&status) {
-            Some(status) if status.is_final() && !seen => Ok(Delivery::Ended(status)),
+            Some(status) if status.is_final() && !seen => {
+                // `seen` came from the statement's snapshot, taken before it waited for the
+                // instance's lock: a delivery of this key committed meanwhile (before the end)
+                // must still count as delivered. Look again, in a new snapshot.
+                if let Some(key) = dedupe_key {
+                    let client = self.client("deliver event").await?;
+                    let delivered: bool = client
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM delivered
+                                            WHERE instance_id = $1 AND dedupe = $2)",
+                            &[&instance_id, &key],
+                        )
+                        .await
+                        .map_err(|e| map_pg("deliver event", &e))?
+                        .try_get(0)
+                        .map_err(|e| map_pg("deliver event", &e))?;
+                    if delivered {
+                        return Ok(Delivery::Duplicate);
+                    }
+                }
+                Ok(Delivery::Ended(status))
+            }
             _ => Ok(Delivery::Duplicate),
         }
     }

@@ -15,8 +15,8 @@
 //! store is an error that changes nothing in the file.
 
 use super::codec::{
-    decode_event_json, decode_json, encode_error, end_columns, event_json, final_result, lock_map,
-    to_json,
+    decode_event_json, decode_json, encode_error, end_columns, event_json, existing_child,
+    final_result, lock_map, to_json, ExistingChild,
 };
 use super::transaction::Tx;
 use super::{
@@ -1757,6 +1757,20 @@ fn insert_stepped_instance(
     Ok(Some(CreateOutcome::Created))
 }
 
+/// Whether `id` is the instance `c` commits for, or one of its ancestors.
+fn in_parent_chain(conn: &Tx<'_>, c: &ActivationCommit, id: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "WITH RECURSIVE chain(id, depth) AS (
+             SELECT ?1, 0
+             UNION ALL
+             SELECT i.parent_id, chain.depth + 1 FROM instances i JOIN chain ON i.id = chain.id
+             WHERE i.parent_id IS NOT NULL AND chain.depth < 10000)
+         SELECT EXISTS (SELECT 1 FROM chain WHERE id = ?2)",
+    )
+    .and_then(|mut s| s.query_row(params![c.instance_id, id], |r| r.get(0)))
+    .map_err(db("check parent chain"))
+}
+
 /// Tells a parent that its child ended, inside the current transaction.
 fn notify_parent(
     conn: &Tx<'_>,
@@ -2146,22 +2160,24 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
         match create_in_tx(conn, child, now)? {
             CreateOutcome::Created => receipt.woken.push(child.id.clone()),
             CreateOutcome::Existing(existing) => {
-                // Starting an existing id returns that instance: report its end if it has one.
-                if let (Some(result), Some(parent)) = (final_result(&existing), &child.parent) {
-                    notify_parent(conn, parent, result, now)?;
-                }
-                // One still running with no parent (started detached, or detached when the run
-                // that started it continued as new) now reports to this call: otherwise this
-                // call would wait for an end that goes nowhere.
-                if let (None, false, Some(parent)) =
-                    (&existing.parent, existing.status.is_final(), &child.parent)
-                {
-                    conn.prepare_cached(
-                        "UPDATE instances SET parent_id = ?2, parent_seq = ?3
-                         WHERE id = ?1 AND parent_id IS NULL AND status IN ('running', 'stopped')",
-                    )
-                    .and_then(|mut s| s.execute(params![child.id, parent.instance_id, parent.seq]))
-                    .map_err(db("adopt child"))?;
+                // Starting an existing id returns that instance (see `existing_child`).
+                let in_chain = child.parent.is_some() && in_parent_chain(conn, c, &child.id)?;
+                match (existing_child(&existing, child, in_chain), &child.parent) {
+                    (ExistingChild::Report(result), Some(parent)) => {
+                        notify_parent(conn, parent, result, now)?;
+                    }
+                    (ExistingChild::Adopt, Some(parent)) => {
+                        conn.prepare_cached(
+                            "UPDATE instances SET parent_id = ?2, parent_seq = ?3
+                             WHERE id = ?1 AND parent_id IS NULL
+                               AND status IN ('running', 'stopped')",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![child.id, parent.instance_id, parent.seq])
+                        })
+                        .map_err(db("adopt child"))?;
+                    }
+                    _ => {}
                 }
             }
         }
