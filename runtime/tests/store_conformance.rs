@@ -1936,6 +1936,25 @@ mod cases {
         );
         assert_eq!(s.describe("p2").await.unwrap().unwrap().parent, None);
         assert_eq!(s.describe("other").await.unwrap().unwrap().parent, None);
+
+        // Once its parent has ended, nobody waits for the child: a new caller adopts it.
+        s.terminate("p1", "gone").await.unwrap();
+        // (The kid, ready since it was created, goes to another worker first.)
+        s.claim_ready("w9", &names(&["c"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        create_and_claim(s, "p3", "w3").await;
+        activate(s, "w3", "p3", vec![child(0, "kid", "c")], false)
+            .await
+            .unwrap();
+        assert!(inbox_events(s, "p3").await.is_empty());
+        assert_eq!(
+            s.describe("kid").await.unwrap().unwrap().parent,
+            Some(ParentRef {
+                instance_id: "p3".into(),
+                seq: 0
+            })
+        );
     }
 
     /// Outcomes of the old run that reach the inbox while its last activation (the one that

@@ -104,6 +104,7 @@ pub(crate) fn stored_ms(ms: u64) -> i64 {
 
 /// What an activation that starts `child` as an attached child does when the id is taken by
 /// `existing`. `in_chain`: the id is the starting instance's own or one of its ancestors'.
+/// `owner_waits`: `existing`'s parent (if any) has not ended, so it may still wait for it.
 pub(crate) enum ExistingChild {
     /// Nothing (a detached start; or the child already reports to this very call).
     Nothing,
@@ -114,13 +115,14 @@ pub(crate) enum ExistingChild {
 }
 
 /// Decides [`ExistingChild`]: the end of one that has ended; an error for one of another
-/// coordinator, one that would wait on itself, or one that reports to another call already
-/// (each would otherwise leave the call waiting forever, or hand it a stranger's result);
-/// adoption of one that runs with no parent.
+/// coordinator, one that would wait on itself, or one that reports to another call still
+/// waiting for it (each would otherwise leave the call waiting forever, or hand it a
+/// stranger's result); adoption of one that runs with no parent, or whose parent has ended.
 pub(crate) fn existing_child(
     existing: &InstanceInfo,
     child: &NewInstance,
     in_chain: bool,
+    owner_waits: bool,
 ) -> ExistingChild {
     let Some(parent) = &child.parent else {
         return ExistingChild::Nothing;
@@ -151,6 +153,7 @@ pub(crate) fn existing_child(
     match &existing.parent {
         None => ExistingChild::Adopt,
         Some(p) if p == parent => ExistingChild::Nothing,
+        Some(_) if !owner_waits => ExistingChild::Adopt,
         Some(p) => refuse(
             "child_taken",
             format!(

@@ -86,6 +86,9 @@ pub const SCHEMA_VERSION: i64 = 5;
 /// The application name in `retrace_schema`, telling our tables from another program's.
 const APPLICATION: &str = "retrace";
 
+/// The advisory lock key that serializes adoptions of running children (see `commit_in_tx`).
+const ADOPTION_LOCK: i64 = 0x5254_5243_0000_0002;
+
 /// The advisory lock key that serializes schema creation and migrations ("RTRC" migrations).
 const MIGRATION_LOCK: i64 = 0x5254_5243_0000_0001;
 
@@ -1361,6 +1364,12 @@ async fn commit_in_tx(
                 let Some(existing) = get_instance(tx, &child.id, true).await? else {
                     continue;
                 };
+                // One adoption at a time across transactions: two concurrent ones, each
+                // checking the other's chain before it committed, could close a loop.
+                let stmt = tx
+                    .prepare_cached("SELECT pg_advisory_xact_lock($1)")
+                    .await?;
+                tx.execute(&stmt, &[&ADOPTION_LOCK]).await?;
                 let stmt = tx
                     .prepare_cached(
                         "WITH RECURSIVE chain(id, depth) AS (
@@ -1376,7 +1385,22 @@ async fn commit_in_tx(
                     .query_one(&stmt, &[&c.instance_id, &child.id])
                     .await?
                     .try_get(0)?;
-                match existing_child(&existing, child, in_chain) {
+                let owner_waits = match &existing.parent {
+                    Some(owner) => {
+                        let stmt = tx
+                            .prepare_cached(
+                                "SELECT EXISTS (SELECT 1 FROM instances
+                                                WHERE id = $1
+                                                  AND status IN ('running', 'stopped'))",
+                            )
+                            .await?;
+                        tx.query_one(&stmt, &[&owner.instance_id])
+                            .await?
+                            .try_get::<_, bool>(0)?
+                    }
+                    None => false,
+                };
+                match existing_child(&existing, child, in_chain, owner_waits) {
                     ExistingChild::Report(result) => {
                         notify_parent(tx, parent, result, now).await?;
                     }
@@ -1384,8 +1408,7 @@ async fn commit_in_tx(
                         let stmt = tx
                             .prepare_cached(
                                 "UPDATE instances SET parent_id = $2, parent_seq = $3
-                                 WHERE id = $1 AND parent_id IS NULL
-                                   AND status IN ('running', 'stopped')",
+                                 WHERE id = $1 AND status IN ('running', 'stopped')",
                             )
                             .await?;
                         tx.execute(

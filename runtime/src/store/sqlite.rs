@@ -1757,6 +1757,17 @@ fn insert_stepped_instance(
     Ok(Some(CreateOutcome::Created))
 }
 
+/// Whether `id` still waits for its children's ends: it runs or is stopped (see
+/// `notify_parent`).
+fn waits_for_children(conn: &Tx<'_>, id: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM instances
+                        WHERE id = ?1 AND status IN ('running', 'stopped'))",
+    )
+    .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+    .map_err(db("check parent"))
+}
+
 /// Whether `id` is the instance `c` commits for, or one of its ancestors.
 fn in_parent_chain(conn: &Tx<'_>, c: &ActivationCommit, id: &str) -> Result<bool, StoreError> {
     conn.prepare_cached(
@@ -2162,15 +2173,21 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
             CreateOutcome::Existing(existing) => {
                 // Starting an existing id returns that instance (see `existing_child`).
                 let in_chain = child.parent.is_some() && in_parent_chain(conn, c, &child.id)?;
-                match (existing_child(&existing, child, in_chain), &child.parent) {
+                let owner_waits = match &existing.parent {
+                    Some(owner) => waits_for_children(conn, &owner.instance_id)?,
+                    None => false,
+                };
+                match (
+                    existing_child(&existing, child, in_chain, owner_waits),
+                    &child.parent,
+                ) {
                     (ExistingChild::Report(result), Some(parent)) => {
                         notify_parent(conn, parent, result, now)?;
                     }
                     (ExistingChild::Adopt, Some(parent)) => {
                         conn.prepare_cached(
                             "UPDATE instances SET parent_id = ?2, parent_seq = ?3
-                             WHERE id = ?1 AND parent_id IS NULL
-                               AND status IN ('running', 'stopped')",
+                             WHERE id = ?1 AND status IN ('running', 'stopped')",
                         )
                         .and_then(|mut s| {
                             s.execute(params![child.id, parent.instance_id, parent.seq])
