@@ -1089,6 +1089,16 @@ async fn insert_instance(
     Ok(CreateOutcome::Existing(existing))
 }
 
+/// Locks `instance_id`'s row (if there is one) for the rest of the transaction: the next
+/// statements see every change committed before the lock was granted.
+async fn lock_instance(tx: &impl GenericClient, instance_id: &str) -> TxResult<()> {
+    let lock = tx
+        .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
+        .await?;
+    tx.query_opt(&lock, &[&instance_id]).await?;
+    Ok(())
+}
+
 /// Tells a parent that its child ended, inside the current transaction.
 async fn notify_parent(
     tx: &impl GenericClient,
@@ -2605,10 +2615,7 @@ impl Store for PostgresStore {
                 async {
             // Lock first, so that the inbox check below sees every delivery committed before
             // (in one statement, READ COMMITTED would check the inbox as of before the wait).
-            let lock = tx
-                .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
-                .await?;
-            tx.query_opt(&lock, &[&instance_id]).await?;
+            lock_instance(&tx, instance_id).await?;
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = $1),
@@ -2912,10 +2919,7 @@ impl Store for PostgresStore {
         write_tx!(self, "resume instance", |tx| {
             async {
             // Lock first, so that the inbox check below sees every delivery committed before.
-            let lock = tx
-                .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
-                .await?;
-            tx.query_opt(&lock, &[&instance_id]).await?;
+            lock_instance(&tx, instance_id).await?;
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET status = 'running', reason = NULL,

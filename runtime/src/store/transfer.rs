@@ -409,6 +409,28 @@ mod tests {
         }
     }
 
+    /// The row of instance `t` (coordinator `trip`) with `status` and its next position and
+    /// activation.
+    fn trip_info(status: InstanceStatus, next_position: u64, next_activation: u32) -> InstanceInfo {
+        InstanceInfo {
+            id: "t".into(),
+            coordinator: "trip".into(),
+            status,
+            input: Value::Null,
+            output: None,
+            error: None,
+            reason: None,
+            custom_status: None,
+            parent: None,
+            generation: 0,
+            next_position,
+            next_activation,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            ended_at_ms: None,
+        }
+    }
+
     /// car, hotel, then the end: activations [0,1] [2,3] [4,5].
     fn trip() -> Vec<HistoryEvent> {
         vec![
@@ -452,23 +474,7 @@ mod tests {
     #[test]
     fn fork_recreates_the_unanswered_call() {
         let h = trip();
-        let info = InstanceInfo {
-            id: "t".into(),
-            coordinator: "trip".into(),
-            status: InstanceStatus::Completed,
-            input: Value::Null,
-            output: None,
-            error: None,
-            reason: None,
-            custom_status: None,
-            parent: None,
-            generation: 0,
-            next_position: 6,
-            next_activation: 3,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            ended_at_ms: None,
-        };
+        let info = trip_info(InstanceStatus::Completed, 6, 3);
         let f = ImportedInstance::fork(&info, &h, 5, "t2", 7).unwrap();
         assert_eq!(f.events.len(), 4);
         assert_eq!(f.status, InstanceStatus::Running);
@@ -490,23 +496,7 @@ mod tests {
             input: Value::Null,
             detached,
         };
-        let info = InstanceInfo {
-            id: "t".into(),
-            coordinator: "trip".into(),
-            status: InstanceStatus::Running,
-            input: Value::Null,
-            output: None,
-            error: None,
-            reason: None,
-            custom_status: None,
-            parent: None,
-            generation: 0,
-            next_position: 4,
-            next_activation: 2,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            ended_at_ms: None,
-        };
+        let info = trip_info(InstanceStatus::Running, 4, 2);
         for detached in [true, false] {
             let mut h = trip()[..3].to_vec();
             h.push(ev(3, 1, child(detached)));
@@ -521,21 +511,9 @@ mod tests {
         let h = trip();
         let export = export_instance(
             &InstanceInfo {
-                id: "t".into(),
-                coordinator: "trip".into(),
-                status: InstanceStatus::Running,
-                input: Value::Null,
-                output: None,
-                error: None,
-                reason: None,
-                custom_status: None,
-                parent: None,
-                generation: 0,
-                next_position: 6,
-                next_activation: 3,
                 created_at_ms: 1,
                 updated_at_ms: 1,
-                ended_at_ms: None,
+                ..trip_info(InstanceStatus::Running, 6, 3)
             },
             h.clone(),
         );
