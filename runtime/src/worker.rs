@@ -63,11 +63,13 @@ async fn bounded_attempt<F>(
 where
     F: Future<Output = std::thread::Result<Result<serde_json::Value, ActivityError>>>,
 {
+    // A zero timeout is none (as `RetryPolicy` writes it; a journaled spec may hold one).
     let close_at = retry
         .start_to_close_timeout_ms
+        .filter(|ms| *ms > 0)
         .map(|ms| started + Duration::from_millis(ms));
     let beat_deadline = || {
-        retry.heartbeat_timeout_ms.map(|ms| {
+        retry.heartbeat_timeout_ms.filter(|ms| *ms > 0).map(|ms| {
             started + Duration::from_millis(last_beat_ms.load(Ordering::Relaxed).saturating_add(ms))
         })
     };
@@ -84,6 +86,8 @@ where
             }
         };
         tokio::select! {
+            // The body first: an attempt that has finished is never reported as timed out.
+            biased;
             outcome = &mut body => {
                 return outcome.unwrap_or_else(|panic| {
                     let message = panic

@@ -89,7 +89,8 @@ impl RetryPolicy {
 
     /// Bounds each attempt: an attempt still running after `timeout` is abandoned and counts as
     /// a failed attempt of kind `timeout`, retried under this policy. The remote side may have
-    /// acted; the idempotency key makes the retry safe.
+    /// acted; the idempotency key makes the retry safe. A zero timeout means none; one below a
+    /// millisecond is a millisecond (timeouts are kept in whole milliseconds).
     pub const fn start_to_close_timeout(mut self, timeout: Duration) -> Self {
         self.start_to_close_timeout = Some(timeout);
         self
@@ -97,7 +98,8 @@ impl RetryPolicy {
 
     /// For long activities: an attempt that has not called
     /// [`crate::ActivityContext::heartbeat`] for `timeout` is abandoned and counts as a failed
-    /// attempt of kind `heartbeat_timeout`.
+    /// attempt of kind `heartbeat_timeout`. Zero and sub-millisecond values as for
+    /// [`RetryPolicy::start_to_close_timeout`].
     pub const fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = Some(timeout);
         self
@@ -116,8 +118,8 @@ impl RetryPolicy {
             backoff_coefficient: self.backoff_coefficient,
             max_interval_ms: duration_ms(self.max_interval),
             non_retryable: self.non_retryable.iter().map(|k| k.to_string()).collect(),
-            start_to_close_timeout_ms: self.start_to_close_timeout.map(duration_ms),
-            heartbeat_timeout_ms: self.heartbeat_timeout.map(duration_ms),
+            start_to_close_timeout_ms: self.start_to_close_timeout.and_then(timeout_ms),
+            heartbeat_timeout_ms: self.heartbeat_timeout.and_then(timeout_ms),
         }
     }
 }
@@ -130,6 +132,12 @@ impl Default for RetryPolicy {
 
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A timeout in whole milliseconds: none for zero, at least one otherwise (a truncated
+/// sub-millisecond timeout would expire every attempt at once).
+fn timeout_ms(d: Duration) -> Option<u64> {
+    (!d.is_zero()).then(|| duration_ms(d).max(1))
 }
 
 /// The journaled form of a [`RetryPolicy`], recorded with each activity call.
@@ -157,9 +165,18 @@ pub struct RetrySpec {
 impl RetrySpec {
     /// The wait after failed attempt `attempt` (counting from 1).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let ms = self.initial_interval_ms as f64 * self.backoff_coefficient.powi(exponent);
-        let capped = ms.min(self.max_interval_ms as f64).max(0.0);
+        if self.initial_interval_ms == 0 {
+            return Duration::ZERO;
+        }
+        let exponent = f64::from(attempt.saturating_sub(1));
+        let ms = self.initial_interval_ms as f64 * self.backoff_coefficient.powf(exponent);
+        let max = self.max_interval_ms as f64;
+        // Growth that overflows (or a coefficient no policy would give) is the cap.
+        let capped = if ms.is_finite() {
+            ms.min(max).max(0.0)
+        } else {
+            max
+        };
         Duration::from_millis(capped as u64)
     }
 
@@ -178,6 +195,35 @@ impl Default for RetrySpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_reaches_its_cap_however_slowly_it_grows_and_zero_stays_zero() {
+        let slow = RetryPolicy::new()
+            .initial_interval(Duration::from_millis(100))
+            .backoff_coefficient(1.05)
+            .max_interval(Duration::from_secs(3600));
+        assert_eq!(slow.backoff(1000), Duration::from_secs(3600));
+        assert!(slow.backoff(70) > Duration::from_millis(2_500));
+        let immediate = RetryPolicy::new()
+            .initial_interval(Duration::ZERO)
+            .backoff_coefficient(1e5);
+        assert_eq!(immediate.backoff(65), Duration::ZERO);
+        assert_eq!(immediate.backoff(u32::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn zero_timeouts_are_none_and_sub_millisecond_ones_a_millisecond() {
+        let spec = RetryPolicy::new()
+            .start_to_close_timeout(Duration::ZERO)
+            .heartbeat_timeout(Duration::from_micros(500))
+            .spec();
+        assert_eq!(spec.start_to_close_timeout_ms, None);
+        assert_eq!(spec.heartbeat_timeout_ms, Some(1));
+        let spec = RetryPolicy::new()
+            .start_to_close_timeout(Duration::from_millis(1500))
+            .spec();
+        assert_eq!(spec.start_to_close_timeout_ms, Some(1500));
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
