@@ -122,14 +122,33 @@ fn redact_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let (main, query) = match rest.split_once('?') {
+        Some((main, query)) => (main, Some(query)),
+        None => (rest, None),
+    };
+    // The user information runs to the first `@`, as the driver reads it: a password may hold
+    // a `/` (`postgres://app:ab/cd@db/x`).
+    let main = match main.split_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => main.to_string(),
         },
-        None => url.to_string(),
+        None => main.to_string(),
+    };
+    match query {
+        None => format!("{scheme}://{main}"),
+        Some(query) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{scheme}://{main}?{}", query.join("&"))
+        }
     }
 }
 
@@ -189,5 +208,13 @@ mod tests {
         assert_eq!(u.to_string(), "postgres://me:***@db:5432/x?schema=s");
         let u = StoreUrl::parse("postgres://me@db/x").unwrap();
         assert_eq!(u.to_string(), "postgres://me@db/x");
+        // A password holding a `/`, and one given as a parameter.
+        let u = StoreUrl::parse("postgres://app:ab/cd@db/x").unwrap();
+        assert_eq!(u.to_string(), "postgres://app:***@db/x");
+        let u = StoreUrl::parse("postgres://db/x?user=me&password=secret&schema=s").unwrap();
+        assert_eq!(
+            u.to_string(),
+            "postgres://db/x?user=me&password=***&schema=s"
+        );
     }
 }
