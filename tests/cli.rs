@@ -759,14 +759,24 @@ fn migrate_refuses_sources_and_targets_it_cannot_use_and_touches_nothing() {
     let err = retrace_bare(&["migrate", "--from", &db_url]).fails();
     assert!(err.contains("--to"), "{err}");
 
-    // A worker of another process runs on the source, idle (no lease): refused, since it
-    // would go on with the source after the copy.
+    // A worker of another process (of the previous schema) runs on the source, idle (no
+    // lease): refused, since it would go on with the source after the copy; and the source is
+    // not upgraded under it.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP INDEX instances_parent; PRAGMA user_version = 7;")
+        .unwrap();
     let workers = PathBuf::from(format!("{}.workers", db.display()));
     std::fs::create_dir_all(&workers).unwrap();
     let lock = std::fs::File::create(workers.join("idle-worker.lock")).unwrap();
     lock.try_lock().unwrap();
     let err = retrace_bare(&["migrate", "--from", &db_url, "--to", nowhere]).fails();
     assert!(err.contains("running worker"), "{err}");
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 7, "the source was upgraded");
     drop(lock);
 }
 

@@ -178,8 +178,10 @@ pub async fn migrate_urls(from: &str, to: &str) -> Result<MigrationReport, Store
             )))
         }
     };
-    // Before the target is contacted (and maybe created): a source in use is refused as is.
+    // Before the target is contacted (and maybe created): a source that is missing, foreign,
+    // too new or in use is refused, and left as it is.
     refuse_running_source(&source)?;
+    check_source(&source)?;
     let target = match StoreUrl::parse(to)? {
         StoreUrl::Postgres(url) => PostgresStore::connect(&url).await?,
         other => {
@@ -206,6 +208,24 @@ fn refuse_running_source(path: &Path) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// Refuses a source that is missing, not a Retrace store, or of a schema newer than this
+/// build's, reading it only (a read-only connection: nothing is created or upgraded).
+fn check_source(path: &Path) -> Result<(), StoreError> {
+    let display = path.display().to_string();
+    if !path.is_file() {
+        return Err(StoreError::NotARetraceStore {
+            path: display,
+            detail: "no such file".into(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db("open source store"))?;
+    super::sqlite::check_schema(&conn, &display).map(|_| ())
 }
 
 /// Reads every instance of the store at `path` from one snapshot, refusing while leases are live.

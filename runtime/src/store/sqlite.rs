@@ -499,7 +499,7 @@ fn prepare_schema(conn: &Connection, path: &str) -> Result<(), StoreError> {
 
 /// Reads the file's identity and schema version; refuses another program's file or a newer
 /// schema. Writes nothing.
-fn check_schema(conn: &Connection, path: &str) -> Result<i64, StoreError> {
+pub(crate) fn check_schema(conn: &Connection, path: &str) -> Result<i64, StoreError> {
     let err = |e| map_err("open store", path, e);
     let app_id: i64 = conn
         .pragma_query_value(None, "application_id", |r| r.get(0))

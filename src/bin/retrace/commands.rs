@@ -80,11 +80,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
 /// command fail, so that a script notices.
 async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
     let (source, target) = (StoreUrl::parse(from)?, StoreUrl::parse(to)?);
-    // A missing or foreign source is refused before the target is touched (connecting to the
-    // target creates its schema).
-    if let StoreUrl::Sqlite(_) = source {
-        drop(source.open_existing().await?);
-    }
+    // (A missing, foreign or busy source is refused before the target is touched, and left
+    // as it is: `migrate_urls` checks it read-only first.)
     let report = migrate_urls(from, to).await?;
     if json {
         print_json(&json!({
