@@ -1791,14 +1791,7 @@ fn notify_parent(
 ) -> Result<(), StoreError> {
     // A parent that has ended no longer waits for anything. A stopped one still does: the
     // result waits in its inbox until it is resumed (`mark_ready` leaves it stopped).
-    let waiting: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM instances
-                            WHERE id = ?1 AND status IN ('running', 'stopped'))",
-        )
-        .and_then(|mut s| s.query_row([&parent.instance_id], |r| r.get(0)))
-        .map_err(db("notify parent"))?;
-    if !waiting {
+    if !waits_for_children(conn, &parent.instance_id)? {
         return Ok(());
     }
     let event = Event::ChildCompleted {
