@@ -514,6 +514,272 @@ async fn sqlite_an_unreadable_held_call_stops_its_instance() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `id` created and activated by `owner` with call 0 claimed (in its held slot), then taken
+/// `steps` sequential steps further as a worker takes them: each completes the held call and
+/// claims the next, in one `finish_and_activate`. Returns the call held at the end.
+async fn held_chain(s: &SharedStore, owner: &str, id: &str, steps: u32) -> ActivityTask {
+    create_and_claim(s, id, owner).await;
+    let mut receipt = activate(s, owner, id, vec![scheduled(0, "act")], true)
+        .await
+        .unwrap();
+    let mut task = receipt.claimed_tasks.remove(0);
+    for _ in 0..steps {
+        let info = s.describe(id).await.unwrap().unwrap();
+        let commit = ActivationCommit::plan(
+            id,
+            owner,
+            info.generation,
+            info.next_position,
+            info.next_activation,
+            vec![
+                completed_event(&task, json!(task.seq)),
+                scheduled(task.seq + 1, "act"),
+            ],
+            vec![],
+            None,
+            &|_| true,
+            LEASE_MS,
+        );
+        match s.finish_and_activate(&task, commit).await.unwrap() {
+            DirectFinish::Activated(mut r) => task = r.claimed_tasks.remove(0),
+            other => panic!("step after call {} not applied: {other:?}", task.seq),
+        }
+    }
+    task
+}
+
+/// `next_pos` as `id`'s instance row says, read behind the store's back.
+fn row_position(path: &std::path::Path, id: &str) -> i64 {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT next_pos FROM instances WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+/// Positions of `id`'s history, which must be 0, 1, 2… without gaps.
+async fn assert_contiguous(s: &SharedStore, id: &str) -> u64 {
+    let history = s.history(id).await.unwrap();
+    for (i, e) in history.iter().enumerate() {
+        assert_eq!(e.position, i as u64, "{id}: {history:?}");
+    }
+    history.len() as u64
+}
+
+fn scratch_file(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("retrace-{name}-{}", random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("store.db");
+    (dir, path)
+}
+
+/// Sequential steps in a held chain write their history row only (the instance row lags),
+/// yet every reader sees the instance as its history says, and the held slot hands on the
+/// chain's last call, not the one the row last named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
+    let (dir, path) = scratch_file("chain");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let held = held_chain(&s, "w1", "chain", 6).await;
+    assert_eq!(held.seq, 6);
+    // Started, call 0, then six (outcome, next call) pairs.
+    assert_eq!(assert_contiguous(&s, "chain").await, 14);
+    assert!(
+        row_position(&path, "chain") < 14,
+        "the chain's steps wrote the instance row"
+    );
+    let info = s.describe("chain").await.unwrap().unwrap();
+    assert_eq!((info.next_position, info.next_activation), (14, 7));
+    let listed = s.list_instances(&ListFilter::default()).await.unwrap();
+    assert_eq!(listed[0].next_position, 14);
+    assert_eq!(s.load("chain", 0).await.unwrap().info.next_position, 14);
+    // The worker goes: its held call becomes a task, the chain's last one.
+    s.release_leases("w1").await.unwrap();
+    assert_eq!(row_position(&path, "chain"), 14, "caught up when handed on");
+    let mut tasks = s
+        .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap();
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    let task = tasks.remove(0);
+    assert_eq!(task.seq, 6);
+    // Another worker finishes it and ends the run, at the position the history says.
+    let commit = ActivationCommit::plan(
+        "chain",
+        "w2",
+        0,
+        14,
+        7,
+        vec![
+            completed_event(&task, json!(6)),
+            Event::InstanceCompleted { output: json!(6) },
+        ],
+        vec![],
+        None,
+        &|_| true,
+        LEASE_MS,
+    );
+    assert!(matches!(
+        s.finish_and_activate(&task, commit).await.unwrap(),
+        DirectFinish::Activated(_)
+    ));
+    assert_eq!(assert_contiguous(&s, "chain").await, 16);
+    let info = s.describe("chain").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Completed);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A worker that stops in the middle of a held chain (nothing written after its last step)
+/// leaves rows behind their histories; a new process reads them as their histories say, and
+/// the call that was running is the one handed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_held_chain_cut_short_resumes_from_its_history() {
+    let (dir, path) = scratch_file("chain-crash");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    held_chain(&s, "w1", "cut", 4).await;
+    drop(s);
+    assert!(row_position(&path, "cut") < 10);
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let info = s.describe("cut").await.unwrap().unwrap();
+    assert_eq!(info.next_position, 10);
+    // The dead worker's held call becomes a task (as reaping it does).
+    s.release_leases("w1").await.unwrap();
+    let tasks = s
+        .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap();
+    let seqs: Vec<u32> = tasks.iter().map(|t| t.seq).collect();
+    assert_eq!(seqs, vec![4]);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The step a chain's worker commits after call 3 of `id` (held chain of 3 steps).
+fn step_after_third(id: &str, task: &ActivityTask) -> ActivationCommit {
+    ActivationCommit::plan(
+        id,
+        "w1",
+        0,
+        8,
+        4,
+        vec![completed_event(task, json!(3)), scheduled(4, "act")],
+        vec![],
+        None,
+        &|_| true,
+        LEASE_MS,
+    )
+}
+
+/// A held call handed on (its worker deemed gone) in the middle of a held chain ends the
+/// chain, whether another process or this one hands it on: the chain's next step is refused,
+/// and the call runs once more, as a task, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_held_call_handed_on_ends_its_chain() {
+    let (dir, path) = scratch_file("chain-handed-on");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let other: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    for (id, by) in [("there", &other), ("here", &s)] {
+        let task = held_chain(&s, "w1", id, 3).await;
+        by.release_leases("w1").await.unwrap();
+        let done = s
+            .finish_and_activate(&task, step_after_third(id, &task))
+            .await;
+        assert!(
+            matches!(
+                done,
+                Ok(DirectFinish::Finished(FinishReceipt {
+                    accepted: false,
+                    ..
+                }))
+            ),
+            "{id}: {done:?}"
+        );
+        assert_eq!(assert_contiguous(&s, id).await, 8, "{id}");
+        let tasks = s
+            .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        let claimed: Vec<(&str, u32)> = tasks
+            .iter()
+            .map(|t| (t.instance_id.as_str(), t.seq))
+            .collect();
+        assert_eq!(claimed, vec![(id, 3)], "{id}");
+    }
+    drop(other);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An instance terminated by another process in the middle of a held chain: the chain's
+/// next step is not written after the termination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
+    let (dir, path) = scratch_file("chain-foreign");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let task = held_chain(&s, "w1", "other", 3).await;
+    let other: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    other.terminate("other", "from the CLI").await.unwrap();
+    drop(other);
+    assert_eq!(
+        assert_contiguous(&s, "other").await,
+        9,
+        "terminated after the chain's last step"
+    );
+    let history = history_events(&s, "other").await;
+    assert!(matches!(
+        history.last(),
+        Some(Event::InstanceTerminated { .. })
+    ));
+    let done = s
+        .finish_and_activate(&task, step_after_third("other", &task))
+        .await;
+    assert!(!matches!(done, Ok(DirectFinish::Activated(_))), "{done:?}");
+    assert_eq!(assert_contiguous(&s, "other").await, 9);
+    let info = s.describe("other").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Terminated);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A message delivered in the middle of a held chain ends it too: the next outcome goes to
+/// the inbox beside the message, for an activation that sees both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_message_ends_a_held_chain() {
+    let (dir, path) = scratch_file("chain-message");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let task = held_chain(&s, "w1", "msg", 3).await;
+    s.deliver_message("msg", signal("go", json!(1)), Some("signal:go-1"))
+        .await
+        .unwrap();
+    let done = s
+        .finish_and_activate(&task, step_after_third("msg", &task))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            done,
+            DirectFinish::Finished(FinishReceipt { accepted: true, .. })
+        ),
+        "{done:?}"
+    );
+    assert_eq!(assert_contiguous(&s, "msg").await, 8);
+    let inbox = inbox_events(&s, "msg").await;
+    assert_eq!(inbox.len(), 2, "{inbox:?}");
+    assert!(inbox.contains(&signal("go", json!(1))), "{inbox:?}");
+    assert!(
+        inbox.contains(&completed_event(&task, json!(3))),
+        "{inbox:?}"
+    );
+    // The next activation takes both at the history's position.
+    let receipt = activate(&s, "w1", "msg", vec![], false).await.unwrap();
+    assert!(!receipt.ready_again);
+    assert_eq!(assert_contiguous(&s, "msg").await, 10);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
 /// claimed before the upgrade is journaled when it finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -314,6 +314,15 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
         .map_err(db("read source instances"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db("read source instances"))?;
+    // A row left behind its held chain (a worker stopped mid-chain) is read as its history
+    // says (see `held_chain`).
+    for i in &mut instances {
+        if let Some(lag) = super::held_chain::lag(conn, &i.id, i.next_pos)? {
+            i.next_pos = lag.next_pos;
+            i.next_activation = lag.next_activation;
+            i.updated_at = i.updated_at.max(lag.recorded_at);
+        }
+    }
     let mut events = conn
         .prepare(
             "SELECT pos, activation, kind, recorded_at, body, len FROM events

@@ -21,6 +21,7 @@
 //! without touching `retrace-sdk`.
 
 mod codec;
+mod held_chain;
 pub mod migrate;
 pub mod postgres;
 pub mod sqlite;

@@ -18,6 +18,7 @@ use super::codec::{
     decode_event_json, decode_json, encode_error, end_columns, event_json, existing_child,
     final_result, lock_map, to_json, ExistingChild,
 };
+use super::held_chain::{catch_up, lag, settle_info, Chain, HeldChains};
 use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
@@ -44,7 +45,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -198,6 +199,15 @@ ALTER TABLE events ADD COLUMN len INTEGER NOT NULL DEFAULT 1;
 -- builds could use the file as it is, but refuse it as newer, as for every version.
 CREATE INDEX IF NOT EXISTS instances_parent ON instances(parent_id) WHERE parent_id IS NOT NULL;
 "#,
+    r#"
+-- Version 9 changes no table: from it on, an instance row may lag behind its history while
+-- the worker holding its call takes sequential steps (a held chain, see
+-- runtime/src/store/held_chain.rs). The history rows past `next_pos` then say where the
+-- instance is: its position, activation and last change, and the call in its held slot (the
+-- one `activity_scheduled` of the last row). Older builds would read such a row as it stands
+-- and hand on a call that already completed; marking the store makes them refuse the file.
+SELECT 1;
+"#,
 ];
 
 /// How hard each commit waits for the disk.
@@ -337,6 +347,8 @@ fn ended_info(conn: &Tx<'_>, c: &ActivationCommit) -> Result<Option<InstanceInfo
 struct WriteConnection {
     conn: Mutex<Connection>,
     queued: std::sync::atomic::AtomicUsize,
+    /// What the connection knows of the instances whose steps write their history row only.
+    chains: Arc<HeldChains>,
 }
 
 impl WriteConnection {
@@ -465,7 +477,7 @@ fn map_err(operation: &str, path_or_instance: &str, e: rusqlite::Error) -> Store
     }
 }
 
-fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+pub(crate) fn db(operation: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |e| map_err(operation, "", e)
 }
 
@@ -752,9 +764,12 @@ impl SqliteStore {
         options: SqliteOptions,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
+        let chains = Arc::new(HeldChains::default());
+        HeldChains::watch(&chains, &conn);
         let writer_conn = Arc::new(WriteConnection {
             conn: Mutex::new(conn),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            chains,
         });
         let shared = Arc::clone(&writer_conn);
         let writer = std::thread::Builder::new()
@@ -915,10 +930,11 @@ impl SqliteStore {
             return Err(job);
         }
         let mut batch = vec![job];
+        let chains = &self.writer_conn.chains;
         if runtime.metrics().num_workers() >= 2 {
-            run_begun_batch(&conn, &mut batch);
+            run_begun_batch(&conn, chains, &mut batch);
         } else {
-            tokio::task::block_in_place(|| run_begun_batch(&conn, &mut batch));
+            tokio::task::block_in_place(|| run_begun_batch(&conn, chains, &mut batch));
         }
         Ok(())
     }
@@ -1011,13 +1027,13 @@ fn writer_loop(shared: &WriteConnection, rx: mpsc::Receiver<Job>) {
         shared
             .queued
             .fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
-        run_batch(&conn, &mut batch);
+        run_batch(&conn, &shared.chains, &mut batch);
     }
 }
 
 /// Runs `batch` in one transaction and answers every operation of it (all of them, whatever
 /// happens: `batch` is empty on return).
-fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
+fn run_batch(conn: &Connection, chains: &HeldChains, batch: &mut Vec<Job>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let err = map_err("begin transaction", "", e);
         for job in batch.drain(..) {
@@ -1025,23 +1041,25 @@ fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
         }
         return;
     }
-    run_begun_batch(conn, batch);
+    run_begun_batch(conn, chains, batch);
 }
 
 /// Runs `batch` in the write transaction just begun on `conn`, commits, and answers every
 /// operation of it (`batch` is empty on return).
-fn run_begun_batch(conn: &Connection, batch: &mut Vec<Job>) {
+fn run_begun_batch(conn: &Connection, chains: &HeldChains, batch: &mut Vec<Job>) {
     let _span = tracing::trace_span!("store_commit", operations = batch.len()).entered();
+    chains.begin(conn);
     // The batch's statements stay prepared at hand until it is answered (see `Tx`).
-    let conn = &Tx::new(conn);
+    let conn = &Tx::with_chains(conn, chains);
     // First, every operation runs as it comes, without a savepoint: when all succeed (the
     // common case), the batch commits as it is. Savepoints cost a copy of every page an
     // operation touches (13% of the writer's time in W1).
     let optimistic = batch.iter().all(|job| job.reruns());
     if optimistic && run_all(conn, batch) {
-        finish_batch(conn, batch.drain(..));
+        finish_batch(conn, chains, batch.drain(..));
         return;
     }
+    chains.undone();
     // One failed (or panicked, or SQLite gave the transaction up): undo everything and run
     // the batch again, each operation in its own savepoint, so that a failure undoes only
     // its own writes. Operations read and write only the database, so running them again
@@ -1065,7 +1083,7 @@ fn run_begun_batch(conn: &Connection, batch: &mut Vec<Job>) {
             return;
         }
     }
-    run_with_savepoints(conn, batch);
+    run_with_savepoints(conn, chains, batch);
 }
 
 /// Runs every operation of `batch` in the open transaction, without savepoints. Returns whether
@@ -1081,9 +1099,10 @@ fn run_all(conn: &Tx<'_>, batch: &mut [Job]) -> bool {
 }
 
 /// Commits the open transaction and answers every operation with the result.
-fn finish_batch(conn: &Connection, jobs: impl Iterator<Item = Job>) {
+fn finish_batch(conn: &Connection, chains: &HeldChains, jobs: impl Iterator<Item = Job>) {
     match conn.execute_batch("COMMIT") {
         Ok(()) => {
+            chains.committed();
             for job in jobs {
                 job.answer(Ok(()));
             }
@@ -1092,6 +1111,7 @@ fn finish_batch(conn: &Connection, jobs: impl Iterator<Item = Job>) {
             let err = map_err("commit", "", e);
             tracing::error!(error = %err, "group commit failed; nothing of the batch was kept");
             let _ = conn.execute_batch("ROLLBACK");
+            chains.undone();
             for job in jobs {
                 job.answer(Err(clone_error(&err)));
             }
@@ -1101,7 +1121,7 @@ fn finish_batch(conn: &Connection, jobs: impl Iterator<Item = Job>) {
 
 /// Runs every operation of `batch` in its own savepoint of the open transaction, then commits
 /// what succeeded and answers every operation.
-fn run_with_savepoints(conn: &Tx<'_>, batch: &mut Vec<Job>) {
+fn run_with_savepoints(conn: &Tx<'_>, chains: &HeldChains, batch: &mut Vec<Job>) {
     let mut done: Vec<Job> = Vec::with_capacity(batch.len());
     // Set when no transaction could be restarted: the rest of the batch is refused unrun.
     let mut lost: Option<StoreError> = None;
@@ -1125,11 +1145,13 @@ fn run_with_savepoints(conn: &Tx<'_>, batch: &mut Vec<Job>) {
             // that call, and the writer goes on serving the others.
             tracing::error!("a store operation panicked; its writes were undone");
             let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            chains.undone();
             job.answer(Err(StoreError::Closed));
             continue;
         }
         let ok = matches!(ran, Ok(true));
         if conn.is_autocommit() {
+            chains.undone();
             // SQLite rolled the whole transaction back itself (a full disk, an I/O error):
             // every operation of the batch so far is undone. None of them may be acknowledged;
             // each gets the failing operation's kind of error.
@@ -1155,6 +1177,7 @@ fn run_with_savepoints(conn: &Tx<'_>, batch: &mut Vec<Job>) {
                 .and_then(|mut s| s.execute([]));
         } else {
             let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            chains.undone();
         }
         done.push(job);
     }
@@ -1162,7 +1185,7 @@ fn run_with_savepoints(conn: &Tx<'_>, batch: &mut Vec<Job>) {
         // No transaction is open and every operation has been answered.
         return;
     }
-    finish_batch(conn, done.into_iter());
+    finish_batch(conn, chains, done.into_iter());
 }
 
 /// The next operation, or `None` once the store is closed. An operation that follows a
@@ -1310,7 +1333,12 @@ fn get_instance(conn: &Connection, id: &str) -> Result<Option<InstanceInfo>, Sto
         ))
         .and_then(|mut s| s.query_row([id], instance_from_row).optional())
         .map_err(db("read instance"))?;
-    raw.map(RawInstance::decode).transpose()
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let mut info = raw.decode()?;
+    settle_info(conn, &mut info)?;
+    Ok(Some(info))
 }
 
 fn insert_inbox(
@@ -1446,9 +1474,9 @@ pub(crate) struct HeldCall {
 
 /// Reads `id`'s held slot, if it holds a call.
 pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>, StoreError> {
-    let row: Option<(u32, i64, i64, String, i64, i64)> = conn
+    let row: Option<(u32, i64, i64, String, i64, i64, i64)> = conn
         .prepare_cached(
-            "SELECT held_seq, held_pos, generation, held_owner, held_until, held_at
+            "SELECT held_seq, held_pos, generation, held_owner, held_until, held_at, next_pos
              FROM instances WHERE id = ?1 AND held_owner IS NOT NULL AND held_seq IS NOT NULL",
         )
         .and_then(|mut s| {
@@ -1460,14 +1488,19 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
                     r.get(3)?,
                     r.get(4)?,
                     r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                    r.get(6)?,
                 ))
             })
             .optional()
         })
         .map_err(db("read held call"))?;
-    let Some((seq, pos, generation, owner, until, started_at)) = row else {
+    let Some((mut seq, mut pos, generation, owner, until, mut started_at, next_pos)) = row else {
         return Ok(None);
     };
+    // A row that lags behind its held chain: the slot holds the chain's last call.
+    if let Some(lag) = lag(conn, id, next_pos)? {
+        (seq, pos, started_at) = (lag.held_seq, lag.held_pos, lag.recorded_at);
+    }
     let row: Option<(i64, i64, String)> = conn
         .prepare_cached(
             "SELECT pos, len, body FROM events WHERE instance_id = ?1 AND pos <= ?2
@@ -1514,6 +1547,7 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
 /// Turns `id`'s held slot into the `tasks` row it stands for (same attempt, lease and start),
 /// for the paths that read and write tasks as rows. Returns whether there was one.
 fn expand_held(conn: &Connection, id: &str) -> Result<bool, StoreError> {
+    catch_up(conn, id)?;
     let Some(call) = read_held(conn, id)? else {
         return Ok(false);
     };
@@ -1752,6 +1786,9 @@ fn insert_stepped_instance(
         .map_err(db("create instance"))?;
     if n == 0 {
         return existing_instance(conn, &new.id).map(Some);
+    }
+    if let Some(h) = held {
+        stage_chain(conn, c, now, h.0, Some(conn.last_insert_rowid()));
     }
     write_step(conn, c, now, held.map(|h| h.0))?;
     Ok(Some(CreateOutcome::Created))
@@ -2356,15 +2393,37 @@ fn finish_and_activate_in_tx(
     let end = attempt_end(outcome);
     // The commonest step of all: the first attempt of the call in the held slot completed. One
     // `UPDATE` takes the call out of the slot, moves the instance on and puts the next call in.
-    if c.instance_id == task.instance_id
+    let sequential = c.instance_id == task.instance_id
         && task.attempt == 1
         && end.0 == AttemptEnd::Completed
-        && task.generation == c.generation
-    {
+        && task.generation == c.generation;
+    // Commoner still: the same, in a held chain, where the step writes its history row only.
+    let chain = match conn.chains() {
+        Some(chains) if sequential => chains
+            .get(&c.instance_id)
+            .filter(|chain| chain_continues(chain, c, task.seq)),
+        _ => None,
+    };
+    if let Some(chain) = &chain {
+        if let Some(receipt) = step_in_chain(conn, c, now, chain)? {
+            return Ok((DirectFinish::Activated(receipt), None));
+        }
+    }
+    if sequential {
+        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq, chain.as_ref())? {
+            return Ok((DirectFinish::Activated(receipt), Some(info)));
+        }
+    }
+    // Everything below reads the instance row as its history says.
+    catch_up(conn, &c.instance_id)?;
+    if task.instance_id != c.instance_id {
+        catch_up(conn, &task.instance_id)?;
+    }
+    if sequential {
         if let Some(receipt) = step_in_tx(conn, c, now, Some(task.seq))? {
             return Ok((DirectFinish::Activated(receipt), None));
         }
-        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq)? {
+        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq, None)? {
             return Ok((DirectFinish::Activated(receipt), Some(info)));
         }
     }
@@ -2454,6 +2513,7 @@ fn step_ending_held(
     c: &PreparedCommit,
     now: u64,
     seq: u32,
+    chain: Option<&Chain>,
 ) -> Result<Option<(CommitReceipt, InstanceInfo)>, StoreError> {
     let Some(end) = &c.end else {
         return Ok(None);
@@ -2469,6 +2529,11 @@ fn step_ending_held(
     }
     let (status, output, error) = end_columns(end)?;
     let next_pos = c.expected_position + c.events.len() as u64;
+    // In a held chain, the row says where the chain began; the chain vouches for the rest.
+    let (row_pos, row_seq) = match chain {
+        Some(chain) => (chain.row_next_pos, chain.row_held_seq),
+        None => (c.expected_position, seq),
+    };
     // (Not `RETURNING` the row: SQLite builds an ephemeral table for it, which cost more
     // than reading the row again.)
     let ended = conn
@@ -2492,8 +2557,8 @@ fn step_ending_held(
                 c.activation + 1,
                 now as i64,
                 c.generation as i64,
-                c.expected_position as i64,
-                seq,
+                row_pos as i64,
+                row_seq,
                 c.owner
             ])
         })
@@ -2571,6 +2636,9 @@ fn step_finishing_held(
     if moved == 0 {
         return Ok(None);
     }
+    if let Some(h) = held {
+        stage_chain(conn, c, now, h.0, None);
+    }
     write_step(conn, c, now, held.map(|h| h.0)).map(Some)
 }
 
@@ -2636,6 +2704,9 @@ fn step_in_tx(
         return Ok(None);
     };
     let held = candidate.filter(|_| took).map(|h| h.0);
+    if let Some(seq) = held {
+        stage_chain(conn, c, now, seq, None);
+    }
     write_step(conn, c, now, held).map(Some)
 }
 
@@ -2646,6 +2717,106 @@ fn is_plain_step(c: &ActivationCommit) -> bool {
         && c.children.is_empty()
         && c.custom_status.is_none()
         && c.consumed_inbox.is_empty()
+}
+
+/// Whether `chain` (of `c`'s instance) is where `c`, the step that finishes held call `seq`,
+/// expects its instance: same run and position, the call in the slot held by `c`'s owner.
+fn chain_continues(chain: &Chain, c: &ActivationCommit, seq: u32) -> bool {
+    chain.generation == c.generation
+        && chain.next_pos == c.expected_position
+        && chain.held_seq == seq
+        && chain.owner == c.owner
+}
+
+/// Notes that `c`'s instance, whose row the open transaction just wrote (rowid `rowid`, or the
+/// one the update hook saw last), has call `seq` in its held slot, held by `c`'s owner: its
+/// next step may be a chain step.
+fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: Option<i64>) {
+    let Some(chains) = conn.chains() else {
+        return;
+    };
+    let Some(rowid) = rowid.or_else(|| chains.take_last_row()) else {
+        return;
+    };
+    let next_pos = c.expected_position + c.events.len() as u64;
+    chains.stage(
+        &c.instance_id,
+        Chain {
+            rowid,
+            generation: c.generation,
+            next_pos,
+            held_seq: seq,
+            owner: c.owner.clone(),
+            held_until: now.saturating_add(c.lease_ms),
+            row_next_pos: next_pos,
+            row_held_seq: seq,
+        },
+    );
+}
+
+/// The sequential step of an instance in a held chain (see `held_chain`): its history row is
+/// all it writes. Applies when `c` is a plain step that claims exactly one next call, which
+/// takes the held slot, and the slot's lease has at least half a lease left (a step that
+/// writes the row renews it). `None`, having written nothing, otherwise.
+fn step_in_chain(
+    conn: &Tx<'_>,
+    c: &PreparedCommit,
+    now: u64,
+    chain: &Chain,
+) -> Result<Option<CommitReceipt>, StoreError> {
+    let Some(chains) = conn.chains() else {
+        return Ok(None);
+    };
+    if !is_plain_step(c) || !c.timers.is_empty() {
+        return Ok(None);
+    }
+    let Some((seq, _)) = held_candidate(c) else {
+        return Ok(None);
+    };
+    let scheduled = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::ActivityScheduled { .. }))
+        .count();
+    if scheduled != 1 || chain.held_until < now.saturating_add(c.lease_ms / 2) {
+        return Ok(None);
+    }
+    // The position is the last safeguard: a history row there already means the chain was
+    // wrong; the ordinary path then decides.
+    match conn
+        .prepare_cached(
+            "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body, len)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                c.instance_id,
+                c.expected_position as i64,
+                c.activation,
+                c.row.kind,
+                now as i64,
+                c.row.body,
+                c.row.len as i64
+            ])
+        }) {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            tracing::warn!(instance_id = %c.instance_id, position = c.expected_position, "a held chain met a history row at its position; taking the ordinary path");
+            chains.forget(&c.instance_id);
+            return Ok(None);
+        }
+        Err(e) => return Err(map_err("append events", &c.instance_id, e)),
+    }
+    insert_tasks_and_timers(conn, c, now, Some(seq))?;
+    chains.stage(
+        &c.instance_id,
+        Chain {
+            next_pos: c.expected_position + c.events.len() as u64,
+            held_seq: seq,
+            ..chain.clone()
+        },
+    );
+    Ok(Some(CommitReceipt::default()))
 }
 
 /// The rest of a step once its instance has moved on: its events, and its tasks and timers
@@ -3262,6 +3433,7 @@ impl Store for SqliteStore {
         let shared = Arc::clone(&commit);
         let (mut receipt, info) = self
             .write(move |conn| {
+                catch_up(conn, &shared.instance_id)?;
                 let receipt = commit_in_tx(conn, &shared, now_ms())?;
                 Ok((receipt, ended_info(conn, &shared)?))
             })
@@ -3288,6 +3460,7 @@ impl Store for SqliteStore {
             reason.to_string(),
         );
         self.write(move |conn| {
+            catch_up(conn, &id)?;
             conn.prepare_cached(
                 "UPDATE instances SET status = 'stopped', reason = ?3, ready = 0, lease_owner = NULL,
                         lease_until = 0, updated_at = ?4
@@ -3306,6 +3479,7 @@ impl Store for SqliteStore {
         let (id, owner) = (instance_id.to_string(), owner.to_string());
         let ready_again = self
             .write(move |conn| {
+                catch_up(conn, &id)?;
                 conn.prepare_cached(
                     "UPDATE instances
                      SET ready = EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1),
@@ -3336,6 +3510,7 @@ impl Store for SqliteStore {
             reason.to_string(),
         );
         self.write(move |conn| {
+            catch_up(conn, &id)?;
             conn.prepare_cached(
                 "UPDATE instances SET reason = ?3, lease_owner = NULL, lease_until = 0
                  WHERE id = ?1 AND status = 'running'
@@ -3437,6 +3612,7 @@ impl Store for SqliteStore {
         let receipt = self
             .write(move |conn| {
                 let now = now_ms();
+                catch_up(conn, &task.instance_id)?;
                 match &outcome {
                     AttemptOutcome::Final(event) => {
                         // Four statements: the common end of a fan-out call (W3: 1,000 of them).
@@ -3781,6 +3957,7 @@ impl Store for SqliteStore {
         let (id, reason) = (instance_id.to_string(), reason.to_string());
         self.write(move |conn| {
             let now = now_ms();
+            catch_up(conn, &id)?;
             let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
                 instance_id: id.clone(),
             })?;
@@ -3821,6 +3998,7 @@ impl Store for SqliteStore {
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
         let id = instance_id.to_string();
         self.write(move |conn| {
+            catch_up(conn, &id)?;
             let n = conn
                 .prepare_cached(
                     "UPDATE instances SET status = 'running', reason = NULL,
@@ -3856,7 +4034,9 @@ impl Store for SqliteStore {
             return Ok(Some(info.clone()));
         }
         let id = instance_id.to_string();
-        self.read(move |conn| get_instance(conn, &id)).await
+        // One read transaction: the row and how far its history goes (see `held_chain`).
+        self.read(move |conn| snapshot(conn, |conn| get_instance(conn, &id)))
+            .await
     }
 
     async fn history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
@@ -3876,32 +4056,41 @@ impl Store for SqliteStore {
 
     async fn list_instances(&self, filter: &ListFilter) -> Result<Vec<InstanceInfo>, StoreError> {
         let filter = filter.clone();
+        // One read transaction: the rows and how far their histories go (see `held_chain`).
         self.read(move |conn| {
-            let sql = format!(
-                "SELECT {INSTANCE_COLUMNS} FROM instances
+            snapshot(conn, |conn| {
+                let sql = format!(
+                    "SELECT {INSTANCE_COLUMNS} FROM instances
                  WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR coordinator = ?2)
                  ORDER BY created_at DESC, id LIMIT ?3"
-            );
-            // -1: no limit (also for a limit beyond what SQLite's integers hold).
-            let limit = filter
-                .limit
-                .and_then(|l| i64::try_from(l).ok())
-                .unwrap_or(-1);
-            let raws = conn
-                .prepare_cached(&sql)
-                .and_then(|mut s| {
-                    s.query_map(
-                        params![
-                            filter.status.map(InstanceStatus::as_str),
-                            filter.coordinator,
-                            limit
-                        ],
-                        instance_from_row,
-                    )?
-                    .collect::<Result<Vec<_>, _>>()
-                })
-                .map_err(db("list instances"))?;
-            raws.into_iter().map(RawInstance::decode).collect()
+                );
+                // -1: no limit (also for a limit beyond what SQLite's integers hold).
+                let limit = filter
+                    .limit
+                    .and_then(|l| i64::try_from(l).ok())
+                    .unwrap_or(-1);
+                let raws = conn
+                    .prepare_cached(&sql)
+                    .and_then(|mut s| {
+                        s.query_map(
+                            params![
+                                filter.status.map(InstanceStatus::as_str),
+                                filter.coordinator,
+                                limit
+                            ],
+                            instance_from_row,
+                        )?
+                        .collect::<Result<Vec<_>, _>>()
+                    })
+                    .map_err(db("list instances"))?;
+                raws.into_iter()
+                    .map(|raw| {
+                        let mut info = raw.decode()?;
+                        settle_info(conn, &mut info)?;
+                        Ok(info)
+                    })
+                    .collect()
+            })
         })
         .await
     }

@@ -8,6 +8,7 @@
 //! each statement out of the cache once per batch and finds it again by the address of its
 //! `&'static str`, a few integer comparisons.
 
+use super::held_chain::HeldChains;
 use rusqlite::{CachedStatement, Connection, Statement};
 use std::cell::{OnceCell, RefCell, RefMut};
 use std::ops::{Deref, DerefMut};
@@ -27,6 +28,8 @@ struct Held<'c> {
 pub(crate) struct Tx<'c> {
     conn: &'c Connection,
     held: [OnceCell<Held<'c>>; HELD_STATEMENTS],
+    /// The write connection's held chains (none for a connection without them).
+    chains: Option<&'c HeldChains>,
 }
 
 impl<'c> Tx<'c> {
@@ -35,7 +38,21 @@ impl<'c> Tx<'c> {
         Tx {
             conn,
             held: std::array::from_fn(|_| OnceCell::new()),
+            chains: None,
         }
+    }
+
+    /// [`Tx::new`] for the write connection, whose held chains it carries.
+    pub(crate) fn with_chains(conn: &'c Connection, chains: &'c HeldChains) -> Tx<'c> {
+        Tx {
+            chains: Some(chains),
+            ..Tx::new(conn)
+        }
+    }
+
+    /// The write connection's held chains, if it keeps them.
+    pub(crate) fn chains(&self) -> Option<&'c HeldChains> {
+        self.chains
     }
 
     /// The prepared statement for `sql`, kept until this `Tx` is dropped. `sql` must be a

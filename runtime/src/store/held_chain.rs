@@ -1,0 +1,322 @@
+//! Held chains: sequential steps that write their history row and nothing else.
+//!
+//! A sequential step (the call in an instance's held slot completed, and the activation
+//! claims one next call for itself) used to `UPDATE` the instance row: position, activation,
+//! held slot. That statement cost more than the history row it went with, and every group
+//! commit rewrote the instance table's pages for it (BENCHMARKS.md, seventh and eighth
+//! rounds). Here the SQLite store's write connection remembers, for each instance whose held
+//! slot it just wrote, what the row says and what the instance's true state is (a [`Chain`]).
+//! The next step of that instance, by the same owner, from the position the chain expects,
+//! then appends its history row alone: the instance row *lags* behind its history.
+//!
+//! Why that is safe:
+//! - The chain is exact. Every change to an `instances` row or to the inbox through the
+//!   write connection drops the chains it may touch (SQLite's update hook), a rolled back
+//!   batch drops them all, and so does any commit by another connection or process (SQLite's
+//!   `data_version`, read when a batch begins). A step whose chain is gone takes the ordinary
+//!   path.
+//! - The lag is visible to everyone from the database alone. A lagging row's history goes on
+//!   past `next_pos`, and the rows past it are chain steps, each with exactly one
+//!   `activity_scheduled` event: the call that took the held slot. [`catch_up`] writes that
+//!   state into the row. Every write path that reads the position or the held slot runs it
+//!   first; [`settle_info`] gives readers the same view without writing.
+//! - A path that missed it could not corrupt the history: a lagging row's `next_pos` is the
+//!   position of a history row that exists, so an append there collides with it.
+
+use super::codec::decode_event_json;
+use super::sqlite::{db, for_each_event_in_row};
+use super::InstanceInfo;
+use crate::error::StoreError;
+use retrace_sdk::Event;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What the write connection knows of one instance in a held chain: the row as written
+/// (`row_*`) and the instance as its history says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Chain {
+    /// The instance row's rowid (what the update hook reports).
+    pub(crate) rowid: i64,
+    pub(crate) generation: u64,
+    /// The true next history position.
+    pub(crate) next_pos: u64,
+    /// The call in the held slot.
+    pub(crate) held_seq: u32,
+    /// Who holds it (and runs the instance's steps).
+    pub(crate) owner: String,
+    /// The slot's lease, as the row says (renewals drop the chain).
+    pub(crate) held_until: u64,
+    /// `next_pos` as the row says.
+    pub(crate) row_next_pos: u64,
+    /// `held_seq` as the row says.
+    pub(crate) row_held_seq: u32,
+}
+
+#[derive(Default)]
+struct State {
+    /// Chains of committed transactions, by instance id.
+    chains: HashMap<String, Chain>,
+    /// Instance id by rowid, for the chains above.
+    ids: HashMap<i64, String>,
+    /// Chains the open transaction wrote, for when it commits.
+    staged: HashMap<String, Chain>,
+    /// Instance id by rowid, for the staged chains.
+    staged_ids: HashMap<i64, String>,
+    /// The rowid of the `instances` row the last statement changed.
+    last_row: Option<i64>,
+    /// `PRAGMA data_version` when the last batch began.
+    data_version: Option<i64>,
+}
+
+impl State {
+    fn forget_row(&mut self, rowid: i64) {
+        if let Some(id) = self.ids.remove(&rowid) {
+            self.chains.remove(&id);
+        }
+        if let Some(id) = self.staged_ids.remove(&rowid) {
+            self.staged.remove(&id);
+        }
+    }
+
+    fn forget_id(&mut self, id: &str) {
+        if let Some(chain) = self.chains.remove(id) {
+            self.ids.remove(&chain.rowid);
+        }
+        if let Some(chain) = self.staged.remove(id) {
+            self.staged_ids.remove(&chain.rowid);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.chains.clear();
+        self.ids.clear();
+        self.staged.clear();
+        self.staged_ids.clear();
+    }
+}
+
+/// The held chains of one write connection. Shared with the connection's update hook.
+#[derive(Default)]
+pub(crate) struct HeldChains {
+    state: Mutex<State>,
+}
+
+impl HeldChains {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs the update hook on `conn` (the write connection) that keeps `chains` exact.
+    pub(crate) fn watch(chains: &Arc<HeldChains>, conn: &Connection) {
+        let chains = Arc::clone(chains);
+        conn.update_hook(Some(
+            move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| match table {
+                "instances" => {
+                    let mut s = chains.lock();
+                    s.forget_row(rowid);
+                    s.last_row = Some(rowid);
+                }
+                // An inbox message may make the instance ready, or be what its next activation
+                // must see: chains assume an empty inbox.
+                "inbox" => chains.lock().forget_all(),
+                _ => {}
+            },
+        ));
+    }
+
+    /// When a batch begins (the write lock held): forgets everything if another connection
+    /// committed since the last batch.
+    pub(crate) fn begin(&self, conn: &Connection) {
+        let version = conn
+            .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            .ok();
+        let mut s = self.lock();
+        if version.is_none() || version != s.data_version {
+            s.forget_all();
+        }
+        s.data_version = version;
+        s.last_row = None;
+    }
+
+    /// The batch committed: what it staged holds from now on.
+    pub(crate) fn committed(&self) {
+        let mut s = self.lock();
+        let staged = std::mem::take(&mut s.staged);
+        s.staged_ids.clear();
+        for (id, chain) in staged {
+            if let Some(old) = s.chains.get(&id) {
+                let old_row = old.rowid;
+                s.ids.remove(&old_row);
+            }
+            s.ids.insert(chain.rowid, id.clone());
+            s.chains.insert(id, chain);
+        }
+    }
+
+    /// Some of the batch was undone: nothing is known any more.
+    pub(crate) fn undone(&self) {
+        self.lock().forget_all();
+    }
+
+    /// The committed chain of `id`.
+    pub(crate) fn get(&self, id: &str) -> Option<Chain> {
+        self.lock().chains.get(id).cloned()
+    }
+
+    /// The rowid of the `instances` row the last statement changed, taken.
+    pub(crate) fn take_last_row(&self) -> Option<i64> {
+        self.lock().last_row.take()
+    }
+
+    /// Records `chain` for `id`, once the open transaction commits.
+    pub(crate) fn stage(&self, id: &str, chain: Chain) {
+        let mut s = self.lock();
+        if let Some(old) = s.staged.get(id) {
+            let old_row = old.rowid;
+            s.staged_ids.remove(&old_row);
+        }
+        s.staged_ids.insert(chain.rowid, id.to_string());
+        s.staged.insert(id.to_string(), chain);
+    }
+
+    /// Drops what is known of `id` (its chain step could not be written).
+    pub(crate) fn forget(&self, id: &str) {
+        self.lock().forget_id(id);
+    }
+}
+
+/// The state the history of a lagging row gives it.
+pub(crate) struct Lag {
+    /// The true next position.
+    pub(crate) next_pos: i64,
+    /// The true next activation.
+    pub(crate) next_activation: i64,
+    /// When the chain's last step was written (it started the held call).
+    pub(crate) recorded_at: i64,
+    /// The call in the held slot.
+    pub(crate) held_seq: u32,
+    /// The position of its `activity_scheduled` event.
+    pub(crate) held_pos: i64,
+}
+
+/// The last history row of `id`, if it goes past `next_pos` (the row's): the state it gives
+/// the row. Reads only.
+pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Lag>, StoreError> {
+    let tail: Option<(i64, i64, i64, i64, String, String)> = conn
+        .prepare_cached(
+            "SELECT pos, len, activation, recorded_at, kind, body FROM events
+             WHERE instance_id = ?1 ORDER BY pos DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([id], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .optional()
+        })
+        .map_err(db("read history tail"))?;
+    let Some((pos, len, activation, recorded_at, kind, body)) = tail else {
+        return Ok(None);
+    };
+    if pos + len <= next_pos {
+        return Ok(None);
+    }
+    let corrupt = |detail: String| StoreError::Corrupt {
+        instance_id: id.to_string(),
+        what: format!("history row at position {pos}"),
+        detail,
+    };
+    let mut scheduled = kind
+        .split(',')
+        .enumerate()
+        .filter(|(_, k)| *k == "activity_scheduled");
+    let (Some((at, _)), None) = (scheduled.next(), scheduled.next()) else {
+        return Err(corrupt(format!(
+            "it goes past the instance's position {next_pos} but does not schedule exactly \
+             one call ({kind})"
+        )));
+    };
+    let held_pos = pos + at as i64;
+    let mut held_seq = None;
+    for_each_event_in_row(id, pos, len, &body, |p, part| {
+        if p == held_pos {
+            if let Event::ActivityScheduled { seq, .. } = decode_event_json(id, p, part)? {
+                held_seq = Some(seq);
+            }
+        }
+        Ok(())
+    })?;
+    let held_seq =
+        held_seq.ok_or_else(|| corrupt(format!("position {held_pos} schedules no call")))?;
+    Ok(Some(Lag {
+        next_pos: pos + len,
+        next_activation: activation + 1,
+        recorded_at,
+        held_seq,
+        held_pos,
+    }))
+}
+
+/// Writes into `id`'s row what its held chain left in the history only (see the module
+/// docs). Every write path that reads the row's position, activation or held slot runs it
+/// first. Does nothing for a row that does not lag, or one that does not exist.
+pub(crate) fn catch_up(conn: &Connection, id: &str) -> Result<(), StoreError> {
+    let next_pos: Option<i64> = conn
+        .prepare_cached("SELECT next_pos FROM instances WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+        .map_err(db("read instance"))?;
+    let Some(next_pos) = next_pos else {
+        return Ok(());
+    };
+    let Some(lag) = lag(conn, id, next_pos)? else {
+        return Ok(());
+    };
+    conn.prepare_cached(
+        "UPDATE instances SET next_pos = ?2, next_activation = ?3, updated_at = ?4,
+                held_seq = ?5, held_pos = ?6, held_at = ?4
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            lag.next_pos,
+            lag.next_activation,
+            lag.recorded_at,
+            lag.held_seq,
+            lag.held_pos
+        ])
+    })
+    .map_err(db("catch up instance"))?;
+    Ok(())
+}
+
+/// `info` as its history says, for a reader: a running instance's position, activation and
+/// last change past what its lagging row says (see the module docs).
+pub(crate) fn settle_info(conn: &Connection, info: &mut InstanceInfo) -> Result<(), StoreError> {
+    if info.status.is_final() {
+        return Ok(());
+    }
+    match lag(conn, &info.id, info.next_position as i64) {
+        Ok(Some(lag)) => {
+            info.next_position = lag.next_pos as u64;
+            info.next_activation = lag.next_activation as u32;
+            info.updated_at_ms = info.updated_at_ms.max(lag.recorded_at as u64);
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        // The row as it is: one unreadable history does not fail a listing. Replaying it
+        // reports the history itself.
+        Err(e @ StoreError::Corrupt { .. }) => {
+            tracing::warn!(instance_id = %info.id, error = %e, "cannot read how far the instance's history goes past its row");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
