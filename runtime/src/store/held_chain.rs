@@ -29,8 +29,10 @@ use super::InstanceInfo;
 use crate::error::StoreError;
 use retrace_sdk::Event;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Maps keyed by instance ids and rowids, hashed with foldhash: a few lookups per step.
+type Map<K, V> = foldhash::HashMap<K, V>;
 
 /// What the write connection knows of one instance in a held chain: the row as written
 /// (`row_*`) and the instance as its history says.
@@ -44,7 +46,7 @@ pub(crate) struct Chain {
     /// The call in the held slot.
     pub(crate) held_seq: u32,
     /// Who holds it (and runs the instance's steps).
-    pub(crate) owner: String,
+    pub(crate) owner: Arc<str>,
     /// The slot's lease, as the row says (renewals drop the chain).
     pub(crate) held_until: u64,
     /// `next_pos` as the row says.
@@ -53,16 +55,27 @@ pub(crate) struct Chain {
     pub(crate) row_held_seq: u32,
 }
 
+/// A chain and the instance it belongs to.
+struct Entry {
+    id: Arc<str>,
+    chain: Chain,
+}
+
 #[derive(Default)]
 struct State {
-    /// Chains of committed transactions, by instance id.
-    chains: HashMap<String, Chain>,
-    /// Instance id by rowid, for the chains above.
-    ids: HashMap<i64, String>,
-    /// Chains the open transaction wrote, for when it commits.
-    staged: HashMap<String, Chain>,
-    /// Instance id by rowid, for the staged chains.
-    staged_ids: HashMap<i64, String>,
+    /// Chains of committed transactions, by rowid.
+    chains: Map<i64, Entry>,
+    /// Rowid by instance id: where to look in `chains` (the entry found must name the id).
+    rows: Map<Arc<str>, i64>,
+    /// Chains the open transaction wrote, for when it commits, each with its stamp.
+    staged: Vec<(u64, Entry)>,
+    /// Rows the update hook saw change while chains were staged, with the stamp of each
+    /// change: a staged chain older than a change to its row is dropped at commit.
+    changed: Vec<(i64, u64)>,
+    /// Counts stagings and changes, to order them.
+    stamp: u64,
+    /// Owners of chains, so that each is allocated once.
+    owners: Vec<Arc<str>>,
     /// The rowid of the `instances` row the last statement changed.
     last_row: Option<i64>,
     /// `PRAGMA data_version` when the last batch began.
@@ -70,29 +83,19 @@ struct State {
 }
 
 impl State {
-    fn forget_row(&mut self, rowid: i64) {
-        if let Some(id) = self.ids.remove(&rowid) {
-            self.chains.remove(&id);
+    fn row_changed(&mut self, rowid: i64) {
+        self.chains.remove(&rowid);
+        if !self.staged.is_empty() {
+            self.stamp += 1;
+            self.changed.push((rowid, self.stamp));
         }
-        if let Some(id) = self.staged_ids.remove(&rowid) {
-            self.staged.remove(&id);
-        }
-    }
-
-    fn forget_id(&mut self, id: &str) {
-        if let Some(chain) = self.chains.remove(id) {
-            self.ids.remove(&chain.rowid);
-        }
-        if let Some(chain) = self.staged.remove(id) {
-            self.staged_ids.remove(&chain.rowid);
-        }
+        self.last_row = Some(rowid);
     }
 
     fn forget_all(&mut self) {
         self.chains.clear();
-        self.ids.clear();
         self.staged.clear();
-        self.staged_ids.clear();
+        self.changed.clear();
     }
 }
 
@@ -112,13 +115,10 @@ impl HeldChains {
         let chains = Arc::clone(chains);
         conn.update_hook(Some(
             move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| match table {
-                "instances" => {
-                    let mut s = chains.lock();
-                    s.forget_row(rowid);
-                    s.last_row = Some(rowid);
-                }
+                "instances" => chains.lock().row_changed(rowid),
                 // An inbox message may make the instance ready, or be what its next activation
-                // must see: chains assume an empty inbox.
+                // must see: chains assume an empty inbox. (Every message also marks its
+                // instance's row, which drops that chain alone; this is the backstop.)
                 "inbox" => chains.lock().forget_all(),
                 _ => {}
             },
@@ -139,18 +139,27 @@ impl HeldChains {
         s.last_row = None;
     }
 
-    /// The batch committed: what it staged holds from now on.
+    /// The batch committed: what it staged holds from now on, but for chains whose row
+    /// changed after they were staged.
     pub(crate) fn committed(&self) {
         let mut s = self.lock();
         let staged = std::mem::take(&mut s.staged);
-        s.staged_ids.clear();
-        for (id, chain) in staged {
-            if let Some(old) = s.chains.get(&id) {
-                let old_row = old.rowid;
-                s.ids.remove(&old_row);
+        let changed = std::mem::take(&mut s.changed);
+        if !staged.is_empty() {
+            let last_change: Map<i64, u64> = changed.into_iter().collect();
+            for (stamp, entry) in staged {
+                if last_change
+                    .get(&entry.chain.rowid)
+                    .is_none_or(|&at| at < stamp)
+                {
+                    s.chains.insert(entry.chain.rowid, entry);
+                }
             }
-            s.ids.insert(chain.rowid, id.clone());
-            s.chains.insert(id, chain);
+        }
+        // `rows` only points into `chains`: trim what points nowhere once it is much larger.
+        if s.rows.len() > 4 * s.chains.len() + 4096 {
+            let State { rows, chains, .. } = &mut *s;
+            rows.retain(|_, rowid| chains.contains_key(rowid));
         }
     }
 
@@ -161,7 +170,24 @@ impl HeldChains {
 
     /// The committed chain of `id`.
     pub(crate) fn get(&self, id: &str) -> Option<Chain> {
-        self.lock().chains.get(id).cloned()
+        let s = self.lock();
+        let rowid = s.rows.get(id)?;
+        let entry = s.chains.get(rowid)?;
+        (*entry.id == *id).then(|| entry.chain.clone())
+    }
+
+    /// `owner` as chains keep it.
+    pub(crate) fn owner(&self, owner: &str) -> Arc<str> {
+        let mut s = self.lock();
+        if let Some(o) = s.owners.iter().find(|o| ***o == *owner) {
+            return Arc::clone(o);
+        }
+        let o: Arc<str> = owner.into();
+        if s.owners.len() >= 64 {
+            s.owners.clear();
+        }
+        s.owners.push(Arc::clone(&o));
+        o
     }
 
     /// The rowid of the `instances` row the last statement changed, taken.
@@ -172,17 +198,26 @@ impl HeldChains {
     /// Records `chain` for `id`, once the open transaction commits.
     pub(crate) fn stage(&self, id: &str, chain: Chain) {
         let mut s = self.lock();
-        if let Some(old) = s.staged.get(id) {
-            let old_row = old.rowid;
-            s.staged_ids.remove(&old_row);
-        }
-        s.staged_ids.insert(chain.rowid, id.to_string());
-        s.staged.insert(id.to_string(), chain);
+        let id = match s.rows.get_key_value(id) {
+            Some((key, &rowid)) if rowid == chain.rowid => Arc::clone(key),
+            _ => {
+                let key: Arc<str> = id.into();
+                s.rows.insert(Arc::clone(&key), chain.rowid);
+                key
+            }
+        };
+        s.stamp += 1;
+        let stamp = s.stamp;
+        s.staged.push((stamp, Entry { id, chain }));
     }
 
     /// Drops what is known of `id` (its chain step could not be written).
     pub(crate) fn forget(&self, id: &str) {
-        self.lock().forget_id(id);
+        let mut s = self.lock();
+        if let Some(&rowid) = s.rows.get(id) {
+            s.chains.remove(&rowid);
+        }
+        s.staged.retain(|(_, e)| *e.id != *id);
     }
 }
 

@@ -2725,7 +2725,7 @@ fn chain_continues(chain: &Chain, c: &ActivationCommit, seq: u32) -> bool {
     chain.generation == c.generation
         && chain.next_pos == c.expected_position
         && chain.held_seq == seq
-        && chain.owner == c.owner
+        && *chain.owner == *c.owner
 }
 
 /// Notes that `c`'s instance, whose row the open transaction just wrote (rowid `rowid`, or the
@@ -2746,7 +2746,7 @@ fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: Opt
             generation: c.generation,
             next_pos,
             held_seq: seq,
-            owner: c.owner.clone(),
+            owner: chains.owner(&c.owner),
             held_until: now.saturating_add(c.lease_ms),
             row_next_pos: next_pos,
             row_held_seq: seq,
