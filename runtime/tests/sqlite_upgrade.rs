@@ -1,6 +1,7 @@
 //! Upgrading an SQLite store past a schema an older build cannot go on with (5: the held slot;
-//! 7: history rows of several events) is refused while a worker of another process still uses
-//! it: that older build would go on with a store it misreads.
+//! 7: history rows of several events; 9: instance rows behind their held chains) is refused
+//! while a worker of another process still uses it: that older build would go on with a store
+//! it misreads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use retrace_runtime::store::sqlite::SCHEMA_VERSION;
@@ -56,4 +57,9 @@ fn schema_5_waits_for_older_workers_to_stop() {
 #[test]
 fn schema_7_waits_for_older_workers_to_stop() {
     upgrade_waits_for_older_workers(6, "ALTER TABLE events DROP COLUMN len;");
+}
+
+#[test]
+fn schema_9_waits_for_older_workers_to_stop() {
+    upgrade_waits_for_older_workers(8, "");
 }

@@ -743,6 +743,46 @@ async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A held chain whose last step can no longer be read (damaged behind the store's back):
+/// the instance is stopped with the reason when its row is caught up, and can still be
+/// terminated, at the position its history ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() {
+    let (dir, path) = scratch_file("chain-damaged");
+    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    held_chain(&s, "w1", "damaged", 3).await;
+    held_chain(&s, "w1", "sound", 3).await;
+    let damaged = rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE events SET body = replace(body, '\"name\":\"act\"', '\"name\":7')
+             WHERE instance_id = 'damaged' AND pos = 6",
+            [],
+        )
+        .unwrap();
+    assert_eq!(damaged, 1);
+    // The worker goes: its held calls are handed on, but for the unreadable one.
+    s.release_leases("w1").await.unwrap();
+    let info = s.describe("damaged").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Stopped, "{info:?}");
+    assert_eq!(info.next_position, 8);
+    let tasks = s
+        .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap();
+    let claimed: Vec<(&str, u32)> = tasks
+        .iter()
+        .map(|t| (t.instance_id.as_str(), t.seq))
+        .collect();
+    assert_eq!(claimed, vec![("sound", 3)]);
+    s.terminate("damaged", "by hand").await.unwrap();
+    let info = s.describe("damaged").await.unwrap().unwrap();
+    assert_eq!(info.status, InstanceStatus::Terminated);
+    assert_eq!(info.next_position, 9);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A message delivered in the middle of a held chain ends it too: the next outcome goes to
 /// the inbox beside the message, for an activation that sees both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

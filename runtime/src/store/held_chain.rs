@@ -221,66 +221,87 @@ impl HeldChains {
     }
 }
 
-/// The state the history of a lagging row gives it.
-pub(crate) struct Lag {
-    /// The true next position.
-    pub(crate) next_pos: i64,
-    /// The true next activation.
-    pub(crate) next_activation: i64,
-    /// When the chain's last step was written (it started the held call).
-    pub(crate) recorded_at: i64,
-    /// The call in the held slot.
-    pub(crate) held_seq: u32,
-    /// The position of its `activity_scheduled` event.
-    pub(crate) held_pos: i64,
+/// The last history row of an instance, when it goes past the row's `next_pos`.
+struct Tail {
+    pos: i64,
+    len: i64,
+    activation: i64,
+    recorded_at: i64,
+    kind: String,
+    body: String,
 }
 
-/// The last history row of `id`, if it goes past `next_pos` (the row's): the state it gives
-/// the row. Reads only.
-pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Lag>, StoreError> {
-    let tail: Option<(i64, i64, i64, i64, String, String)> = conn
+/// `id`'s last history row, if it goes past `next_pos` (the row's). Reads only.
+fn tail(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Tail>, StoreError> {
+    let tail = conn
         .prepare_cached(
             "SELECT pos, len, activation, recorded_at, kind, body FROM events
              WHERE instance_id = ?1 ORDER BY pos DESC LIMIT 1",
         )
         .and_then(|mut s| {
             s.query_row([id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
+                Ok(Tail {
+                    pos: r.get(0)?,
+                    len: r.get(1)?,
+                    activation: r.get(2)?,
+                    recorded_at: r.get(3)?,
+                    kind: r.get(4)?,
+                    body: r.get(5)?,
+                })
             })
             .optional()
         })
         .map_err(db("read history tail"))?;
-    let Some((pos, len, activation, recorded_at, kind, body)) = tail else {
-        return Ok(None);
-    };
-    if pos + len <= next_pos {
-        return Ok(None);
-    }
+    Ok(tail.filter(|t| t.pos + t.len > next_pos))
+}
+
+/// Where a lagging row's history ends: its true next position, next activation and last
+/// change. Reads only, and decodes nothing.
+pub(crate) struct TailEnd {
+    /// The true next position.
+    pub(crate) next_pos: i64,
+    /// The true next activation.
+    pub(crate) next_activation: i64,
+    /// When the chain's last step was written.
+    pub(crate) recorded_at: i64,
+}
+
+/// [`TailEnd`] of `id`, if its row (at `next_pos`) lags behind its history.
+pub(crate) fn tail_end(
+    conn: &Connection,
+    id: &str,
+    next_pos: i64,
+) -> Result<Option<TailEnd>, StoreError> {
+    Ok(tail(conn, id, next_pos)?.map(|t| TailEnd {
+        next_pos: t.pos + t.len,
+        next_activation: t.activation + 1,
+        recorded_at: t.recorded_at,
+    }))
+}
+
+/// The call in a lagging row's held slot: the one `activity_scheduled` of its last history
+/// row (seq, position).
+fn held_call(id: &str, tail: &Tail) -> Result<(u32, i64), StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         instance_id: id.to_string(),
-        what: format!("history row at position {pos}"),
+        what: format!("history row at position {}", tail.pos),
         detail,
     };
-    let mut scheduled = kind
+    let mut scheduled = tail
+        .kind
         .split(',')
         .enumerate()
         .filter(|(_, k)| *k == "activity_scheduled");
     let (Some((at, _)), None) = (scheduled.next(), scheduled.next()) else {
         return Err(corrupt(format!(
-            "it goes past the instance's position {next_pos} but does not schedule exactly \
-             one call ({kind})"
+            "it goes past the instance row's position but does not schedule exactly one call \
+             ({})",
+            tail.kind
         )));
     };
-    let held_pos = pos + at as i64;
+    let held_pos = tail.pos + at as i64;
     let mut held_seq = None;
-    for_each_event_in_row(id, pos, len, &body, |p, part| {
+    for_each_event_in_row(id, tail.pos, tail.len, &tail.body, |p, part| {
         if p == held_pos {
             if let Event::ActivityScheduled { seq, .. } = decode_event_json(id, p, part)? {
                 held_seq = Some(seq);
@@ -290,10 +311,32 @@ pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<L
     })?;
     let held_seq =
         held_seq.ok_or_else(|| corrupt(format!("position {held_pos} schedules no call")))?;
+    Ok((held_seq, held_pos))
+}
+
+/// The state the history of a lagging row gives it.
+pub(crate) struct Lag {
+    /// Where the history ends.
+    pub(crate) end: TailEnd,
+    /// The call in the held slot.
+    pub(crate) held_seq: u32,
+    /// The position of its `activity_scheduled` event.
+    pub(crate) held_pos: i64,
+}
+
+/// The state `id`'s history gives its row, if the row (at `next_pos`) lags behind it. Reads
+/// only. [`StoreError::Corrupt`] when the last row's held call cannot be read.
+pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Lag>, StoreError> {
+    let Some(tail) = tail(conn, id, next_pos)? else {
+        return Ok(None);
+    };
+    let (held_seq, held_pos) = held_call(id, &tail)?;
     Ok(Some(Lag {
-        next_pos: pos + len,
-        next_activation: activation + 1,
-        recorded_at,
+        end: TailEnd {
+            next_pos: tail.pos + tail.len,
+            next_activation: tail.activation + 1,
+            recorded_at: tail.recorded_at,
+        },
         held_seq,
         held_pos,
     }))
@@ -302,6 +345,11 @@ pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<L
 /// Writes into `id`'s row what its held chain left in the history only (see the module
 /// docs). Every write path that reads the row's position, activation or held slot runs it
 /// first. Does nothing for a row that does not lag, or one that does not exist.
+///
+/// When the held call cannot be read from the history (damaged behind the store's back), the
+/// row still gets its position, and a running instance is stopped with the reason, its slot
+/// emptied: as for any unreadable history, that instance waits for an operator and everything
+/// else goes on (terminating it, among others).
 pub(crate) fn catch_up(conn: &Connection, id: &str) -> Result<(), StoreError> {
     let next_pos: Option<i64> = conn
         .prepare_cached("SELECT next_pos FROM instances WHERE id = ?1")
@@ -310,48 +358,67 @@ pub(crate) fn catch_up(conn: &Connection, id: &str) -> Result<(), StoreError> {
     let Some(next_pos) = next_pos else {
         return Ok(());
     };
-    let Some(lag) = lag(conn, id, next_pos)? else {
+    let Some(tail) = tail(conn, id, next_pos)? else {
         return Ok(());
     };
-    conn.prepare_cached(
-        "UPDATE instances SET next_pos = ?2, next_activation = ?3, updated_at = ?4,
-                held_seq = ?5, held_pos = ?6, held_at = ?4
-         WHERE id = ?1",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            id,
-            lag.next_pos,
-            lag.next_activation,
-            lag.recorded_at,
-            lag.held_seq,
-            lag.held_pos
-        ])
-    })
-    .map_err(db("catch up instance"))?;
+    let (next_pos, next_activation) = (tail.pos + tail.len, tail.activation + 1);
+    match held_call(id, &tail) {
+        Ok((held_seq, held_pos)) => conn
+            .prepare_cached(
+                "UPDATE instances SET next_pos = ?2, next_activation = ?3, updated_at = ?4,
+                        held_seq = ?5, held_pos = ?6, held_at = ?4
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    next_pos,
+                    next_activation,
+                    tail.recorded_at,
+                    held_seq,
+                    held_pos
+                ])
+            })
+            .map_err(db("catch up instance"))?,
+        Err(e @ StoreError::Corrupt { .. }) => {
+            tracing::error!(instance_id = %id, error = %e, "cannot read the call a held chain left running; stopping the instance");
+            conn.prepare_cached(
+                "UPDATE instances SET next_pos = ?2, next_activation = ?3, updated_at = ?4,
+                        held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0,
+                        ready = CASE WHEN status = 'running' THEN 0 ELSE ready END,
+                        lease_owner = CASE WHEN status = 'running' THEN NULL ELSE lease_owner END,
+                        lease_until = CASE WHEN status = 'running' THEN 0 ELSE lease_until END,
+                        reason = CASE WHEN status = 'running' THEN ?5 ELSE reason END,
+                        status = CASE WHEN status = 'running' THEN 'stopped' ELSE status END
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    next_pos,
+                    next_activation,
+                    tail.recorded_at,
+                    e.to_string()
+                ])
+            })
+            .map_err(db("catch up instance"))?
+        }
+        Err(e) => return Err(e),
+    };
     Ok(())
 }
 
 /// `info` as its history says, for a reader: a running instance's position, activation and
-/// last change past what its lagging row says (see the module docs).
+/// last change past what its lagging row says (see the module docs). Run it in the read
+/// transaction that read `info`.
 pub(crate) fn settle_info(conn: &Connection, info: &mut InstanceInfo) -> Result<(), StoreError> {
     if info.status.is_final() {
         return Ok(());
     }
-    match lag(conn, &info.id, info.next_position as i64) {
-        Ok(Some(lag)) => {
-            info.next_position = lag.next_pos as u64;
-            info.next_activation = lag.next_activation as u32;
-            info.updated_at_ms = info.updated_at_ms.max(lag.recorded_at as u64);
-            Ok(())
-        }
-        Ok(None) => Ok(()),
-        // The row as it is: one unreadable history does not fail a listing. Replaying it
-        // reports the history itself.
-        Err(e @ StoreError::Corrupt { .. }) => {
-            tracing::warn!(instance_id = %info.id, error = %e, "cannot read how far the instance's history goes past its row");
-            Ok(())
-        }
-        Err(e) => Err(e),
+    if let Some(end) = tail_end(conn, &info.id, info.next_position as i64)? {
+        info.next_position = end.next_pos as u64;
+        info.next_activation = end.next_activation as u32;
+        info.updated_at_ms = info.updated_at_ms.max(end.recorded_at as u64);
     }
+    Ok(())
 }

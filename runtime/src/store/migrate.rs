@@ -317,10 +317,10 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
     // A row left behind its held chain (a worker stopped mid-chain) is read as its history
     // says (see `held_chain`).
     for i in &mut instances {
-        if let Some(lag) = super::held_chain::lag(conn, &i.id, i.next_pos)? {
-            i.next_pos = lag.next_pos;
-            i.next_activation = lag.next_activation;
-            i.updated_at = i.updated_at.max(lag.recorded_at);
+        if let Some(end) = super::held_chain::tail_end(conn, &i.id, i.next_pos)? {
+            i.next_pos = end.next_pos;
+            i.next_activation = end.next_activation;
+            i.updated_at = i.updated_at.max(end.recorded_at);
         }
     }
     let mut events = conn

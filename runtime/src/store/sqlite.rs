@@ -586,8 +586,10 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
 /// process (an older build) uses it: such a build must not go on with the upgraded store.
 /// Version 5 keeps a claimed call in its instance's held slot, which an older build knows
 /// nothing of; version 7 writes history rows of several events, which an older build would
-/// read as one undecodable event and stop the instance for.
-const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 7;
+/// read as one undecodable event and stop the instance for; version 9 lets an instance row lag
+/// behind its history (held chains), which an older build would read as it stands and hand on
+/// a call that already completed.
+const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 9;
 
 /// How many workers of other processes use the store at `path` now: lock files beside it
 /// (`PATH.workers/*.lock`) that someone holds. A worker holds its file for as long as it runs,
@@ -1499,7 +1501,7 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
     };
     // A row that lags behind its held chain: the slot holds the chain's last call.
     if let Some(lag) = lag(conn, id, next_pos)? {
-        (seq, pos, started_at) = (lag.held_seq, lag.held_pos, lag.recorded_at);
+        (seq, pos, started_at) = (lag.held_seq, lag.held_pos, lag.end.recorded_at);
     }
     let row: Option<(i64, i64, String)> = conn
         .prepare_cached(
@@ -4107,6 +4109,23 @@ impl Store for SqliteStore {
         let names = json_list(known)?;
         self.write(move |conn| {
             let before = now_ms().saturating_sub(min_wait_ms) as i64;
+            // The rows that look unclaimed for long enough may lag behind a held chain, whose
+            // last step is their last change: caught up first.
+            let candidates: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT id FROM instances
+                     WHERE ready = 1 AND status = 'running' AND reason IS NULL
+                       AND lease_owner IS NULL AND updated_at < ?2
+                       AND coordinator NOT IN (SELECT value FROM json_each(?1))",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![names, before], |r| r.get(0))?
+                        .collect::<Result<_, _>>()
+                })
+                .map_err(db("mark unclaimed instances"))?;
+            for id in &candidates {
+                catch_up(conn, id)?;
+            }
             let n = conn
                 .prepare_cached(
                     "UPDATE instances
