@@ -183,6 +183,39 @@ async fn populate(s: &SharedStore) {
     // instance row), by a worker that crashed (its lease has expired).
     start_with_claimed_call(s, "held", "w-dead", 1).await;
     s.release_leases("w").await.unwrap();
+    // A held chain cut short: its worker took sequential steps (the SQLite store wrote their
+    // history rows only: the instance row lags behind them) and died; its lease has expired.
+    let lease_ms = 300;
+    let mut task = start_with_claimed_call(s, "chained", "w-chain", lease_ms).await;
+    for seq in 0..3u32 {
+        let info = s.describe("chained").await.unwrap().unwrap();
+        let commit = ActivationCommit::plan(
+            "chained",
+            "w-chain",
+            info.generation,
+            info.next_position,
+            info.next_activation,
+            vec![
+                Event::ActivityCompleted {
+                    seq,
+                    output: json!(seq),
+                    attempt: 1,
+                },
+                scheduled(seq + 1, "quick"),
+            ],
+            vec![],
+            None,
+            &|_| true,
+            lease_ms,
+        );
+        match s.finish_and_activate(&task, commit).await.unwrap() {
+            retrace_runtime::store::DirectFinish::Activated(mut r) => {
+                task = r.claimed_tasks.remove(0)
+            }
+            other => panic!("chained step {seq}: {other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(lease_ms + 20)).await;
     // A parent waiting on a child.
     create(s, "parent", None).await;
     activate(
@@ -296,6 +329,19 @@ async fn run(url: &str, schema: &str) {
     let path = dir.path().join("source.db");
     let source: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
     populate(&source).await;
+    let row_position: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT next_pos FROM instances WHERE id = 'chained'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let chained = source.describe("chained").await.unwrap().unwrap();
+    assert!(
+        (row_position as u64) < chained.next_position,
+        "the chain's steps wrote the instance row"
+    );
     let target_store =
         PostgresStore::connect_with(url, PostgresOptions::default().with_schema(schema))
             .await
@@ -341,6 +387,7 @@ async fn run(url: &str, schema: &str) {
         "ended",
         "signalled",
         "stepped",
+        "chained",
     ];
     assert_eq!(report.copied, ids.len() as u64, "{report:?}");
     assert_eq!(report.different, vec!["clash".to_string()]);
@@ -402,7 +449,11 @@ async fn run(url: &str, schema: &str) {
         .map(|t| (t.instance_id.as_str(), t.attempt))
         .collect();
     taken.sort();
-    assert_eq!(taken, vec![("crashed", 2), ("held", 2)]);
+    assert_eq!(taken, vec![("chained", 2), ("crashed", 2), ("held", 2)]);
+    // The chain's call is its last one, not the one its row last named.
+    assert!(tasks
+        .iter()
+        .any(|t| t.instance_id == "chained" && t.seq == 3));
     // Ready instances are claimable at once; a child still reports to its parent.
     let mut ready = target
         .claim_ready("w2", &names(&["c"]), 100, LEASE_MS)
