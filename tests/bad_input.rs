@@ -90,7 +90,7 @@ async fn an_undecodable_event_stops_only_its_instance_and_loses_nothing() {
     let raw = rusqlite::Connection::open(scratch.db()).unwrap();
     let (first, body): (i64, String) = raw
         .query_row(
-            "SELECT pos, body FROM events WHERE instance_id = 'bad' AND pos <= 3
+            "SELECT pos, body FROM events WHERE instance_key = (SELECT key FROM instances WHERE id = 'bad') AND pos <= 3
              ORDER BY pos DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -99,13 +99,13 @@ async fn an_undecodable_event_stops_only_its_instance_and_loses_nothing() {
     let mut parts: Vec<&str> = body.split('\n').collect();
     parts[(3 - first) as usize] = r#"{"type":"activity_completed","seq":"oops"}"#;
     raw.execute(
-        "UPDATE events SET body = ?1 WHERE instance_id = 'bad' AND pos = ?2",
+        "UPDATE events SET body = ?1 WHERE instance_key = (SELECT key FROM instances WHERE id = 'bad') AND pos = ?2",
         rusqlite::params![parts.join("\n"), first],
     )
     .unwrap();
     let bad_events = |raw: &rusqlite::Connection| -> Vec<(i64, String)> {
         let mut stmt = raw
-            .prepare("SELECT pos, body FROM events WHERE instance_id = 'bad' ORDER BY pos")
+            .prepare("SELECT pos, body FROM events WHERE instance_key = (SELECT key FROM instances WHERE id = 'bad') ORDER BY pos")
             .unwrap();
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()

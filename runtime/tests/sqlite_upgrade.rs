@@ -1,8 +1,12 @@
 //! Upgrading an SQLite store past a schema an older build cannot go on with (5: the held slot;
-//! 7: history rows of several events; 9: instance rows behind their held chains) is refused
+//! 7: history rows of several events; 9: instance rows behind their held chains; 10: history
+//! rows naming their instance by an integer key) is refused
 //! while a worker of another process still uses it: that older build would go on with a store
 //! it misreads.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/schema9.rs"]
+mod schema9;
 
 use retrace_runtime::store::sqlite::SCHEMA_VERSION;
 use retrace_runtime::{SqliteStore, StoreError};
@@ -14,7 +18,7 @@ fn user_version(path: &std::path::Path) -> i64 {
         .unwrap()
 }
 
-/// Takes a fresh store back to `version` with `downgrade`, then checks that the upgrade waits
+/// Takes a fresh store back to `version` with `downgrade` (from version 9), then checks that the upgrade waits
 /// for a live worker of that older build to stop, and goes through once it has.
 fn upgrade_waits_for_older_workers(version: i64, downgrade: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -22,7 +26,10 @@ fn upgrade_waits_for_older_workers(version: i64, downgrade: &str) {
     SqliteStore::open(&db).unwrap().close();
     rusqlite::Connection::open(&db)
         .unwrap()
-        .execute_batch(&format!("{downgrade} PRAGMA user_version = {version};"))
+        .execute_batch(&format!(
+            "{} {downgrade} PRAGMA user_version = {version};",
+            schema9::TO_SCHEMA_9
+        ))
         .unwrap();
     // A live worker of that build: its lock file, locked.
     let workers = dir.path().join("store.db.workers");
@@ -62,4 +69,9 @@ fn schema_7_waits_for_older_workers_to_stop() {
 #[test]
 fn schema_9_waits_for_older_workers_to_stop() {
     upgrade_waits_for_older_workers(8, "");
+}
+
+#[test]
+fn schema_10_waits_for_older_workers_to_stop() {
+    upgrade_waits_for_older_workers(9, "");
 }

@@ -12,6 +12,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/schema9.rs"]
+mod schema9;
+
 use futures::FutureExt;
 use retrace_runtime::store::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, CommitReceipt, CreateOutcome,
@@ -432,8 +435,10 @@ conformance!(
     workers_run_coordinators,
 );
 
-/// Takes the history table back before schema 7: one row per event, no `len` column.
+/// Takes the history table back before schema 7: one row per event, no `len` column (and
+/// the tables back before schema 10).
 fn history_to_single_event_rows(conn: &rusqlite::Connection) {
+    conn.execute_batch(schema9::TO_SCHEMA_9).unwrap();
     let rows: Vec<(String, i64, i64, String, i64, String, i64)> = conn
         .prepare("SELECT instance_id, pos, activation, kind, recorded_at, body, len FROM events")
         .unwrap()
@@ -488,7 +493,7 @@ async fn sqlite_an_unreadable_held_call_stops_its_instance() {
         .unwrap()
         .execute(
             "UPDATE events SET body = replace(body, '\"name\":\"act\"', '\"name\":7')
-             WHERE instance_id = 'damaged'",
+             WHERE instance_key = (SELECT key FROM instances WHERE id = 'damaged')",
             [],
         )
         .unwrap();
@@ -756,7 +761,7 @@ async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() 
         .unwrap()
         .execute(
             "UPDATE events SET body = replace(body, '\"name\":\"act\"', '\"name\":7')
-             WHERE instance_id = 'damaged' AND pos = 6",
+             WHERE instance_key = (SELECT key FROM instances WHERE id = 'damaged') AND pos = 6",
             [],
         )
         .unwrap();
@@ -930,7 +935,8 @@ async fn sqlite_v5_history_moves_to_the_append_ordered_table() {
     assert_eq!(s.load("b", 0).await.unwrap().events, before.1);
     // The unique (instance, position) constraint came along.
     let twice = rusqlite::Connection::open(&path).unwrap().execute(
-        "INSERT INTO events SELECT * FROM events WHERE instance_id = 'a' AND pos = 0",
+        "INSERT INTO events SELECT * FROM events
+         WHERE instance_key = (SELECT key FROM instances WHERE id = 'a') AND pos = 0",
         [],
     );
     assert!(

@@ -236,7 +236,8 @@ fn tail(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Tail>, Stor
     let tail = conn
         .prepare_cached(
             "SELECT pos, len, activation, recorded_at, kind, body FROM events
-             WHERE instance_id = ?1 ORDER BY pos DESC LIMIT 1",
+             WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)
+             ORDER BY pos DESC LIMIT 1",
         )
         .and_then(|mut s| {
             s.query_row([id], |r| {

@@ -326,7 +326,7 @@ fn read_snapshot(conn: &Connection, display: &str) -> Result<Vec<RawInstance>, S
     let mut events = conn
         .prepare(
             "SELECT pos, activation, kind, recorded_at, body, len FROM events
-             WHERE instance_id = ?1 ORDER BY pos",
+             WHERE instance_key = (SELECT key FROM instances WHERE id = ?1) ORDER BY pos",
         )
         .map_err(db("read source history"))?;
     let mut inbox = conn

@@ -45,7 +45,7 @@ use tokio::sync::{oneshot, watch};
 /// `PRAGMA application_id` of a Retrace store ("RTRC").
 const APPLICATION_ID: i64 = 0x5254_5243;
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 /// Prepared statements kept per connection (the store uses a few dozen distinct ones).
 const STATEMENT_CACHE_CAPACITY: usize = 128;
 
@@ -207,6 +207,71 @@ CREATE INDEX IF NOT EXISTS instances_parent ON instances(parent_id) WHERE parent
 -- one `activity_scheduled` of the last row). Older builds would read such a row as it stands
 -- and hand on a call that already completed; marking the store makes them refuse the file.
 SELECT 1;
+"#,
+    r#"
+-- Version 10: instances get an integer key (`key INTEGER PRIMARY KEY`, the rowid they had),
+-- and history rows name their instance by it. The history index's entries were led by the
+-- text id: they were compared as text at every step, and their width set how many of the
+-- index's pages every group commit rewrote (about half of W1's commit frames). A declared
+-- key also keeps rowids through VACUUM. Same columns otherwise; older builds refuse the file.
+CREATE TABLE instances_v10 (
+    key             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    coordinator     TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    input           TEXT NOT NULL,
+    output          TEXT,
+    error           TEXT,
+    reason          TEXT,
+    custom_status   TEXT,
+    parent_id       TEXT,
+    parent_seq      INTEGER,
+    generation      INTEGER NOT NULL DEFAULT 0,
+    next_pos        INTEGER NOT NULL DEFAULT 0,
+    next_activation INTEGER NOT NULL DEFAULT 0,
+    ready           INTEGER NOT NULL DEFAULT 0,
+    lease_owner     TEXT,
+    lease_until     INTEGER NOT NULL DEFAULT 0,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    ended_at        INTEGER,
+    held_seq        INTEGER,
+    held_pos        INTEGER,
+    held_owner      TEXT,
+    held_until      INTEGER NOT NULL DEFAULT 0,
+    held_at         INTEGER
+);
+INSERT INTO instances_v10 (key, id, coordinator, status, input, output, error, reason,
+        custom_status, parent_id, parent_seq, generation, next_pos, next_activation, ready,
+        lease_owner, lease_until, created_at, updated_at, ended_at, held_seq, held_pos,
+        held_owner, held_until, held_at)
+    SELECT rowid, id, coordinator, status, input, output, error, reason, custom_status,
+        parent_id, parent_seq, generation, next_pos, next_activation, ready, lease_owner,
+        lease_until, created_at, updated_at, ended_at, held_seq, held_pos, held_owner,
+        held_until, held_at
+    FROM instances;
+CREATE TABLE events_v10 (
+    instance_key INTEGER NOT NULL,
+    pos          INTEGER NOT NULL,
+    activation   INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    recorded_at  INTEGER NOT NULL,
+    body         TEXT NOT NULL,
+    len          INTEGER NOT NULL DEFAULT 1
+);
+INSERT INTO events_v10 (instance_key, pos, activation, kind, recorded_at, body, len)
+    SELECT i.key, e.pos, e.activation, e.kind, e.recorded_at, e.body, e.len
+    FROM events e JOIN instances_v10 i ON i.id = e.instance_id
+    ORDER BY e.rowid;
+DROP TABLE events;
+DROP TABLE instances;
+ALTER TABLE instances_v10 RENAME TO instances;
+ALTER TABLE events_v10 RENAME TO events;
+CREATE UNIQUE INDEX events_at ON events(instance_key, pos);
+CREATE INDEX instances_ready ON instances(lease_until) WHERE ready = 1 AND status = 'running';
+CREATE INDEX instances_status ON instances(status, created_at);
+CREATE INDEX instances_held ON instances(held_owner) WHERE held_owner IS NOT NULL;
+CREATE INDEX instances_parent ON instances(parent_id) WHERE parent_id IS NOT NULL;
 "#,
 ];
 
@@ -588,8 +653,9 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
 /// nothing of; version 7 writes history rows of several events, which an older build would
 /// read as one undecodable event and stop the instance for; version 9 lets an instance row lag
 /// behind its history (held chains), which an older build would read as it stands and hand on
-/// a call that already completed.
-const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 9;
+/// a call that already completed; version 10 names history rows' instances by a key an older
+/// build does not know.
+const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 10;
 
 /// How many workers of other processes use the store at `path` now: lock files beside it
 /// (`PATH.workers/*.lock`) that someone holds. A worker holds its file for as long as it runs,
@@ -1505,7 +1571,8 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
     }
     let row: Option<(i64, i64, String)> = conn
         .prepare_cached(
-            "SELECT pos, len, body FROM events WHERE instance_id = ?1 AND pos <= ?2
+            "SELECT pos, len, body FROM events
+             WHERE instance_key = (SELECT key FROM instances WHERE id = ?1) AND pos <= ?2
              ORDER BY pos DESC LIMIT 1",
         )
         .and_then(|mut s| {
@@ -1789,10 +1856,11 @@ fn insert_stepped_instance(
     if n == 0 {
         return existing_instance(conn, &new.id).map(Some);
     }
+    let key = conn.last_insert_rowid();
     if let Some(h) = held {
-        stage_chain(conn, c, now, h.0, Some(conn.last_insert_rowid()));
+        stage_chain(conn, c, now, h.0, key);
     }
-    write_step(conn, c, now, held.map(|h| h.0))?;
+    write_step(conn, c, now, held.map(|h| h.0), Some(key))?;
     Ok(Some(CreateOutcome::Created))
 }
 
@@ -1901,7 +1969,14 @@ fn append_events(
     now: u64,
 ) -> Result<(), StoreError> {
     let row = HistoryRow::encode(events)?;
-    append_row(conn, instance_id, first_position, activation, &row, now)
+    append_row(
+        conn,
+        InstanceRef::Id(instance_id),
+        first_position,
+        activation,
+        &row,
+        now,
+    )
 }
 
 /// An activation's events as their `events` row holds them (schema 7): bodies joined by
@@ -1969,7 +2044,7 @@ impl std::ops::Deref for PreparedCommit {
 /// nothing is written).
 fn append_row(
     conn: &Tx<'_>,
-    instance_id: &str,
+    instance: InstanceRef<'_>,
     first_position: u64,
     activation: u32,
     row: &HistoryRow,
@@ -1978,23 +2053,53 @@ fn append_row(
     if row.len == 0 {
         return Ok(());
     }
-    conn.prepare_cached(
-        "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body, len)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            instance_id,
-            first_position as i64,
-            activation,
-            row.kind,
-            now as i64,
-            row.body,
-            row.len as i64
-        ])
-    })
-    .map_err(db("append events"))?;
+    let (sql, instance): (&'static str, &dyn rusqlite::ToSql) = match &instance {
+        InstanceRef::Key(key) => (
+            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            key,
+        ),
+        InstanceRef::Id(id) => (
+            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+             VALUES ((SELECT key FROM instances WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)",
+            id,
+        ),
+    };
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                instance,
+                first_position as i64,
+                activation,
+                row.kind,
+                now as i64,
+                row.body,
+                row.len as i64
+            ])
+        })
+        .map_err(db("append events"))?;
     Ok(())
+}
+
+/// The instance a history row goes to: by its key, when the caller has it at hand, or by
+/// its id.
+#[derive(Debug, Clone, Copy)]
+enum InstanceRef<'a> {
+    Key(i64),
+    Id(&'a str),
+}
+
+impl<'a> InstanceRef<'a> {
+    /// `key` if known, else `id`.
+    fn of(key: Option<i64>, id: &'a str) -> Self {
+        key.map_or(InstanceRef::Id(id), InstanceRef::Key)
+    }
+}
+
+/// The rowid (key) of the `instances` row the last statement changed, as the write
+/// connection's update hook saw it (none without held chains).
+fn changed_row(conn: &Tx<'_>) -> Option<i64> {
+    conn.chains().and_then(|chains| chains.take_last_row())
 }
 
 /// Between the bodies of the events one `events` row holds (schema 7). Compact JSON, as
@@ -2141,19 +2246,26 @@ fn insert_tasks_and_timers(
 }
 
 fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitReceipt, StoreError> {
-    let row: Option<(i64, Option<String>, String, i64, bool)> = conn
+    let row: Option<(i64, Option<String>, String, i64, bool, i64)> = conn
         .prepare_cached(
-            "SELECT next_pos, lease_owner, status, generation, held_owner IS NULL
+            "SELECT next_pos, lease_owner, status, generation, held_owner IS NULL, key
              FROM instances WHERE id = ?1",
         )
         .and_then(|mut s| {
             s.query_row([&c.instance_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })
             .optional()
         })
         .map_err(db("commit activation"))?;
-    let Some((next_pos, lease_owner, status, generation, slot_free)) = row else {
+    let Some((next_pos, lease_owner, status, generation, slot_free, key)) = row else {
         return Err(StoreError::NotFound {
             instance_id: c.instance_id.clone(),
         });
@@ -2176,7 +2288,7 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
     }
     append_row(
         conn,
-        &c.instance_id,
+        InstanceRef::Key(key),
         c.expected_position,
         c.activation,
         &c.row,
@@ -2280,9 +2392,12 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
         }
         Some(RunEnd::ContinueAsNew(input)) => {
             journal_derived_attempts(conn, &c.instance_id, c.generation)?;
-            conn.prepare_cached("DELETE FROM events WHERE instance_id = ?1")
-                .and_then(|mut s| s.execute([&c.instance_id]))
-                .map_err(db("continue as new"))?;
+            conn.prepare_cached(
+                "DELETE FROM events
+                 WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)",
+            )
+            .and_then(|mut s| s.execute([&c.instance_id]))
+            .map_err(db("continue as new"))?;
             delete_calls_and_timers(conn, &c.instance_id)?;
             let info = get_instance(conn, &c.instance_id)?.ok_or_else(|| StoreError::NotFound {
                 instance_id: c.instance_id.clone(),
@@ -2570,7 +2685,7 @@ fn step_ending_held(
     }
     append_row(
         conn,
-        &c.instance_id,
+        InstanceRef::of(chain.map(|chain| chain.rowid), &c.instance_id),
         c.expected_position,
         c.activation,
         &c.row,
@@ -2638,10 +2753,11 @@ fn step_finishing_held(
     if moved == 0 {
         return Ok(None);
     }
-    if let Some(h) = held {
-        stage_chain(conn, c, now, h.0, None);
+    let key = changed_row(conn);
+    if let (Some(h), Some(key)) = (held, key) {
+        stage_chain(conn, c, now, h.0, key);
     }
-    write_step(conn, c, now, held.map(|h| h.0)).map(Some)
+    write_step(conn, c, now, held.map(|h| h.0), key).map(Some)
 }
 
 /// The common sequential step in one statement per table: when the activation neither ends
@@ -2706,10 +2822,11 @@ fn step_in_tx(
         return Ok(None);
     };
     let held = candidate.filter(|_| took).map(|h| h.0);
-    if let Some(seq) = held {
-        stage_chain(conn, c, now, seq, None);
+    let key = changed_row(conn);
+    if let (Some(seq), Some(key)) = (held, key) {
+        stage_chain(conn, c, now, seq, key);
     }
-    write_step(conn, c, now, held).map(Some)
+    write_step(conn, c, now, held, key).map(Some)
 }
 
 /// Whether `c` is a plain step, which [`step_in_tx`] can write: it neither ends the run, nor
@@ -2730,14 +2847,10 @@ fn chain_continues(chain: &Chain, c: &ActivationCommit, seq: u32) -> bool {
         && *chain.owner == *c.owner
 }
 
-/// Notes that `c`'s instance, whose row the open transaction just wrote (rowid `rowid`, or the
-/// one the update hook saw last), has call `seq` in its held slot, held by `c`'s owner: its
-/// next step may be a chain step.
-fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: Option<i64>) {
+/// Notes that `c`'s instance, whose row (key `rowid`) the open transaction just wrote, has
+/// call `seq` in its held slot, held by `c`'s owner: its next step may be a chain step.
+fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64) {
     let Some(chains) = conn.chains() else {
-        return;
-    };
-    let Some(rowid) = rowid.or_else(|| chains.take_last_row()) else {
         return;
     };
     let next_pos = c.expected_position + c.events.len() as u64;
@@ -2787,12 +2900,12 @@ fn step_in_chain(
     // wrong; the ordinary path then decides.
     match conn
         .prepare_cached(
-            "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body, len)
+            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
-                c.instance_id,
+                chain.rowid,
                 c.expected_position as i64,
                 c.activation,
                 c.row.kind,
@@ -2822,16 +2935,17 @@ fn step_in_chain(
 }
 
 /// The rest of a step once its instance has moved on: its events, and its tasks and timers
-/// (`held`: the call that went to the held slot).
+/// (`held`: the call that went to the held slot; `key`: the instance's, if known).
 fn write_step(
     conn: &Tx<'_>,
     c: &PreparedCommit,
     now: u64,
     held: Option<u32>,
+    key: Option<i64>,
 ) -> Result<CommitReceipt, StoreError> {
     append_row(
         conn,
-        &c.instance_id,
+        InstanceRef::of(key, &c.instance_id),
         c.expected_position,
         c.activation,
         &c.row,
@@ -2995,8 +3109,10 @@ fn read_events_into<S: HistorySink>(
     let mut stmt = conn
         .prepare_cached(
             "SELECT pos, len, activation, recorded_at, body FROM events
-             WHERE instance_id = ?1
-               AND pos >= COALESCE((SELECT pos FROM events WHERE instance_id = ?1 AND pos <= ?2
+             WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)
+               AND pos >= COALESCE((SELECT pos FROM events
+                                    WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)
+                                      AND pos <= ?2
                                     ORDER BY pos DESC LIMIT 1), ?2)
              ORDER BY pos",
         )
@@ -4456,8 +4572,8 @@ fn import_in_tx(
     {
         let mut ins = conn
             .prepare_cached(
-                "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body)
+                 VALUES ((SELECT key FROM instances WHERE id = ?1), ?2, ?3, ?4, ?5, ?6)",
             )
             .map_err(db("import history"))?;
         for e in &i.events {
@@ -4499,7 +4615,10 @@ fn import_in_tx(
     }
     // Pair the shape check above with one on what was written.
     let written: i64 = conn
-        .prepare_cached("SELECT COALESCE(SUM(len), 0) FROM events WHERE instance_id = ?1")
+        .prepare_cached(
+            "SELECT COALESCE(SUM(len), 0) FROM events
+             WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)",
+        )
         .and_then(|mut s| s.query_row([&i.id], |r| r.get(0)))
         .map_err(db("import history"))?;
     assert_eq!(written as usize, i.events.len(), "imported history length");
@@ -4587,6 +4706,12 @@ mod tests {
     fn long_history(rows: usize, damaged: Option<usize>) -> (Connection, i64) {
         let conn = Connection::open_in_memory().expect("open");
         prepare_schema(&conn, ":memory:").expect("schema");
+        conn.execute(
+            "INSERT INTO instances (key, id, coordinator, status, input, created_at, updated_at)
+             VALUES (1, 'i', 'c', 'running', 'null', 5, 5)",
+            [],
+        )
+        .expect("instance");
         let mut pos = 0i64;
         for row in 0..rows {
             let len = 1 + (row % 2) as i64;
@@ -4600,8 +4725,8 @@ mod tests {
                 body
             };
             conn.execute(
-                "INSERT INTO events (instance_id, pos, activation, kind, recorded_at, body, len)
-                 VALUES ('i', ?1, ?2, 'timer_fired', 5, ?3, ?4)",
+                "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+                 VALUES (1, ?1, ?2, 'timer_fired', 5, ?3, ?4)",
                 params![pos, row as i64, body, len],
             )
             .expect("insert");
