@@ -74,6 +74,39 @@ async fn histories_are_those_of_a_plain_start() {
     worker.shutdown().await.unwrap();
 }
 
+/// Ends nobody asked about while they ran (their final row is then not read in the ending
+/// transaction) read back as the file has them, from this handle and from another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_nobody_waited_for_read_back_from_the_file() {
+    init_tracing();
+    let dir = TempDir::new("eager-unwatched");
+    let store = open_store(&dir.file("store.db"));
+    let worker = step_worker(&store);
+    let client = worker.client();
+    let ids: Vec<String> = (0..8).map(|i| format!("quiet-{i}")).collect();
+    for id in &ids {
+        client.start(&STEPS, id, &4).await.unwrap();
+    }
+    let completed = retrace::ListFilter {
+        status: Some(InstanceStatus::Completed),
+        ..retrace::ListFilter::default()
+    };
+    within("all completed", async {
+        while store.list_instances(&completed).await.unwrap().len() < ids.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let other = Client::new(open_store(&dir.file("store.db")));
+    for id in &ids {
+        let here = client.describe(id).await.unwrap();
+        assert_eq!(here.status, InstanceStatus::Completed, "{id}");
+        assert_eq!(here.output, Some(serde_json::json!(4)), "{id}");
+        assert_eq!(here, other.describe(id).await.unwrap(), "{id}");
+    }
+    worker.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_returns_with_the_first_call_committed() {
     init_tracing();

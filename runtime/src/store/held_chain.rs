@@ -53,6 +53,9 @@ pub(crate) struct Chain {
     pub(crate) row_next_pos: u64,
     /// `held_seq` as the row says.
     pub(crate) row_held_seq: u32,
+    /// The chain began with the instance's creation, which left no parent, no timer and no
+    /// call but the held one (none can have come since without writing the row).
+    pub(crate) fresh: bool,
 }
 
 /// A chain and the instance it belongs to.

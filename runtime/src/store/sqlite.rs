@@ -458,6 +458,45 @@ pub struct SqliteStore {
     read_slots: Arc<tokio::sync::Semaphore>,
     /// When to look for expired held calls next.
     held_scan: Arc<HeldScan>,
+    /// Instances someone asked about before they ended (see [`Watched`]).
+    watched: Watched,
+}
+
+/// Instances `describe`d while running: when one ends on the held-chain path, its final row is
+/// read in the ending transaction and kept in [`EndedInstances`], so that the waiting client
+/// finds it in memory; an end nobody asked about skips that read (a point read, about a fifth
+/// of the end's cost). Bounded: past [`WATCHED_MAX`] it starts over, and a forgotten waiter
+/// reads the row from the file instead, as it does for an instance that ended before it asked.
+#[derive(Default)]
+struct Watched {
+    ids: Mutex<foldhash::HashSet<String>>,
+}
+
+/// See [`Watched`].
+const WATCHED_MAX: usize = 65_536;
+
+impl Watched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashSet<String>> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn watch(&self, id: &str) {
+        let mut ids = self.lock();
+        if ids.len() >= WATCHED_MAX {
+            ids.clear();
+        }
+        if !ids.contains(id) {
+            ids.insert(id.to_string());
+        }
+    }
+
+    fn is(&self, id: &str) -> bool {
+        self.lock().contains(id)
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().remove(id);
+    }
 }
 
 /// How often `claim_tasks` looks for held calls whose lease ran out: at most every
@@ -860,6 +899,7 @@ impl SqliteStore {
             worker_locks: Mutex::new(HashMap::new()),
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
             held_scan: Arc::default(),
+            watched: Watched::default(),
         }
     }
 
@@ -1858,7 +1898,8 @@ fn insert_stepped_instance(
     }
     let key = conn.last_insert_rowid();
     if let Some(h) = held {
-        stage_chain(conn, c, now, h.0, key);
+        let fresh = new.parent.is_none() && c.tasks.len() == 1 && c.timers.is_empty();
+        stage_chain(conn, c, now, h.0, key, fresh);
     }
     write_step(conn, c, now, held.map(|h| h.0), Some(key))?;
     Ok(Some(CreateOutcome::Created))
@@ -2489,7 +2530,8 @@ fn finish_and_activate_in_tx(
     task: &ActivityTask,
     c: &PreparedCommit,
     now: u64,
-) -> Result<(DirectFinish, Option<InstanceInfo>), StoreError> {
+    watched: bool,
+) -> Result<(DirectFinish, Option<Option<InstanceInfo>>), StoreError> {
     let outcome =
         match c.events.first() {
             Some(
@@ -2527,7 +2569,9 @@ fn finish_and_activate_in_tx(
         }
     }
     if sequential {
-        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq, chain.as_ref())? {
+        if let Some((receipt, info)) =
+            step_ending_held(conn, c, now, task.seq, chain.as_ref(), watched)?
+        {
             return Ok((DirectFinish::Activated(receipt), Some(info)));
         }
     }
@@ -2540,7 +2584,7 @@ fn finish_and_activate_in_tx(
         if let Some(receipt) = step_in_tx(conn, c, now, Some(task.seq))? {
             return Ok((DirectFinish::Activated(receipt), None));
         }
-        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq, None)? {
+        if let Some((receipt, info)) = step_ending_held(conn, c, now, task.seq, None, watched)? {
             return Ok((DirectFinish::Activated(receipt), Some(info)));
         }
     }
@@ -2631,7 +2675,8 @@ fn step_ending_held(
     now: u64,
     seq: u32,
     chain: Option<&Chain>,
-) -> Result<Option<(CommitReceipt, InstanceInfo)>, StoreError> {
+    watched: bool,
+) -> Result<Option<(CommitReceipt, Option<InstanceInfo>)>, StoreError> {
     let Some(end) = &c.end else {
         return Ok(None);
     };
@@ -2691,11 +2736,20 @@ fn step_ending_held(
         &c.row,
         now,
     )?;
-    // Calls and timers the run left pending (its inbox is empty, as checked).
-    delete_calls_and_timers(conn, &c.instance_id)?;
     let mut receipt = CommitReceipt::default();
+    // A chain that began with the instance's creation has left no call but the held one, no
+    // timer and no parent (anything else would have written the row and ended the chain):
+    // nothing to delete, nobody to notify, and the final row is read only for a waiter.
+    if chain.is_some_and(|chain| chain.fresh) {
+        if !watched {
+            return Ok(Some((receipt, None)));
+        }
+    } else {
+        // Calls and timers the run left pending (its inbox is empty, as checked).
+        delete_calls_and_timers(conn, &c.instance_id)?;
+    }
     let info = settle_end(conn, &c.instance_id, now, &mut receipt)?;
-    Ok(Some((receipt, info)))
+    Ok(Some((receipt, Some(info))))
 }
 
 /// [`step_in_tx`] for the step that finishes the call in the instance's held slot (claimed by
@@ -2755,7 +2809,7 @@ fn step_finishing_held(
     }
     let key = changed_row(conn);
     if let (Some(h), Some(key)) = (held, key) {
-        stage_chain(conn, c, now, h.0, key);
+        stage_chain(conn, c, now, h.0, key, false);
     }
     write_step(conn, c, now, held.map(|h| h.0), key).map(Some)
 }
@@ -2824,7 +2878,7 @@ fn step_in_tx(
     let held = candidate.filter(|_| took).map(|h| h.0);
     let key = changed_row(conn);
     if let (Some(seq), Some(key)) = (held, key) {
-        stage_chain(conn, c, now, seq, key);
+        stage_chain(conn, c, now, seq, key, false);
     }
     write_step(conn, c, now, held, key).map(Some)
 }
@@ -2849,7 +2903,8 @@ fn chain_continues(chain: &Chain, c: &ActivationCommit, seq: u32) -> bool {
 
 /// Notes that `c`'s instance, whose row (key `rowid`) the open transaction just wrote, has
 /// call `seq` in its held slot, held by `c`'s owner: its next step may be a chain step.
-fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64) {
+/// `fresh`: see [`Chain::fresh`].
+fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64, fresh: bool) {
     let Some(chains) = conn.chains() else {
         return;
     };
@@ -2865,6 +2920,7 @@ fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64
             held_until: now.saturating_add(c.lease_ms),
             row_next_pos: next_pos,
             row_held_seq: seq,
+            fresh,
         },
     );
 }
@@ -3889,17 +3945,23 @@ impl Store for SqliteStore {
         self.held_scan.note_lease(commit.lease_ms);
         let commit = Arc::new(PreparedCommit::new(commit)?);
         let shared = Arc::clone(&commit);
+        let watched = ended && self.watched.is(&commit.instance_id);
         let (mut done, info) = self
             .write(move |conn| {
-                let (done, ended) = finish_and_activate_in_tx(conn, &task, &shared, now_ms())?;
+                let (done, ended) =
+                    finish_and_activate_in_tx(conn, &task, &shared, now_ms(), watched)?;
+                // `Some(None)`: ended, and nobody waits to read the final row from memory.
                 let info = match (&done, ended) {
-                    (DirectFinish::Activated(_), Some(info)) => Some(info),
+                    (DirectFinish::Activated(_), Some(info)) => info,
                     (DirectFinish::Activated(_), None) => ended_info(conn, &shared)?,
                     (DirectFinish::Finished(_), _) => None,
                 };
                 Ok((done, info))
             })
             .await?;
+        if ended {
+            self.watched.forget(&commit.instance_id);
+        }
         if let DirectFinish::Activated(receipt) = &mut done {
             with_claimed_tasks(receipt, commit);
         }
@@ -4153,8 +4215,14 @@ impl Store for SqliteStore {
         }
         let id = instance_id.to_string();
         // One read transaction: the row and how far its history goes (see `held_chain`).
-        self.read(move |conn| snapshot(conn, |conn| get_instance(conn, &id)))
-            .await
+        let info = self
+            .read(move |conn| snapshot(conn, |conn| get_instance(conn, &id)))
+            .await?;
+        // Asked about before its end: its final row is kept in memory when it ends.
+        if info.as_ref().is_some_and(|i| !i.status.is_final()) {
+            self.watched.watch(instance_id);
+        }
+        Ok(info)
     }
 
     async fn history(&self, instance_id: &str) -> Result<Vec<HistoryEvent>, StoreError> {
