@@ -132,7 +132,8 @@ impl HeldChains {
     /// committed since the last batch.
     pub(crate) fn begin(&self, conn: &Connection) {
         let version = conn
-            .query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
             .ok();
         let mut s = self.lock();
         if version.is_none() || version != s.data_version {
