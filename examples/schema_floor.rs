@@ -23,6 +23,8 @@
 //! - `no-history-index`: `current` without the `(instance_id, pos)` index of the history.
 //! - `no-step-update`: `current`, but a step writes only its history row; the instance row is
 //!   written at creation and at the end only (the end matches the row by id and status).
+//! - `keyed-no-step-update`: both `integer-key` and `no-step-update`: what the store writes
+//!   since the eighth round (schema 10, held chains), but for its end-of-run shortcuts.
 
 use rusqlite::{params, Connection};
 use std::time::Instant;
@@ -42,6 +44,7 @@ enum Variant {
     HotTable,
     NoHistoryIndex,
     NoStepUpdate,
+    KeyedNoStepUpdate,
 }
 
 impl Variant {
@@ -52,13 +55,17 @@ impl Variant {
             "hot-table" => Variant::HotTable,
             "no-history-index" => Variant::NoHistoryIndex,
             "no-step-update" => Variant::NoStepUpdate,
+            "keyed-no-step-update" => Variant::KeyedNoStepUpdate,
             _ => return None,
         })
     }
 
     /// Whether history rows name their instance by its integer key.
     fn keyed(self) -> bool {
-        matches!(self, Variant::IntegerKey | Variant::HotTable)
+        matches!(
+            self,
+            Variant::IntegerKey | Variant::HotTable | Variant::KeyedNoStepUpdate
+        )
     }
 }
 
@@ -223,7 +230,7 @@ impl Writer<'_> {
             s - 1
         );
         if step < STEPS {
-            if v != Variant::NoStepUpdate {
+            if !matches!(v, Variant::NoStepUpdate | Variant::KeyedNoStepUpdate) {
                 let changed = self.conn.prepare_cached(&self.step_sql)?.execute(params![
                     row_key,
                     pos + 2,
@@ -304,8 +311,8 @@ fn main() -> Res<()> {
     let name = std::env::args().nth(1).unwrap_or_else(|| "current".into());
     let variant = Variant::parse(&name).ok_or_else(|| {
         format!(
-            "unknown variant {name:?}: current, integer-key, hot-table, no-history-index or \
-             no-step-update"
+            "unknown variant {name:?}: current, integer-key, hot-table, no-history-index, \
+             no-step-update or keyed-no-step-update"
         )
     })?;
     let dir = std::env::temp_dir().join(format!("retrace-schema-floor-{}", std::process::id()));
@@ -331,7 +338,10 @@ fn run(variant: Variant, name: &str, path: &std::path::Path) -> Res<()> {
         } else {
             STEP.replace("{key}", key_column)
         },
-        end_sql: if matches!(variant, Variant::NoStepUpdate | Variant::HotTable) {
+        end_sql: if matches!(
+            variant,
+            Variant::NoStepUpdate | Variant::HotTable | Variant::KeyedNoStepUpdate
+        ) {
             END_UNSTEPPED.replace("{key}", key_column)
         } else {
             END.replace("{key}", key_column)

@@ -465,8 +465,10 @@ pub struct SqliteStore {
 /// Instances `describe`d while running: when one ends on the held-chain path, its final row is
 /// read in the ending transaction and kept in [`EndedInstances`], so that the waiting client
 /// finds it in memory; an end nobody asked about skips that read (a point read, about a fifth
-/// of the end's cost). Bounded: past [`WATCHED_MAX`] it starts over, and a forgotten waiter
-/// reads the row from the file instead, as it does for an instance that ended before it asked.
+/// of the end's cost). An id leaves the set when its end is remembered or it is terminated;
+/// one a `describe` adds just after its end stays until the set, past [`WATCHED_MAX`], starts
+/// over. A waiter the set forgot reads the row from the file instead, as it does for an
+/// instance that ended before it asked: the set only saves reads.
 #[derive(Default)]
 struct Watched {
     ids: Mutex<foldhash::HashSet<String>>,
@@ -916,6 +918,7 @@ impl SqliteStore {
     /// Keeps the committed row of an instance that just ended (before waiters are woken).
     fn remember_ended(&self, info: Option<InstanceInfo>) {
         if let Some(info) = info {
+            self.watched.forget(&info.id);
             self.ended
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -4134,6 +4137,7 @@ impl Store for SqliteStore {
     }
 
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {
+        self.watched.forget(instance_id);
         let (id, reason) = (instance_id.to_string(), reason.to_string());
         self.write(move |conn| {
             let now = now_ms();
