@@ -572,11 +572,31 @@ async fn assert_contiguous(s: &SharedStore, id: &str) -> u64 {
     history.len() as u64
 }
 
-fn scratch_file(name: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("retrace-{name}-{}", random_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("store.db");
-    (dir, path)
+/// A scratch directory with a store file in it, removed when dropped (declare it before the
+/// stores on its file, so that they go first).
+struct Scratch {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("retrace-{name}-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.db");
+        Scratch { dir, path }
+    }
+
+    /// A store handle on the file (a process of its own, as far as the store can tell).
+    fn store(&self) -> SharedStore {
+        Arc::new(SqliteStore::open(&self.path).unwrap())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Sequential steps in a held chain write their history row only (the instance row lags),
@@ -584,8 +604,9 @@ fn scratch_file(name: &str) -> (PathBuf, PathBuf) {
 /// chain's last call, not the one the row last named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
-    let (dir, path) = scratch_file("chain");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain");
+    let path = scratch.path.clone();
+    let s = scratch.store();
     let held = held_chain(&s, "w1", "chain", 6).await;
     assert_eq!(held.seq, 6);
     // Started, call 0, then six (outcome, next call) pairs.
@@ -632,8 +653,6 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
     assert_eq!(assert_contiguous(&s, "chain").await, 16);
     let info = s.describe("chain").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Completed);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A worker that stops in the middle of a held chain (nothing written after its last step)
@@ -641,12 +660,13 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
 /// the call that was running is the one handed on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_held_chain_cut_short_resumes_from_its_history() {
-    let (dir, path) = scratch_file("chain-crash");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain-crash");
+    let path = scratch.path.clone();
+    let s = scratch.store();
     held_chain(&s, "w1", "cut", 4).await;
     drop(s);
     assert!(row_position(&path, "cut") < 10);
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let s = scratch.store();
     let info = s.describe("cut").await.unwrap().unwrap();
     assert_eq!(info.next_position, 10);
     // The dead worker's held call becomes a task (as reaping it does).
@@ -657,8 +677,6 @@ async fn sqlite_a_held_chain_cut_short_resumes_from_its_history() {
         .unwrap();
     let seqs: Vec<u32> = tasks.iter().map(|t| t.seq).collect();
     assert_eq!(seqs, vec![4]);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The step a chain's worker commits after call 3 of `id` (held chain of 3 steps).
@@ -682,9 +700,9 @@ fn step_after_third(id: &str, task: &ActivityTask) -> ActivationCommit {
 /// and the call runs once more, as a task, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_held_call_handed_on_ends_its_chain() {
-    let (dir, path) = scratch_file("chain-handed-on");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
-    let other: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain-handed-on");
+    let s = scratch.store();
+    let other = scratch.store();
     for (id, by) in [("there", &other), ("here", &s)] {
         let task = held_chain(&s, "w1", id, 3).await;
         by.release_leases("w1").await.unwrap();
@@ -712,19 +730,16 @@ async fn sqlite_a_held_call_handed_on_ends_its_chain() {
             .collect();
         assert_eq!(claimed, vec![(id, 3)], "{id}");
     }
-    drop(other);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An instance terminated by another process in the middle of a held chain: the chain's
 /// next step is not written after the termination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
-    let (dir, path) = scratch_file("chain-foreign");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain-foreign");
+    let s = scratch.store();
     let task = held_chain(&s, "w1", "other", 3).await;
-    let other: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let other = scratch.store();
     other.terminate("other", "from the CLI").await.unwrap();
     drop(other);
     assert_eq!(
@@ -744,8 +759,6 @@ async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
     assert_eq!(assert_contiguous(&s, "other").await, 9);
     let info = s.describe("other").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Terminated);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A held chain whose last step can no longer be read (damaged behind the store's back):
@@ -753,8 +766,9 @@ async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
 /// terminated, at the position its history ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() {
-    let (dir, path) = scratch_file("chain-damaged");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain-damaged");
+    let path = scratch.path.clone();
+    let s = scratch.store();
     held_chain(&s, "w1", "damaged", 3).await;
     held_chain(&s, "w1", "sound", 3).await;
     let damaged = rusqlite::Connection::open(&path)
@@ -784,16 +798,14 @@ async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() 
     let info = s.describe("damaged").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Terminated);
     assert_eq!(info.next_position, 9);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A message delivered in the middle of a held chain ends it too: the next outcome goes to
 /// the inbox beside the message, for an activation that sees both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_message_ends_a_held_chain() {
-    let (dir, path) = scratch_file("chain-message");
-    let s: SharedStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let scratch = Scratch::new("chain-message");
+    let s = scratch.store();
     let task = held_chain(&s, "w1", "msg", 3).await;
     s.deliver_message("msg", signal("go", json!(1)), Some("signal:go-1"))
         .await
@@ -821,8 +833,6 @@ async fn sqlite_a_message_ends_a_held_chain() {
     let receipt = activate(&s, "w1", "msg", vec![], false).await.unwrap();
     assert!(!receipt.ready_again);
     assert_eq!(assert_contiguous(&s, "msg").await, 10);
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
