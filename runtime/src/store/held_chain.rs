@@ -38,8 +38,9 @@ type Map<K, V> = foldhash::HashMap<K, V>;
 /// (`row_*`) and the instance as its history says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Chain {
-    /// The instance row's rowid (what the update hook reports).
+    /// The instance row's key (its rowid, which the update hook reports).
     pub(crate) rowid: i64,
+    /// The run the chain's steps belong to.
     pub(crate) generation: u64,
     /// The true next history position.
     pub(crate) next_pos: u64,
