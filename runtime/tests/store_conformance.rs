@@ -519,6 +519,29 @@ async fn sqlite_an_unreadable_held_call_stops_its_instance() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The step `owner` commits for `id` (run 0) at `position` and `activation`: `events`, every
+/// call they schedule claimed.
+fn chain_step(
+    id: &str,
+    owner: &str,
+    position: u64,
+    activation: u32,
+    events: Vec<Event>,
+) -> ActivationCommit {
+    ActivationCommit::plan(
+        id,
+        owner,
+        0,
+        position,
+        activation,
+        events,
+        vec![],
+        None,
+        &|_| true,
+        LEASE_MS,
+    )
+}
+
 /// `id` created and activated by `owner` with call 0 claimed (in its held slot), then taken
 /// `steps` sequential steps further as a worker takes them: each completes the held call and
 /// claims the next, in one `finish_and_activate`. Returns the call held at the end.
@@ -530,20 +553,15 @@ async fn held_chain(s: &SharedStore, owner: &str, id: &str, steps: u32) -> Activ
     let mut task = receipt.claimed_tasks.remove(0);
     for _ in 0..steps {
         let info = s.describe(id).await.unwrap().unwrap();
-        let commit = ActivationCommit::plan(
+        let commit = chain_step(
             id,
             owner,
-            info.generation,
             info.next_position,
             info.next_activation,
             vec![
                 completed_event(&task, json!(task.seq)),
                 scheduled(task.seq + 1, "act"),
             ],
-            vec![],
-            None,
-            &|_| true,
-            LEASE_MS,
         );
         match s.finish_and_activate(&task, commit).await.unwrap() {
             DirectFinish::Activated(mut r) => task = r.claimed_tasks.remove(0),
@@ -631,20 +649,15 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
     let task = tasks.remove(0);
     assert_eq!(task.seq, 6);
     // Another worker finishes it and ends the run, at the position the history says.
-    let commit = ActivationCommit::plan(
+    let commit = chain_step(
         "chain",
         "w2",
-        0,
         14,
         7,
         vec![
             completed_event(&task, json!(6)),
             Event::InstanceCompleted { output: json!(6) },
         ],
-        vec![],
-        None,
-        &|_| true,
-        LEASE_MS,
     );
     assert!(matches!(
         s.finish_and_activate(&task, commit).await.unwrap(),
@@ -681,17 +694,12 @@ async fn sqlite_a_held_chain_cut_short_resumes_from_its_history() {
 
 /// The step a chain's worker commits after call 3 of `id` (held chain of 3 steps).
 fn step_after_third(id: &str, task: &ActivityTask) -> ActivationCommit {
-    ActivationCommit::plan(
+    chain_step(
         id,
         "w1",
-        0,
         8,
         4,
         vec![completed_event(task, json!(3)), scheduled(4, "act")],
-        vec![],
-        None,
-        &|_| true,
-        LEASE_MS,
     )
 }
 
