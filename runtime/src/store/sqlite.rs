@@ -3498,10 +3498,13 @@ impl Store for SqliteStore {
         let names = json_list(coordinators)?;
         self.write(move |conn| {
             let now = now_ms();
+            // `INDEXED BY`: left to itself, the planner walks `instances_status` over every
+            // running instance (the `OR` hides the partial index), waiting ones included; the
+            // ready index holds only the ready rows, usually few.
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE instances SET lease_owner = ?1, lease_until = ?2
-                     WHERE id IN (SELECT id FROM instances
+                     WHERE key IN (SELECT key FROM instances INDEXED BY instances_ready
                                   WHERE ready = 1 AND status = 'running'
                                     AND (lease_until < ?3 OR lease_owner = ?1)
                                     AND coordinator IN (SELECT value FROM json_each(?4))
@@ -4301,7 +4304,7 @@ impl Store for SqliteStore {
             // last step is their last change: caught up first.
             let candidates: Vec<String> = conn
                 .prepare_cached(
-                    "SELECT id FROM instances
+                    "SELECT id FROM instances INDEXED BY instances_ready
                      WHERE ready = 1 AND status = 'running' AND reason IS NULL
                        AND lease_owner IS NULL AND updated_at < ?2
                        AND coordinator NOT IN (SELECT value FROM json_each(?1))",
@@ -4316,7 +4319,7 @@ impl Store for SqliteStore {
             }
             let n = conn
                 .prepare_cached(
-                    "UPDATE instances
+                    "UPDATE instances INDEXED BY instances_ready
                      SET reason = 'waiting for a worker that knows coordinator ' || coordinator
                      WHERE ready = 1 AND status = 'running' AND reason IS NULL
                        AND lease_owner IS NULL AND updated_at < ?2
