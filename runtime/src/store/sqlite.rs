@@ -1479,12 +1479,50 @@ struct HeldTask {
     claimed_when_scheduled: bool,
 }
 
+/// Which attempt of which call a write path finishes: all it needs of an [`ActivityTask`]
+/// (not its name, input or retry policy, which would be copied for the writer thread).
+#[derive(Debug, Clone, Copy)]
+struct AttemptKey<'a> {
+    instance_id: &'a str,
+    seq: u32,
+    attempt: u32,
+    generation: u64,
+}
+
+/// An [`AttemptKey`] that owns its instance id, for a closure sent to the writer thread.
+struct OwnedAttempt {
+    instance_id: String,
+    seq: u32,
+    attempt: u32,
+    generation: u64,
+}
+
+impl OwnedAttempt {
+    fn of(task: &ActivityTask) -> Self {
+        OwnedAttempt {
+            instance_id: task.instance_id.clone(),
+            seq: task.seq,
+            attempt: task.attempt,
+            generation: task.generation,
+        }
+    }
+
+    fn key(&self) -> AttemptKey<'_> {
+        AttemptKey {
+            instance_id: &self.instance_id,
+            seq: self.seq,
+            attempt: self.attempt,
+            generation: self.generation,
+        }
+    }
+}
+
 /// Deletes the task of `task`'s call if this attempt of `owner` still holds it and returns
 /// what the attempt journal needs of it, or `None` when the task is gone or held by another
 /// attempt.
 fn take_held_task(
     conn: &Tx<'_>,
-    task: &ActivityTask,
+    task: AttemptKey<'_>,
     owner: &str,
 ) -> Result<Option<HeldTask>, StoreError> {
     // Each is read, then deleted by its key, in the same transaction: `RETURNING` would make
@@ -1759,7 +1797,7 @@ fn stop_unexpandable(conn: &Connection, id: &str, error: &StoreError) -> Result<
 /// before that column existed), ended `now`.
 fn journal_attempt(
     conn: &Tx<'_>,
-    task: &ActivityTask,
+    task: AttemptKey<'_>,
     claimed_at: Option<i64>,
     (end, error): (AttemptEnd, Option<String>),
     now: u64,
@@ -2530,7 +2568,7 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
 /// by this attempt, and the task row is deleted in the same transaction.
 fn finish_and_activate_in_tx(
     conn: &Tx<'_>,
-    task: &ActivityTask,
+    task: AttemptKey<'_>,
     c: &PreparedCommit,
     now: u64,
     watched: bool,
@@ -2581,7 +2619,7 @@ fn finish_and_activate_in_tx(
     // Everything below reads the instance row as its history says.
     catch_up(conn, &c.instance_id)?;
     if task.instance_id != c.instance_id {
-        catch_up(conn, &task.instance_id)?;
+        catch_up(conn, task.instance_id)?;
     }
     if sequential {
         if let Some(receipt) = step_in_tx(conn, c, now, Some(task.seq))? {
@@ -2656,8 +2694,8 @@ fn finish_and_activate_in_tx(
     journal_attempt(conn, task, held.claimed_at, end, now)?;
     // As finish_task: the outcome goes to the inbox, for the next activation.
     let dedupe = format!("seq:{}:{}", task.generation, task.seq);
-    insert_inbox(conn, &task.instance_id, Some(&dedupe), outcome, now)?;
-    mark_ready(conn, &task.instance_id)?;
+    insert_inbox(conn, task.instance_id, Some(&dedupe), outcome, now)?;
+    mark_ready(conn, task.instance_id)?;
     Ok((
         DirectFinish::Finished(FinishReceipt {
             accepted: true,
@@ -3788,7 +3826,7 @@ impl Store for SqliteStore {
         lease_ms: u64,
     ) -> Result<FinishReceipt, StoreError> {
         let owner = owner.to_string();
-        let task = task.clone();
+        let task = OwnedAttempt::of(task);
         let receipt = self
             .write(move |conn| {
                 let now = now_ms();
@@ -3796,13 +3834,19 @@ impl Store for SqliteStore {
                 match &outcome {
                     AttemptOutcome::Final(event) => {
                         // Four statements: the common end of a fan-out call (W3: 1,000 of them).
-                        let Some(held) = take_held_task(conn, &task, &owner)? else {
+                        let Some(held) = take_held_task(conn, task.key(), &owner)? else {
                             return Ok(FinishReceipt {
                                 accepted: false,
                                 instance_claimed: false,
                             });
                         };
-                        journal_attempt(conn, &task, held.claimed_at, attempt_end(event), now)?;
+                        journal_attempt(
+                            conn,
+                            task.key(),
+                            held.claimed_at,
+                            attempt_end(event),
+                            now,
+                        )?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
                         // Ready, and leased to this worker unless another holds it. (Read,
@@ -3913,7 +3957,7 @@ impl Store for SqliteStore {
                         };
                         let next_attempt_at_ms = *next_attempt_at_ms;
                         let end = (AttemptEnd::Retry, Some(error.to_string()));
-                        journal_attempt(conn, &task, claimed_at, end, now)?;
+                        journal_attempt(conn, task.key(), claimed_at, end, now)?;
                         conn.prepare_cached(
                             "UPDATE tasks SET lease_owner = NULL, due_at = ?3, last_error = ?4
                              WHERE instance_id = ?1 AND seq = ?2",
@@ -3946,7 +3990,11 @@ impl Store for SqliteStore {
         task: &ActivityTask,
         commit: ActivationCommit,
     ) -> Result<DirectFinish, StoreError> {
-        let task = task.clone();
+        // The task's instance is the commit's (the writer thread then gets no copy of its id to
+        // free), except when a caller pairs them otherwise, which the transaction refuses.
+        let (seq, attempt, generation) = (task.seq, task.attempt, task.generation);
+        let other_instance =
+            (task.instance_id != commit.instance_id).then(|| task.instance_id.clone());
         let ended = commit.end.is_some();
         self.held_scan.note_lease(commit.lease_ms);
         let commit = Arc::new(PreparedCommit::new(commit)?);
@@ -3954,8 +4002,14 @@ impl Store for SqliteStore {
         let watched = ended && self.watched.is(&commit.instance_id);
         let (mut done, info) = self
             .write(move |conn| {
+                let task = AttemptKey {
+                    instance_id: other_instance.as_deref().unwrap_or(&shared.instance_id),
+                    seq,
+                    attempt,
+                    generation,
+                };
                 let (done, ended) =
-                    finish_and_activate_in_tx(conn, &task, &shared, now_ms(), watched)?;
+                    finish_and_activate_in_tx(conn, task, &shared, now_ms(), watched)?;
                 // `Some(None)`: ended, and nobody waits to read the final row from memory.
                 let info = match (&done, ended) {
                     (DirectFinish::Activated(_), Some(info)) => info,
