@@ -1137,16 +1137,26 @@ impl Inner {
             return None;
         };
         let started = tokio::time::Instant::now();
-        let last_beat_ms = Arc::new(AtomicU64::new(0));
-        let beat = Arc::clone(&last_beat_ms);
-        let ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt)
-            .with_generation(task.generation)
-            .with_heartbeat(Arc::new(move |_details| {
+        let mut ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt)
+            .with_generation(task.generation);
+        // Heartbeats move only the heartbeat deadline: without one, `heartbeat` has nothing to
+        // renew, and its closure and shared clock (two allocations per attempt) are not made.
+        let no_beats = AtomicU64::new(0);
+        let beats = task
+            .retry
+            .heartbeat_timeout_ms
+            .is_some_and(|ms| ms > 0)
+            .then(|| Arc::new(AtomicU64::new(0)));
+        if let Some(beats) = &beats {
+            let beat = Arc::clone(beats);
+            ctx = ctx.with_heartbeat(Arc::new(move |_details| {
                 let elapsed = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 beat.store(elapsed, Ordering::Relaxed);
             }));
+        }
+        let last_beat_ms = beats.as_deref().unwrap_or(&no_beats);
         let body = AssertUnwindSafe(handler(ctx, task.input.clone())).catch_unwind();
-        let result = bounded_attempt(body, &task.retry, started, &last_beat_ms).await;
+        let result = bounded_attempt(body, &task.retry, started, last_beat_ms).await;
         let outcome = match result {
             Ok(output) => AttemptOutcome::Final(Event::ActivityCompleted {
                 seq: task.seq,

@@ -250,6 +250,8 @@ impl Execution {
         let mut events = inbound;
         let custom_status = {
             let mut shared = lock(&self.shared);
+            // Room for the commands and a terminal event at once: one reallocation at most.
+            events.reserve(shared.issued.len() + usize::from(self.returned.is_some()));
             events.append(&mut shared.issued);
             if shared.custom_status_changed {
                 shared.custom_status_changed = false;
