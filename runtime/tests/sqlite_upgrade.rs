@@ -2,7 +2,7 @@
 //! 7: history rows of several events; 9: instance rows behind their held chains; 10: history
 //! rows naming their instance by an integer key) is refused
 //! while a worker of another process still uses it: that older build would go on with a store
-//! it misreads.
+//! it misreads. An upgrade that older builds can go on with (11: an index dropped) is not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "support/schema9.rs"]
@@ -74,4 +74,59 @@ fn schema_9_waits_for_older_workers_to_stop() {
 #[test]
 fn schema_10_waits_for_older_workers_to_stop() {
     upgrade_waits_for_older_workers(9, "");
+}
+
+/// Version 11 only drops the `(status, created_at)` index, which no build's statements need: a
+/// live worker of version 10 does not hold the upgrade back, and the rows are as they were.
+#[test]
+fn schema_11_goes_ahead_beside_older_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = SqliteStore::open(&db).unwrap();
+    rt.block_on(async {
+        use retrace_runtime::Store;
+        store
+            .create_instance(retrace_runtime::store::NewInstance {
+                id: "kept".into(),
+                coordinator: "c".into(),
+                input: serde_json::json!(1),
+                parent: None,
+            })
+            .await
+            .unwrap();
+    });
+    store.close();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(
+            "CREATE INDEX instances_status ON instances(status, created_at);
+             PRAGMA user_version = 10;",
+        )
+        .unwrap();
+    let workers = dir.path().join("store.db.workers");
+    std::fs::create_dir_all(&workers).unwrap();
+    let lock = std::fs::File::create(workers.join("old-worker.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let store = SqliteStore::open(&db).unwrap();
+    assert_eq!(user_version(&db), SCHEMA_VERSION);
+    let indexes: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'instances_status'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0);
+    let info = rt.block_on(async {
+        use retrace_runtime::Store;
+        store.describe("kept").await.unwrap()
+    });
+    assert_eq!(info.map(|i| i.id), Some("kept".to_string()));
+    store.close();
+    drop(lock);
 }

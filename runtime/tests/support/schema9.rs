@@ -2,7 +2,8 @@
 //! their text id alone, history rows naming their instance by that id), for the tests that
 //! build older stores from a fresh one.
 
-/// SQL that turns a version 10 file into a version 9 one (and says so in `user_version`).
+/// SQL that turns a file of the current schema into a version 9 one (and says so in
+/// `user_version`).
 pub(crate) const TO_SCHEMA_9: &str = "
 CREATE TABLE instances_v9 (
     id              TEXT PRIMARY KEY,
