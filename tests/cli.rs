@@ -332,6 +332,31 @@ fn every_subcommand_has_help_and_errors_are_clear() {
     assert!(err.contains("RETRACE_DB"), "{err}");
 }
 
+/// A reader that goes away before the output is written (`retrace list | head -0`): the tool
+/// stops quietly, as `cat` or `ls` would, instead of panicking on the closed pipe.
+#[test]
+fn a_closed_output_pipe_ends_the_tool_quietly() {
+    let dir = TempDir::new("cli-pipe");
+    let db = completed_store(&dir);
+    for args in [&["list"][..], &["show", "trip-1"], &["list", "--json"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .env_remove("RETRACE_DB")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn completed_store_lists_shows_and_draws() {
     let dir = TempDir::new("cli-completed");

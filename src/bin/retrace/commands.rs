@@ -96,7 +96,7 @@ async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
             "timers": report.timers,
         }))?;
     } else {
-        println!(
+        outln!(
             "migrated {source} to {target}: {} instance(s) copied ({} events, {} undelivered \
              message(s), {} activity task(s), {} timer(s)); {} already there",
             report.copied,
@@ -105,7 +105,7 @@ async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
             report.tasks,
             report.timers,
             report.already_there
-        );
+        )?;
     }
     if report.different.is_empty() {
         return Ok(());
@@ -126,7 +126,7 @@ async fn describe(store: &SharedStore, place: &str, id: &str) -> Result<Instance
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
 
@@ -248,7 +248,7 @@ async fn list(
             note,
         ]);
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
     if count == limit && limit > 0 {
         eprintln!("(showing the newest {limit}; pass --limit 0 for all)");
     }
@@ -319,9 +319,9 @@ async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<
         format!("{} events in {activations} activations", history.len()),
     ));
     for (key, value) in head {
-        println!("{key:<14} {value}");
+        outln!("{key:<14} {value}")?;
     }
-    println!();
+    outln!()?;
     let mut table = Table::new(
         &[
             "POS", "ACT", "TIME", "EVENT", "NAME", "SEQ", "ATTEMPT", "DURATION", "DETAIL",
@@ -341,7 +341,7 @@ async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<
             r.detail,
         ]);
     }
-    print!("{}", table.render());
+    out!("{}", table.render())?;
     if !attempts.is_empty() {
         let start_ms = history
             .first()
@@ -368,9 +368,9 @@ async fn show(store: &SharedStore, place: &str, id: &str, json: bool) -> Result<
                 a.error.clone().unwrap_or_default(),
             ]);
         }
-        println!();
-        println!("activity attempts (from the store's attempt journal)");
-        print!("{}", table.render());
+        outln!()?;
+        outln!("activity attempts (from the store's attempt journal)")?;
+        out!("{}", table.render())?;
     }
     Ok(())
 }
@@ -432,15 +432,15 @@ async fn import(
             "tasks_recreated": tasks, "timers_recreated": timers,
         }));
     }
-    println!(
+    outln!(
         "imported {} as {new_id}: {status}, {events} events",
         export.instance.id
-    );
+    )?;
     if !status.is_final() {
-        println!(
+        outln!(
             "re-created {tasks} activity task(s) and {timers} timer(s) for calls without an \
              outcome; a worker that runs coordinator {coordinator} will continue it"
-        );
+        )?;
     }
     Ok(())
 }
@@ -484,9 +484,9 @@ async fn signal(
         return print_json(&json!({"instance_id": id, "signal": name, "accepted": accepted}));
     }
     if accepted {
-        println!("signal {name} delivered to {id}");
+        outln!("signal {name} delivered to {id}")?;
     } else {
-        println!("signal {name} ignored: one with this id was already delivered to {id}");
+        outln!("signal {name} ignored: one with this id was already delivered to {id}")?;
     }
     Ok(())
 }
@@ -504,11 +504,11 @@ async fn cancel(
     if json {
         return print_json(&json!({"instance_id": id, "cancel_requested": true}));
     }
-    println!(
+    outln!(
         "cancellation of {id} requested; it ends once a worker running {} has delivered it \
          (its code may compensate first)",
         info.coordinator
-    );
+    )?;
     Ok(())
 }
 
@@ -525,7 +525,7 @@ async fn terminate(
     if json {
         return print_json(&json!({"instance_id": id, "status": "terminated"}));
     }
-    println!("{id} terminated: {reason}");
+    outln!("{id} terminated: {reason}")?;
     Ok(())
 }
 
@@ -543,13 +543,13 @@ async fn resume(store: &SharedStore, place: &str, id: &str, json: bool) -> Resul
         return print_json(&json!({"instance_id": id, "was": info.status, "status": "running"}));
     }
     match info.reason {
-        Some(reason) => println!("{id} resumed (was {}: {reason})", info.status),
-        None => println!("{id} resumed (was {})", info.status),
+        Some(reason) => outln!("{id} resumed (was {}: {reason})", info.status)?,
+        None => outln!("{id} resumed (was {})", info.status)?,
     }
-    println!(
+    outln!(
         "a worker that runs coordinator {} will replay it against its current code",
         info.coordinator
-    );
+    )?;
     Ok(())
 }
 
@@ -580,18 +580,18 @@ async fn fork(
             "kept_events": kept_events, "tasks_recreated": tasks, "timers_recreated": timers,
         }));
     }
-    println!("forked {id} into {new_id}, keeping its first {kept_events} events");
+    outln!("forked {id} into {new_id}, keeping its first {kept_events} events")?;
     if kept_events != at {
-        println!(
+        outln!(
             "(asked for {at}: the cut is rounded down to the start of an activation, and never \
              keeps the end of the run)"
-        );
+        )?;
     }
-    println!(
+    outln!(
         "re-created {tasks} activity task(s) and {timers} timer(s); a worker that runs \
          coordinator {} will continue {new_id}. {id} is unchanged.",
         info.coordinator
-    );
+    )?;
     Ok(())
 }
 

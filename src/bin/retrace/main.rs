@@ -21,6 +21,23 @@
 //! times), `timeline` (the run as lanes and bars, and its Mermaid rendering), `svg` (its SVG
 //! rendering).
 
+/// `println!` that returns the write's error instead of panicking: a reader that goes away
+/// early (`retrace list | head -1`) must not make the tool panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `print!` that returns the write's error instead of panicking (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod commands;
 mod events;
 mod open;
@@ -211,23 +228,37 @@ enum Command {
 
 /// A failure of the tool, reported as one line on stderr.
 #[derive(Debug)]
-struct CliError(String);
+struct CliError {
+    message: String,
+    /// Standard output was closed by its reader: nothing to report, the reader has what it
+    /// wanted.
+    broken_pipe: bool,
+}
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
-impl<E: std::error::Error> From<E> for CliError {
+impl<E: std::error::Error + 'static> From<E> for CliError {
     fn from(e: E) -> Self {
-        CliError(e.to_string())
+        let broken_pipe = (&e as &dyn std::error::Error)
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        CliError {
+            message: e.to_string(),
+            broken_pipe,
+        }
     }
 }
 
 impl CliError {
     fn new(message: impl Into<String>) -> Self {
-        CliError(message.into())
+        CliError {
+            message: message.into(),
+            broken_pipe: false,
+        }
     }
 }
 
@@ -245,6 +276,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Like `head` closing its input: the output was cut short on purpose.
+        Err(e) if e.broken_pipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("retrace: {e}");
             ExitCode::FAILURE
