@@ -1015,9 +1015,10 @@ impl Inner {
             if running.contains_key(id) {
                 return None;
             }
-            match lock(&self.cache).remove(id) {
-                Some(entry) if entry.0 == task.generation => {
-                    running.insert(id.to_string(), false);
+            match lock(&self.cache).remove_entry(id) {
+                // The cache's key becomes the running mark's: no copy of the id.
+                Some((key, entry)) if entry.0 == task.generation => {
+                    running.insert(key, false);
                     entry
                 }
                 // An execution of another run is stale anyway.

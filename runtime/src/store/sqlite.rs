@@ -23,7 +23,7 @@ use super::transaction::Tx;
 use super::{
     ActivationCommit, ActivityTask, AttemptEnd, AttemptOutcome, AttemptRecord, CommitReceipt,
     CreateOutcome, Delivery, DirectFinish, ExecutionFactory, FinishReceipt, ImportedInstance,
-    InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance,
+    InboxMessage, InstanceInfo, InstanceStatus, ListFilter, LoadedInstance, NewInstance, NewTask,
     ReplayedInstance, RunEnd, Store,
 };
 use crate::clock::now_ms;
@@ -2253,19 +2253,27 @@ fn with_claimed_tasks(receipt: &mut CommitReceipt, commit: Arc<PreparedCommit>) 
         tasks,
         ..
     } = commit;
-    receipt.claimed_tasks = tasks
-        .into_iter()
-        .filter(|t| t.claim)
-        .map(|t| ActivityTask {
-            instance_id: instance_id.clone(),
-            seq: t.seq,
-            name: t.name,
-            input: t.input,
-            retry: t.retry,
-            attempt: 1,
-            generation,
-        })
-        .collect();
+    let claim = |t: NewTask, instance_id: String| ActivityTask {
+        instance_id,
+        seq: t.seq,
+        name: t.name,
+        input: t.input,
+        retry: t.retry,
+        attempt: 1,
+        generation,
+    };
+    // The last claimed task takes the commit's id itself (a sequential step claims one).
+    let mut out = Vec::new();
+    let mut last = None;
+    for t in tasks.into_iter().filter(|t| t.claim) {
+        if let Some(previous) = last.replace(t) {
+            out.push(claim(previous, instance_id.clone()));
+        }
+    }
+    if let Some(t) = last {
+        out.push(claim(t, instance_id));
+    }
+    receipt.claimed_tasks = out;
 }
 
 /// Creates the activity tasks and timers of an activation, those with `claim` claimed by
