@@ -1027,7 +1027,11 @@ impl Inner {
         };
         let expected_position = execution.next_position();
         let seed = self.next_seed();
-        let activation = match execution.activate(vec![outcome.clone()], now_ms(), seed) {
+        // Room for the commands and the end the activation appends to the outcome (a
+        // sequential step adds one call, or the end): no reallocation on the way.
+        let mut inbound = Vec::with_capacity(4);
+        inbound.push(outcome.clone());
+        let activation = match execution.activate(inbound, now_ms(), seed) {
             Ok(a) => a,
             Err(e) => {
                 // The regular path records the outcome, replays, and stops the instance.

@@ -160,8 +160,8 @@ impl Shared {
 
     /// Delivers an inbound event (other than `InstanceStarted`). Returns wakers to wake once the
     /// lock is released.
-    pub(crate) fn deliver(&mut self, event: &Event) -> Vec<Waker> {
-        let mut wake = Vec::new();
+    /// Delivers `event`, adding the wakers of the commands it resolves to `wake`.
+    pub(crate) fn deliver(&mut self, event: &Event, wake: &mut Vec<Waker>) {
         // An outcome resolves a position only if the command there is of its kind: an outcome
         // meant for an earlier run (a child of the run before a continue-as-new) cannot resolve
         // another command that happens to hold the same position now.
@@ -179,7 +179,7 @@ impl Shared {
             _ => true,
         };
         if !fits {
-            return wake;
+            return;
         }
         match event {
             Event::ActivityCompleted { seq, output, .. } => {
@@ -225,7 +225,6 @@ impl Shared {
             }
             _ => {}
         }
-        wake
     }
 
     fn child_error(&self, seq: u32, error: &Error) -> Error {

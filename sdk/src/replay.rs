@@ -80,6 +80,9 @@ pub struct Execution {
     terminal_recorded: bool,
     next_position: u64,
     next_activation: u32,
+    /// The wakers an activation's deliveries collect, kept for the next one (no allocation
+    /// per activation).
+    wakers: Vec<Waker>,
 }
 
 impl std::fmt::Debug for Execution {
@@ -111,6 +114,7 @@ impl Execution {
             terminal_recorded: false,
             next_position: 0,
             next_activation: 0,
+            wakers: Vec::new(),
         }
     }
 
@@ -411,7 +415,7 @@ impl Execution {
         inbound: impl Iterator<Item = &'e Event>,
         position_hint: u64,
     ) -> Result<(), ReplayError> {
-        let mut wakers = Vec::new();
+        let mut wakers = std::mem::take(&mut self.wakers);
         for event in inbound {
             match event {
                 Event::InstanceStarted { input, parent, .. } => {
@@ -429,12 +433,13 @@ impl Execution {
                         Err(payload) => return Err(self.panicked(position_hint, &*payload)),
                     }
                 }
-                other => wakers.extend(lock(&self.shared).deliver(other)),
+                other => lock(&self.shared).deliver(other, &mut wakers),
             }
         }
-        for w in wakers {
+        for w in wakers.drain(..) {
             w.wake();
         }
+        self.wakers = wakers;
         let Some(future) = self.future.as_mut() else {
             if self.returned.is_none() {
                 return Err(
