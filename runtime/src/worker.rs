@@ -537,9 +537,11 @@ impl Inner {
         *self.shutdown.borrow()
     }
 
-    fn notify(&self, notice: CommitNotice) {
+    /// Reports a commit to the `on_commit` observer; the notice (and its copy of the instance
+    /// id) is made only when there is one.
+    fn notify(&self, notice: impl FnOnce() -> CommitNotice) {
         if let Some(observer) = &self.observer {
-            observer(&notice);
+            observer(&notice());
         }
     }
 
@@ -926,7 +928,7 @@ impl Inner {
         unknown_activity: Option<String>,
         start: Start,
     ) -> Result<Vec<ActivityTask>, StoreError> {
-        self.notify(CommitNotice::Activation {
+        self.notify(|| CommitNotice::Activation {
             instance_id: id.to_string(),
             activation: committed.activation,
             ended: committed.ended,
@@ -1045,7 +1047,7 @@ impl Inner {
             committed,
             unknown_activity,
         } = self.plan(id, generation, expected_position, activation, Vec::new());
-        let outcome_notice = CommitNotice::ActivityOutcome {
+        let outcome_notice = || CommitNotice::ActivityOutcome {
             instance_id: id.to_string(),
             seq: task.seq,
             attempt: task.attempt,
@@ -1236,7 +1238,7 @@ impl Inner {
         match recorded {
             Ok(receipt) => {
                 if receipt.accepted {
-                    self.notify(CommitNotice::ActivityOutcome {
+                    self.notify(|| CommitNotice::ActivityOutcome {
                         instance_id: task.instance_id.clone(),
                         seq: task.seq,
                         attempt: task.attempt,
