@@ -18,6 +18,16 @@ fn user_version(path: &std::path::Path) -> i64 {
         .unwrap()
 }
 
+/// A live worker of an older build beside `dir/store.db`: its lock file, locked (until the
+/// returned file is dropped).
+fn older_worker(dir: &std::path::Path) -> std::fs::File {
+    let workers = dir.join("store.db.workers");
+    std::fs::create_dir_all(&workers).unwrap();
+    let lock = std::fs::File::create(workers.join("old-worker.lock")).unwrap();
+    lock.try_lock().unwrap();
+    lock
+}
+
 /// Takes a fresh store back to `version` with `downgrade` (from version 9), then checks that the upgrade waits
 /// for a live worker of that older build to stop, and goes through once it has.
 fn upgrade_waits_for_older_workers(version: i64, downgrade: &str) {
@@ -31,11 +41,7 @@ fn upgrade_waits_for_older_workers(version: i64, downgrade: &str) {
             schema9::TO_SCHEMA_9
         ))
         .unwrap();
-    // A live worker of that build: its lock file, locked.
-    let workers = dir.path().join("store.db.workers");
-    std::fs::create_dir_all(&workers).unwrap();
-    let lock = std::fs::File::create(workers.join("old-worker.lock")).unwrap();
-    lock.try_lock().unwrap();
+    let lock = older_worker(dir.path());
     match SqliteStore::open(&db) {
         Err(StoreError::Busy { operation, detail }) => {
             assert_eq!(operation, "upgrade store schema");
@@ -107,10 +113,7 @@ fn schema_11_goes_ahead_beside_older_workers() {
              PRAGMA user_version = 10;",
         )
         .unwrap();
-    let workers = dir.path().join("store.db.workers");
-    std::fs::create_dir_all(&workers).unwrap();
-    let lock = std::fs::File::create(workers.join("old-worker.lock")).unwrap();
-    lock.try_lock().unwrap();
+    let lock = older_worker(dir.path());
     let store = SqliteStore::open(&db).unwrap();
     assert_eq!(user_version(&db), SCHEMA_VERSION);
     let indexes: i64 = rusqlite::Connection::open(&db)
