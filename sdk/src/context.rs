@@ -158,9 +158,8 @@ impl Shared {
         self.wakers.remove(&seq)
     }
 
-    /// Delivers an inbound event (other than `InstanceStarted`). Returns wakers to wake once the
-    /// lock is released.
-    /// Delivers `event`, adding the wakers of the commands it resolves to `wake`.
+    /// Delivers an inbound event (other than `InstanceStarted`), adding to `wake` the wakers to
+    /// wake once the lock is released.
     pub(crate) fn deliver(&mut self, event: &Event, wake: &mut Vec<Waker>) {
         // An outcome resolves a position only if the command there is of its kind: an outcome
         // meant for an earlier run (a child of the run before a continue-as-new) cannot resolve

@@ -4007,8 +4007,8 @@ impl Store for SqliteStore {
         task: &ActivityTask,
         commit: ActivationCommit,
     ) -> Result<DirectFinish, StoreError> {
-        // The task's instance is the commit's (the writer thread then gets no copy of its id to
-        // free), except when a caller pairs them otherwise, which the transaction refuses.
+        // The task's instance is the commit's, whose id the writer thread shares: no copy of it
+        // to free there, but when a caller pairs a task with another instance's commit.
         let (seq, attempt, generation) = (task.seq, task.attempt, task.generation);
         let other_instance =
             (task.instance_id != commit.instance_id).then(|| task.instance_id.clone());
