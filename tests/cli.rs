@@ -333,7 +333,8 @@ fn every_subcommand_has_help_and_errors_are_clear() {
 }
 
 /// A reader that goes away before the output is written (`retrace list | head -0`): the tool
-/// stops quietly, as `cat` or `ls` would, instead of panicking on the closed pipe.
+/// stops quietly with success (where `cat` or `ls` die of SIGPIPE), instead of panicking on
+/// the closed pipe.
 #[test]
 fn a_closed_output_pipe_ends_the_tool_quietly() {
     let dir = TempDir::new("cli-pipe");
@@ -939,6 +940,18 @@ async fn migrate_moves_a_crashed_sqlite_store_to_postgres_and_a_rerun_duplicates
     let err = retrace_bare(&["migrate", "--from", from, "--to", &to]).fails();
     assert!(err.contains("4 instance(s) exist"), "{err}");
     assert!(err.contains("left alone"), "{err}");
+    // The same with nobody reading the report: the failure still shows.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_retrace"))
+        .args(["migrate", "--from", from, "--to", &to])
+        .env_remove("RETRACE_DB")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("left alone"), "{stderr}");
     for id in &ids {
         assert_eq!(
             target.describe(id).await.unwrap().unwrap().status,

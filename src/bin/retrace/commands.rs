@@ -83,7 +83,9 @@ async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
     // (A missing, foreign or busy source is refused before the target is touched, and left
     // as it is: `migrate_urls` checks it read-only first.)
     let report = migrate_urls(from, to).await?;
-    if json {
+    // The report is printed first; a failure to print it (a reader gone) must not hide the
+    // instances left alone, which make the command fail.
+    let printed = if json {
         print_json(&json!({
             "from": source.to_string(),
             "to": target.to_string(),
@@ -94,7 +96,7 @@ async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
             "inbox": report.inbox,
             "tasks": report.tasks,
             "timers": report.timers,
-        }))?;
+        }))
     } else {
         outln!(
             "migrated {source} to {target}: {} instance(s) copied ({} events, {} undelivered \
@@ -105,10 +107,11 @@ async fn migrate(from: &str, to: &str, json: bool) -> Result<(), CliError> {
             report.tasks,
             report.timers,
             report.already_there
-        )?;
-    }
+        )
+        .map_err(CliError::from)
+    };
     if report.different.is_empty() {
-        return Ok(());
+        return printed;
     }
     Err(CliError::new(format!(
         "{} instance(s) exist in {target} with other contents and were left alone: {}",
