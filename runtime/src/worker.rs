@@ -1030,7 +1030,9 @@ impl Inner {
         let expected_position = execution.next_position();
         let seed = self.next_seed();
         // Room for the commands and the end the activation appends to the outcome (a
-        // sequential step adds one call, or the end): no reallocation on the way.
+        // sequential step adds one call, or the end): no reallocation on the way (`activate`
+        // filters the list in place, which std does for a `Vec` collected from its own
+        // `into_iter`; were it not to, this would only cost a reallocation again).
         let mut inbound = Vec::with_capacity(4);
         inbound.push(outcome.clone());
         let activation = match execution.activate(inbound, now_ms(), seed) {

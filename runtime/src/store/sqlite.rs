@@ -277,8 +277,9 @@ CREATE INDEX instances_parent ON instances(parent_id) WHERE parent_id IS NOT NUL
 -- Version 11: no index on (status, created_at). No query used it (listing scans the table
 -- and sorts, and finds the filter's rows as it goes), but every creation and every end kept
 -- it up to date (W1: 6 % of the writer's instructions); left to itself, the planner also
--- walked it over every running instance to find the ready ones. Older builds go on with the
--- file unchanged: nothing they read or write depends on the index.
+-- walked it over every running instance to find the ready ones. Processes of version 10
+-- that already run go on with the file: nothing they read or write depends on the index (one
+-- started after the upgrade refuses the file as newer, as for every version).
 DROP INDEX IF EXISTS instances_status;
 "#,
 ];
@@ -703,8 +704,8 @@ fn migrate_schema(conn: &Connection, path: &str, version: i64) -> Result<(), Sto
 /// read as one undecodable event and stop the instance for; version 9 lets an instance row lag
 /// behind its history (held chains), which an older build would read as it stands and hand on
 /// a call that already completed; version 10 names history rows' instances by a key an older
-/// build does not know. (Version 11 only drops an index: a build of version 10 goes on as
-/// before.)
+/// build does not know. (Version 11 only drops an index: processes of version 10 that already
+/// run go on as before; one started after the upgrade refuses the file, as for every version.)
 const UPGRADE_WITHOUT_OLDER_WORKERS: i64 = 10;
 
 /// How many workers of other processes use the store at `path` now: lock files beside it
