@@ -43,7 +43,7 @@ use serde::Serialize;
 type HashMap<K, V> = foldhash::HashMap<K, V>;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -317,6 +317,7 @@ impl WorkerBuilder {
             running: Mutex::new(HashMap::default()),
             activity_slots: Arc::new(Semaphore::new(self.max_concurrent_activities)),
             eager_starts: Semaphore::new(EAGER_STARTS_MAX),
+            starts_in_flight: AtomicUsize::new(0),
             poller_wake: Notify::new(),
             observer: self.observer,
             shutdown: shutdown_rx,
@@ -434,9 +435,57 @@ struct EagerStart {
 impl LocalStart for EagerStart {
     async fn create(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
         match self.worker.upgrade() {
-            Some(inner) => inner.start_eagerly(new).await,
+            Some(inner) => {
+                // A lone start (no other start in flight through this worker) runs as a task
+                // of a multi-threaded runtime: the caller's thread has often slept, and the
+                // first activity call then starts on the thread that committed it, without a
+                // wake-up between (W2, a start and its ten steps: ~6 % faster, 21 of 25
+                // interleaved runs). A burst of starts runs on the callers' tasks, which adds
+                // their threads to the work instead of queueing a task per start (spawning
+                // every start made W1 ~15 % slower and W5 9 MiB larger).
+                let (in_flight, lone) = StartInFlight::enter(&inner);
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime)
+                        if lone
+                            && runtime.runtime_flavor()
+                                == tokio::runtime::RuntimeFlavor::MultiThread =>
+                    {
+                        runtime
+                            .spawn(async move {
+                                let _in_flight = in_flight;
+                                inner.start_eagerly(new).await
+                            })
+                            .await
+                            .map_err(|e| StoreError::Database {
+                                operation: "start instance".into(),
+                                detail: format!("the start's task ended without an answer: {e}"),
+                            })?
+                    }
+                    _ => {
+                        let _in_flight = in_flight;
+                        inner.start_eagerly(new).await
+                    }
+                }
+            }
             None => self.store.create_instance(new).await,
         }
+    }
+}
+
+/// One start in flight through a worker's client, counted for as long as it is held.
+struct StartInFlight(Arc<Inner>);
+
+impl StartInFlight {
+    /// Counts a start in flight, and tells whether it is the only one.
+    fn enter(inner: &Arc<Inner>) -> (StartInFlight, bool) {
+        let before = inner.starts_in_flight.fetch_add(1, Ordering::AcqRel);
+        (StartInFlight(Arc::clone(inner)), before == 0)
+    }
+}
+
+impl Drop for StartInFlight {
+    fn drop(&mut self) {
+        self.0.starts_in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -458,6 +507,8 @@ struct Inner {
     activity_slots: Arc<Semaphore>,
     /// First activations run by this worker's clients at once ([`EAGER_STARTS_MAX`]).
     eager_starts: Semaphore,
+    /// Starts in flight through this worker's clients (see [`StartInFlight`]).
+    starts_in_flight: AtomicUsize,
     poller_wake: Notify,
     observer: Option<Observer>,
     shutdown: watch::Receiver<bool>,
