@@ -451,10 +451,14 @@ impl LocalStart for EagerStart {
                                 == tokio::runtime::RuntimeFlavor::MultiThread =>
                     {
                         runtime
-                            .spawn(async move {
-                                let _in_flight = in_flight;
-                                inner.start_eagerly(new).await
-                            })
+                            .spawn(
+                                async move {
+                                    let _in_flight = in_flight;
+                                    inner.start_eagerly(new).await
+                                }
+                                // The caller's span (the client's `start`) stays the parent.
+                                .instrument(tracing::Span::current()),
+                            )
                             .await
                             .map_err(|e| StoreError::Database {
                                 operation: "start instance".into(),
