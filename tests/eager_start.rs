@@ -248,3 +248,42 @@ async fn after_shutdown_the_client_only_creates() {
     assert_eq!(within("result", result_of(&handle)).await.unwrap(), 3);
     next.shutdown().await.unwrap();
 }
+
+/// A start dropped by its caller once it began (a timeout, a `select!`) still creates its
+/// instance and runs it to the end on the worker, which goes on living: the first call its
+/// creation claimed for this worker is not left leased to it (and renewed) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_dropped_midway_still_run_to_the_end() {
+    init_tracing();
+    let dir = TempDir::new("eager-dropped");
+    let store = open_store(&dir.file("store.db"));
+    let worker = step_worker(&store);
+    let client = worker.client();
+    let ids: Vec<String> = (0..64).map(|i| format!("dropped-{i}")).collect();
+    {
+        // Each polled once, all together (so that most run beside another start and hand their
+        // creation to the writer's queue), then dropped.
+        let mut starts: Vec<_> = ids
+            .iter()
+            .map(|id| Box::pin(client.start(&STEPS, id, &3)))
+            .collect();
+        for start in &mut starts {
+            let _ = futures::poll!(start.as_mut());
+        }
+    }
+    let completed = retrace::ListFilter {
+        status: Some(InstanceStatus::Completed),
+        ..retrace::ListFilter::default()
+    };
+    within("every dropped start's instance completed", async {
+        while store.list_instances(&completed).await.unwrap().len() < ids.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for id in &ids {
+        let info = client.describe(id).await.unwrap();
+        assert_eq!(info.output, Some(serde_json::json!(3)), "{id}");
+    }
+    worker.shutdown().await.unwrap();
+}

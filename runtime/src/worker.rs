@@ -380,7 +380,9 @@ impl Worker {
     /// costs one commit instead of three (create, claim, first activation), and its first
     /// activity calls start at once on this worker. Everything else is as with
     /// [`Client::new`]: instances of coordinators this worker does not run, and starts once it
-    /// is shutting down, are only created, for any worker to pick up.
+    /// is shutting down, are only created, for any worker to pick up. A start that its caller
+    /// drops once it has begun (a timeout, a `select!`) still goes on to its end on the
+    /// runtime: whether the instance was created is then learnt with [`Client::describe`].
     pub fn client(&self) -> Client {
         let local: Arc<dyn LocalStart> = Arc::new(EagerStart {
             worker: Arc::downgrade(&self.inner),
@@ -435,44 +437,115 @@ struct EagerStart {
 impl LocalStart for EagerStart {
     async fn create(&self, new: NewInstance) -> Result<CreateOutcome, StoreError> {
         match self.worker.upgrade() {
-            Some(inner) => {
-                // A lone start (no other start in flight through this worker) runs as a task
-                // of a multi-threaded runtime: the caller's thread has often slept, and the
-                // first activity call then starts on the thread that committed it, without a
-                // wake-up between (W2, a start and its ten steps: ~6 % faster, 21 of 25
-                // interleaved runs). A burst of starts runs on the callers' tasks, which adds
-                // their threads to the work instead of queueing a task per start (spawning
-                // every start made W1 ~15 % slower and W5 9 MiB larger).
-                let (in_flight, lone) = StartInFlight::enter(&inner);
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime)
-                        if lone
-                            && runtime.runtime_flavor()
-                                == tokio::runtime::RuntimeFlavor::MultiThread =>
-                    {
-                        runtime
-                            .spawn(
-                                async move {
-                                    let _in_flight = in_flight;
-                                    inner.start_eagerly(new).await
-                                }
-                                // The caller's span (the client's `start`) stays the parent.
-                                .instrument(tracing::Span::current()),
-                            )
-                            .await
-                            .map_err(|e| StoreError::Database {
-                                operation: "start instance".into(),
-                                detail: format!("the start's task ended without an answer: {e}"),
-                            })?
-                    }
-                    _ => {
-                        let _in_flight = in_flight;
-                        inner.start_eagerly(new).await
-                    }
-                }
-            }
+            Some(inner) => inner.start_from_client(new).await,
             None => self.store.create_instance(new).await,
         }
+    }
+}
+
+/// The current tokio runtime, if there is one and it is multi-threaded.
+fn multi_threaded_runtime() -> Option<tokio::runtime::Handle> {
+    tokio::runtime::Handle::try_current()
+        .ok()
+        .filter(|runtime| runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// Runs `start` (a start through a worker's client) as a task of `runtime` at once, so that
+/// dropping the caller does not cancel it; the future waits for its answer. The task keeps the
+/// caller's span as its parent, and the caller's tracing subscriber. A panic in it goes on in
+/// the caller, as it would have inline. (Not an `async fn`: the caller's future then holds only
+/// the task's handle, not `start` too.)
+fn detach<F>(
+    runtime: &tokio::runtime::Handle,
+    start: F,
+) -> impl Future<Output = Result<CreateOutcome, StoreError>>
+where
+    F: Future<Output = Result<CreateOutcome, StoreError>> + Send + 'static,
+{
+    use tracing::instrument::WithSubscriber;
+    let task = runtime.spawn(
+        start
+            .instrument(tracing::Span::current())
+            .with_current_subscriber(),
+    );
+    async move {
+        match task.await {
+            Ok(answer) => answer,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::Database {
+                operation: "start instance".into(),
+                detail: format!("the start's task ended without an answer: {e}"),
+            }),
+        }
+    }
+}
+
+/// A start (its first activation, its creation, and what follows), finished even if the
+/// caller drops it: dropped once polled (its creation may be on its way to the store), it goes
+/// on as a task of the runtime, answering nobody. Cut short, a start could commit the instance with its first
+/// calls claimed by this worker and never run them, while the renewer kept their leases alive.
+/// Costs nothing when the caller waits (no task); without a runtime to go on in, dropping it
+/// drops it.
+struct FinishOnDrop<F: Future + Send + 'static> {
+    start: Option<std::pin::Pin<Box<F>>>,
+    polled: bool,
+}
+
+impl<F: Future + Send + 'static> FinishOnDrop<F> {
+    fn new(start: F) -> Self {
+        FinishOnDrop {
+            start: Some(Box::pin(start)),
+            polled: false,
+        }
+    }
+}
+
+impl<F: Future + Send + 'static> Future for FinishOnDrop<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // `FinishOnDrop` is `Unpin` (it holds the start boxed).
+        let this = &mut *self;
+        this.polled = true;
+        let Some(start) = this.start.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let done = start.as_mut().poll(cx);
+        if done.is_ready() {
+            this.start = None;
+        }
+        done
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for FinishOnDrop<F> {
+    fn drop(&mut self) {
+        let Some(start) = self.start.take() else {
+            return;
+        };
+        if !self.polled {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            tracing::debug!("a start was dropped by its caller; it goes on as a task");
+            runtime.spawn(async move {
+                let _ = start.await;
+            });
+        }
+    }
+}
+
+/// One of a worker's [`EAGER_STARTS_MAX`] permits for a first activation, given back when
+/// dropped. (Not tokio's owned permit, whose wait made each waiting start 100 bytes larger:
+/// 10,000 of them wait in W5.)
+struct EagerPermit(Arc<Inner>);
+
+impl Drop for EagerPermit {
+    fn drop(&mut self) {
+        self.0.eager_starts.add_permits(1);
     }
 }
 
@@ -844,6 +917,34 @@ impl Inner {
         Ok(receipt.ready_again)
     }
 
+    /// A start through this worker's client ([`Worker::client`]).
+    ///
+    /// Once begun, a start runs to its end whatever its caller does (see [`FinishOnDrop`]).
+    /// On a multi-threaded runtime, a lone start (no other start in flight through this
+    /// worker) runs as a task from the beginning: the caller's thread has often slept, and the
+    /// worker thread that commits the creation (when it commits directly, as a lone start
+    /// does when the writer is idle) goes straight on with the first activity call (W2, a
+    /// start and its ten steps: ~6 % faster, 21 of 25 interleaved runs). A burst of starts runs
+    /// on the callers' tasks, which adds their threads to the work instead of queueing a task
+    /// per start (running every start as a task made W1 ~15 % slower and W5 9 MiB larger).
+    async fn start_from_client(
+        self: Arc<Self>,
+        new: NewInstance,
+    ) -> Result<CreateOutcome, StoreError> {
+        let (in_flight, lone) = StartInFlight::enter(&self);
+        if lone {
+            if let Some(runtime) = multi_threaded_runtime() {
+                let start = async move {
+                    let _in_flight = in_flight;
+                    self.start_eagerly(new).await
+                };
+                return detach(&runtime, start).await;
+            }
+        }
+        let _in_flight = in_flight;
+        self.start_eagerly(new).await
+    }
+
     /// Creates `new` together with its first activation, run here ([`Worker::client`]); only
     /// creates it when this worker does not run its coordinator or is stopping.
     async fn start_eagerly(
@@ -854,23 +955,28 @@ impl Inner {
             Some(entry) if !self.stopping() => entry.clone(),
             _ => return self.store.create_instance(new).await,
         };
-        let Ok(_permit) = self.eager_starts.acquire().await else {
+        let Ok(permit) = self.eager_starts.acquire().await else {
             return self.store.create_instance(new).await;
         };
+        // Held by the start itself, which may go on as a task of its own (`FinishOnDrop`).
+        permit.forget();
+        let permit = EagerPermit(Arc::clone(self));
         let id = new.id.clone();
         let span = tracing::debug_span!("activation", instance_id = %id, replaying = false, position = 0u64);
         // Boxed, so that a start waiting for a permit does not hold the room of a whole
-        // activation (W5 starts 10,000 at once: +10-15 MiB otherwise).
-        Box::pin(self.start_eagerly_inner(new, known))
-            .instrument(span)
-            .await
+        // activation (W5 starts 10,000 at once: +10-15 MiB otherwise), and finished even if
+        // its caller drops it midway.
+        let start = Arc::clone(self).start_eagerly_inner(new, known, permit);
+        FinishOnDrop::new(start.instrument(span)).await
     }
 
     async fn start_eagerly_inner(
-        self: &Arc<Self>,
+        self: Arc<Self>,
         new: NewInstance,
         (body, patches): (CoordinatorFn, &'static [&'static str]),
+        permit: EagerPermit,
     ) -> Result<CreateOutcome, StoreError> {
+        let _permit = permit;
         let id = new.id.clone();
         let mut execution = Execution::new(&id, body).with_patches(patches);
         // The same event the store would put in the inbox of an instance created on its own.
