@@ -482,10 +482,10 @@ where
 
 /// A start (its first activation, its creation, and what follows), finished even if the
 /// caller drops it: dropped once polled (its creation may be on its way to the store), it goes
-/// on as a task of the runtime, answering nobody. Cut short, a start could commit the instance with its first
-/// calls claimed by this worker and never run them, while the renewer kept their leases alive.
-/// Costs nothing when the caller waits (no task); without a runtime to go on in, dropping it
-/// drops it.
+/// on as a task of the runtime, answering nobody. Cut short, a start could commit the instance
+/// with its first calls claimed by this worker and never run them, while the renewer kept
+/// their leases alive. A start that its caller waits for costs no task, only the box it was
+/// kept in anyway; without a runtime to go on in, dropping it drops it.
 struct FinishOnDrop<F: Future + Send + 'static> {
     start: Option<std::pin::Pin<Box<F>>>,
     polled: bool,
