@@ -47,6 +47,20 @@ fn step_worker(store: &retrace::SharedStore) -> Worker {
         .start()
 }
 
+/// Waits (at most [`WAIT`]) until `count` instances of `store` have completed.
+async fn wait_completed(store: &retrace::SharedStore, count: usize) {
+    let completed = retrace::ListFilter {
+        status: Some(InstanceStatus::Completed),
+        ..retrace::ListFilter::default()
+    };
+    within(&format!("{count} instances completed"), async {
+        while store.list_instances(&completed).await.unwrap().len() < count {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn histories_are_those_of_a_plain_start() {
     init_tracing();
@@ -87,16 +101,7 @@ async fn ends_nobody_waited_for_read_back_from_the_file() {
     for id in &ids {
         client.start(&STEPS, id, &4).await.unwrap();
     }
-    let completed = retrace::ListFilter {
-        status: Some(InstanceStatus::Completed),
-        ..retrace::ListFilter::default()
-    };
-    within("all completed", async {
-        while store.list_instances(&completed).await.unwrap().len() < ids.len() {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    wait_completed(&store, ids.len()).await;
     let other = Client::new(open_store(&dir.file("store.db")));
     for id in &ids {
         let here = client.describe(id).await.unwrap();
@@ -271,16 +276,7 @@ async fn starts_dropped_midway_still_run_to_the_end() {
             let _ = futures::poll!(start.as_mut());
         }
     }
-    let completed = retrace::ListFilter {
-        status: Some(InstanceStatus::Completed),
-        ..retrace::ListFilter::default()
-    };
-    within("every dropped start's instance completed", async {
-        while store.list_instances(&completed).await.unwrap().len() < ids.len() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    wait_completed(&store, ids.len()).await;
     for id in &ids {
         let info = client.describe(id).await.unwrap();
         assert_eq!(info.output, Some(serde_json::json!(3)), "{id}");
