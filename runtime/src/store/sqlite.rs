@@ -1332,7 +1332,7 @@ const WRITER_SPIN: Duration = Duration::from_micros(250);
 
 /// Runs `sql`, a statement without parameters or rows (`BEGIN IMMEDIATE`, `COMMIT`), through
 /// the connection's statement cache: `execute_batch` parses it again at every call, two parses
-/// per commit, which were ~8 % of a sequential step's instructions (W2).
+/// per commit, ~2,900 instructions of the ~55,000 a sequential step took (W2, callgrind).
 fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
