@@ -2730,26 +2730,6 @@ fn finish_and_activate_in_tx(
     ))
 }
 
-/// [`step_ending_held`]'s `UPDATE`, finding the row by its text id.
-const END_HELD_BY_ID: &str = "UPDATE instances SET status = ?2, output = ?3, error = ?4,
-        next_pos = ?5, next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
-        updated_at = ?7, ended_at = ?7, reason = NULL,
-        held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0
-    WHERE id = ?1 AND status = 'running' AND generation = ?8 AND next_pos = ?9
-      AND held_seq = ?10 AND held_owner = ?11
-      AND (lease_owner IS NULL OR lease_owner = ?11 OR lease_until < ?7)
-      AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)";
-
-/// [`step_ending_held`]'s `UPDATE`, finding the row by its key `?12` (a held chain's rowid).
-const END_HELD_BY_KEY: &str = "UPDATE instances SET status = ?2, output = ?3, error = ?4,
-        next_pos = ?5, next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
-        updated_at = ?7, ended_at = ?7, reason = NULL,
-        held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0
-    WHERE key = ?12 AND id = ?1 AND status = 'running' AND generation = ?8 AND next_pos = ?9
-      AND held_seq = ?10 AND held_owner = ?11
-      AND (lease_owner IS NULL OR lease_owner = ?11 OR lease_until < ?7)
-      AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)";
-
 /// The step that completes the call in the instance's held slot (claimed by `c.owner`, first
 /// attempt) and ends the run (completed, failed or cancelled), with nothing else to write:
 /// one `UPDATE` ends the instance, checks what `commit_in_tx` checks and empties the slot.
@@ -2783,35 +2763,37 @@ fn step_ending_held(
         None => (c.expected_position, seq),
     };
     // (Not `RETURNING` the row: SQLite builds an ephemeral table for it, which cost more
-    // than reading the row again.) A chain knows the row's key, which spares the seek by
-    // text id; `?12` is then that key, and `?1` still names the instance's inbox.
-    let next_pos = next_pos as i64;
-    let (now_ms, generation, row_pos) = (now as i64, c.generation as i64, row_pos as i64);
-    let next_activation = c.activation + 1;
-    let by_id = params![
-        c.instance_id,
-        status,
-        output,
-        error,
-        next_pos,
-        next_activation,
-        now_ms,
-        generation,
-        row_pos,
-        row_seq,
-        c.owner
-    ];
-    let ended = match chain {
-        Some(chain) => conn.prepare_cached(END_HELD_BY_KEY).and_then(|mut s| {
-            let mut by_key = by_id.to_vec();
-            by_key.push(&chain.rowid);
-            s.execute(&*by_key)
-        }),
-        None => conn
-            .prepare_cached(END_HELD_BY_ID)
-            .and_then(|mut s| s.execute(by_id)),
-    }
-    .map_err(db("end instance"))?;
+    // than reading the row again.) A chain knows the row's key (`?12`), which spares the
+    // seek by text id; the id is still compared on the row.
+    let ended = conn
+        .prepare_cached(
+            "UPDATE instances SET status = ?2, output = ?3, error = ?4, next_pos = ?5,
+                    next_activation = ?6, ready = 0, lease_owner = NULL, lease_until = 0,
+                    updated_at = ?7, ended_at = ?7, reason = NULL,
+                    held_seq = NULL, held_pos = NULL, held_owner = NULL, held_until = 0
+             WHERE key = COALESCE(?12, (SELECT key FROM instances WHERE id = ?1))
+               AND id = ?1 AND status = 'running' AND generation = ?8 AND next_pos = ?9
+               AND held_seq = ?10 AND held_owner = ?11
+               AND (lease_owner IS NULL OR lease_owner = ?11 OR lease_until < ?7)
+               AND NOT EXISTS (SELECT 1 FROM inbox WHERE instance_id = ?1)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                c.instance_id,
+                status,
+                output,
+                error,
+                next_pos as i64,
+                c.activation + 1,
+                now as i64,
+                c.generation as i64,
+                row_pos as i64,
+                row_seq,
+                c.owner,
+                chain.map(|chain| chain.rowid)
+            ])
+        })
+        .map_err(db("end instance"))?;
     if ended == 0 {
         return Ok(None);
     }
