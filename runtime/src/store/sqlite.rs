@@ -406,12 +406,19 @@ impl EndedInstances {
     }
 }
 
+/// The final row of an instance that ended, boxed: the writer's answers carry it through
+/// several moves, nearly always as `None` (an inline row made every answer 400 bytes, copied
+/// three times on the writer thread per operation).
+type EndedRow = Option<Box<InstanceInfo>>;
+
 /// The instance row of `c`'s instance, read in `c`'s transaction, if `c` ended it for good (not
 /// by continuing as new).
-fn ended_info(conn: &Tx<'_>, c: &ActivationCommit) -> Result<Option<InstanceInfo>, StoreError> {
+fn ended_info(conn: &Tx<'_>, c: &ActivationCommit) -> Result<EndedRow, StoreError> {
     match &c.end {
         None | Some(RunEnd::ContinueAsNew(_)) => Ok(None),
-        Some(_) => Ok(get_instance(conn, &c.instance_id)?.filter(|i| i.status.is_final())),
+        Some(_) => Ok(get_instance(conn, &c.instance_id)?
+            .filter(|i| i.status.is_final())
+            .map(Box::new)),
     }
 }
 
@@ -926,13 +933,13 @@ impl SqliteStore {
     }
 
     /// Keeps the committed row of an instance that just ended (before waiters are woken).
-    fn remember_ended(&self, info: Option<InstanceInfo>) {
+    fn remember_ended(&self, info: EndedRow) {
         if let Some(info) = info {
             self.watched.forget(&info.id);
             self.ended
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remember(info);
+                .remember(*info);
         }
     }
 
@@ -2597,7 +2604,7 @@ fn finish_and_activate_in_tx(
     c: &PreparedCommit,
     now: u64,
     watched: bool,
-) -> Result<(DirectFinish, Option<Option<InstanceInfo>>), StoreError> {
+) -> Result<(DirectFinish, Option<EndedRow>), StoreError> {
     let outcome =
         match c.events.first() {
             Some(
@@ -2742,7 +2749,7 @@ fn step_ending_held(
     seq: u32,
     chain: Option<&Chain>,
     watched: bool,
-) -> Result<Option<(CommitReceipt, Option<InstanceInfo>)>, StoreError> {
+) -> Result<Option<(CommitReceipt, EndedRow)>, StoreError> {
     let Some(end) = &c.end else {
         return Ok(None);
     };
@@ -2818,7 +2825,7 @@ fn step_ending_held(
         delete_calls_and_timers(conn, &c.instance_id)?;
     }
     let info = settle_end(conn, &c.instance_id, now, &mut receipt)?;
-    Ok(Some((receipt, Some(info))))
+    Ok(Some((receipt, Some(Box::new(info)))))
 }
 
 /// [`step_in_tx`] for the step that finishes the call in the instance's held slot (claimed by
