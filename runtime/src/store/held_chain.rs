@@ -148,16 +148,24 @@ impl HeldChains {
     /// changed after they were staged.
     pub(crate) fn committed(&self) {
         let mut s = self.lock();
-        let staged = std::mem::take(&mut s.staged);
-        let changed = std::mem::take(&mut s.changed);
-        if !staged.is_empty() {
-            let last_change: Map<i64, u64> = changed.into_iter().collect();
-            for (stamp, entry) in staged {
+        // Drained, not taken: the lists keep their room for the next batch (taken, each batch
+        // grew them again from nothing, ~8 reallocations and copies of up to 50 KB).
+        let State {
+            staged,
+            changed,
+            chains,
+            ..
+        } = &mut *s;
+        if staged.is_empty() {
+            changed.clear();
+        } else {
+            let last_change: Map<i64, u64> = changed.drain(..).collect();
+            for (stamp, entry) in staged.drain(..) {
                 if last_change
                     .get(&entry.chain.rowid)
                     .is_none_or(|&at| at < stamp)
                 {
-                    s.chains.insert(entry.chain.rowid, entry);
+                    chains.insert(entry.chain.rowid, entry);
                 }
             }
         }
