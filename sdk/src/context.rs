@@ -21,11 +21,12 @@ use crate::activity::Activity;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Nondeterminism};
 use crate::history::{Event, ParentRef};
+use crate::positions::{PositionMap, PositionSet};
 use crate::retry::RetryPolicy;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -49,12 +50,13 @@ pub(crate) struct Shared {
     /// Commands issued live in the current activation, not yet handed to the runtime.
     pub(crate) issued: Vec<Event>,
     /// Outcomes delivered but not yet taken by their future. (Ordered maps: a few entries at a
-    /// time, keyed by small integers; hashing them was 8% of a long replay.)
-    pub(crate) results: BTreeMap<u32, Resolution>,
+    /// time, keyed by small integers; hashing them was 8% of a long replay. One entry is kept
+    /// inline: see `positions`.)
+    pub(crate) results: PositionMap<Resolution>,
     /// Wakers of futures waiting on a command position.
-    pub(crate) wakers: BTreeMap<u32, Waker>,
+    pub(crate) wakers: PositionMap<Waker>,
     /// Positions issued and not yet resolved.
-    pub(crate) pending: BTreeSet<u32>,
+    pub(crate) pending: PositionSet,
     /// Signals that arrived before anybody waited for them, per name, in arrival order.
     pub(crate) signal_buffer: HashMap<String, VecDeque<Value>>,
     /// Signal waits not yet satisfied: position → name. Served lowest position first.
@@ -78,9 +80,9 @@ impl Shared {
             recorded: Vec::new(),
             next_seq: 0,
             issued: Vec::new(),
-            results: BTreeMap::new(),
-            wakers: BTreeMap::new(),
-            pending: BTreeSet::new(),
+            results: PositionMap::default(),
+            wakers: PositionMap::default(),
+            pending: PositionSet::default(),
             signal_buffer: HashMap::new(),
             signal_waiters: BTreeMap::new(),
             cancel_reason: None,
@@ -151,11 +153,9 @@ impl Shared {
     /// Delivers the outcome of `seq`. Outcomes for positions nobody waits for (already resolved,
     /// cancelled, or duplicated deliveries) are ignored.
     pub(crate) fn resolve(&mut self, seq: u32, outcome: Resolution) -> Option<Waker> {
-        if !self.pending.remove(&seq) {
-            return None;
-        }
+        self.pending.remove(seq)?;
         self.results.insert(seq, outcome);
-        self.wakers.remove(&seq)
+        self.wakers.remove(seq)
     }
 
     /// Delivers an inbound event (other than `InstanceStarted`), adding to `wake` the wakers to
@@ -213,7 +213,7 @@ impl Shared {
             Event::PatchesPinned { patches } => self.pinned_patches = Some(patches.clone()),
             Event::CancelRequested { reason } if self.cancel_reason.is_none() => {
                 self.cancel_reason = Some(reason.clone());
-                let pending: Vec<u32> = self.pending.iter().copied().collect();
+                let pending: Vec<u32> = self.pending.positions().collect();
                 for seq in pending {
                     self.signal_waiters.remove(&seq);
                     let cancelled = Err(Error::Cancelled {
@@ -382,7 +382,7 @@ impl Context {
                     shared.results.insert(seq, Err(Error::Cancelled { reason }));
                 }
                 (None, None) => {
-                    shared.pending.insert(seq);
+                    shared.pending.insert(seq, ());
                     shared.signal_waiters.insert(seq, name.to_string());
                 }
             }
@@ -635,7 +635,7 @@ impl Context {
         let (seq, _) = shared.issue_unless(same, build);
         // After a cancellation has been delivered, new commands still wait normally: that is how
         // compensations run after a cancel.
-        shared.pending.insert(seq);
+        shared.pending.insert(seq, ());
         Operation {
             shared: Arc::clone(&self.shared),
             seq: Some(seq),
@@ -669,7 +669,7 @@ impl Operation {
             return Poll::Pending;
         };
         let mut shared = lock(&self.shared);
-        if let Some(outcome) = shared.results.remove(&seq) {
+        if let Some(outcome) = shared.results.remove(seq) {
             self.seq = None;
             return Poll::Ready(outcome);
         }
@@ -687,10 +687,10 @@ impl Drop for Operation {
     fn drop(&mut self) {
         let Some(seq) = self.seq.take() else { return };
         let mut shared = lock(&self.shared);
-        shared.pending.remove(&seq);
-        shared.wakers.remove(&seq);
+        shared.pending.remove(seq);
+        shared.wakers.remove(seq);
         shared.signal_waiters.remove(&seq);
-        if let Some(Ok(payload)) = shared.results.remove(&seq) {
+        if let Some(Ok(payload)) = shared.results.remove(seq) {
             if let Some(Event::SignalAwaited { name, .. }) = shared.recorded.get(seq as usize) {
                 let name = name.clone();
                 shared

@@ -47,6 +47,7 @@ pub mod coordinator;
 pub mod error;
 pub mod export;
 pub mod history;
+mod positions;
 pub mod replay;
 pub mod retry;
 pub mod saga;

@@ -152,14 +152,15 @@ impl Execution {
     pub fn awaits_work(&self, soon_ms: u64) -> bool {
         let shared = lock(&self.shared);
         let horizon = shared.now_ms.saturating_add(soon_ms);
-        shared
+        let hot = shared
             .pending
-            .iter()
-            .any(|seq| match shared.recorded.get(*seq as usize) {
+            .positions()
+            .any(|seq| match shared.recorded.get(seq as usize) {
                 Some(Event::ActivityScheduled { .. } | Event::ChildStarted { .. }) => true,
                 Some(Event::TimerStarted { fire_at_ms, .. }) => *fire_at_ms <= horizon,
                 _ => false,
-            })
+            });
+        hot
     }
 
     /// The custom status last set by the code.
