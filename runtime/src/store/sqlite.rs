@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use retrace_sdk::{Error, Event, Execution, HistoryEvent, ParentRef, ReplayError, RetrySpec};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -2091,31 +2092,43 @@ fn append_events(
 /// on the database only (the JSON was 7 % of its instructions in W1).
 #[derive(Debug)]
 struct HistoryRow {
-    kind: String,
+    kind: Cow<'static, str>,
     body: String,
     len: usize,
 }
 
+/// The `kind` column of the commonest rows, without building it: a sequential step's, the
+/// last step's of a run that completes, and a lone event's.
+fn common_kinds(events: &[Event]) -> Option<&'static str> {
+    match events {
+        [one] => Some(one.kind()),
+        [Event::ActivityCompleted { .. }, Event::ActivityScheduled { .. }] => {
+            Some("activity_completed,activity_scheduled")
+        }
+        [Event::ActivityCompleted { .. }, Event::InstanceCompleted { .. }] => {
+            Some("activity_completed,instance_completed")
+        }
+        _ => None,
+    }
+}
+
 impl HistoryRow {
     fn encode(events: &[Event]) -> Result<Self, StoreError> {
-        // Each string allocated once: the kinds' length is known, and the events are written
-        // straight into one buffer (a sequential step's two events take about 150 bytes), by
-        // `Event::write_json`, which writes the commonest events without serde's map encoder.
-        let kinds_len = events
-            .iter()
-            .map(|e| e.kind().len() + 1)
-            .sum::<usize>()
-            .saturating_sub(1);
-        let mut kind = String::with_capacity(kinds_len);
+        // Each string allocated once (the commonest kinds not at all): the kinds' length is
+        // known, and the events are written straight into one buffer (a sequential step's two
+        // events take about 150 bytes), by `Event::write_json`, which writes the commonest
+        // events without serde's map encoder.
         let mut body = Vec::with_capacity(256);
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
                 body.push(EVENT_SEPARATOR_BYTE);
-                kind.push(',');
             }
             event.write_json(&mut body).map_err(encode_error)?;
-            kind.push_str(event.kind());
         }
+        let kind = match common_kinds(events) {
+            Some(kind) => Cow::Borrowed(kind),
+            None => Cow::Owned(events.iter().map(Event::kind).collect::<Vec<_>>().join(",")),
+        };
         let body = String::from_utf8(body).map_err(encode_error)?;
         Ok(HistoryRow {
             kind,
@@ -2177,7 +2190,7 @@ fn append_row(
                 instance,
                 first_position as i64,
                 activation,
-                row.kind,
+                row.kind.as_ref(),
                 now as i64,
                 row.body,
                 row.len as i64
@@ -3040,7 +3053,7 @@ fn step_in_chain(
                 chain.rowid,
                 c.expected_position as i64,
                 c.activation,
-                c.row.kind,
+                c.row.kind.as_ref(),
                 now as i64,
                 c.row.body,
                 c.row.len as i64
@@ -4970,6 +4983,38 @@ mod tests {
                 }
                 other => panic!("{len} {body:?}: {other:?}"),
             }
+        }
+    }
+    /// The kinds written without being built are the ones built for any other row.
+    #[test]
+    fn a_rows_kinds_are_its_events_kinds_joined() {
+        use serde_json::json;
+        let completed = Event::ActivityCompleted {
+            seq: 0,
+            output: json!(1),
+            attempt: 1,
+        };
+        let scheduled = Event::ActivityScheduled {
+            seq: 1,
+            name: "a".into(),
+            input: json!(1),
+            retry: retrace_sdk::RetryPolicy::default().spec(),
+        };
+        let ended = Event::InstanceCompleted { output: json!(2) };
+        let fired = Event::TimerFired { seq: 2 };
+        let rows: [&[Event]; 6] = [
+            &[],
+            std::slice::from_ref(&fired),
+            &[completed.clone(), scheduled.clone()],
+            &[completed.clone(), ended.clone()],
+            &[fired.clone(), scheduled.clone()],
+            &[completed, scheduled, ended],
+        ];
+        for events in rows {
+            let row = HistoryRow::encode(events).unwrap();
+            let joined = events.iter().map(Event::kind).collect::<Vec<_>>().join(",");
+            assert_eq!(row.kind, joined);
+            assert_eq!(row.len, events.len());
         }
     }
 }
