@@ -306,7 +306,20 @@ impl WorkerBuilder {
                 None => format!("worker-{}", uuid::Uuid::new_v4()),
             },
             coordinators: self.coordinators,
-            activities: self.activities,
+            activities: self
+                .activities
+                .into_iter()
+                .map(|(name, handler)| {
+                    let shared = Arc::from(name.as_str());
+                    (
+                        name,
+                        RegisteredActivity {
+                            name: shared,
+                            handler,
+                        },
+                    )
+                })
+                .collect(),
             coordinator_names,
             activity_names,
             cache_enabled: cache,
@@ -566,11 +579,17 @@ impl Drop for StartInFlight {
     }
 }
 
+/// An activity this worker runs: its body, and its name shared by the contexts of its calls.
+struct RegisteredActivity {
+    name: Arc<str>,
+    handler: ActivityHandler,
+}
+
 struct Inner {
     store: SharedStore,
     owner: String,
     coordinators: HashMap<String, (CoordinatorFn, &'static [&'static str])>,
-    activities: HashMap<String, ActivityHandler>,
+    activities: HashMap<String, RegisteredActivity>,
     coordinator_names: Vec<String>,
     activity_names: Vec<String>,
     cache_enabled: bool,
@@ -1281,6 +1300,8 @@ impl Inner {
             let mut next = Some(task);
             // A sequential coordinator's next call, claimed by the commit of this one's
             // outcome, runs in this same task and slot: no task spawn or wake-up per step.
+            // The calls of a chain belong to one instance: one copy of its id for all.
+            let mut instance: Option<Arc<str>> = None;
             while let Some(task) = next.take() {
                 if inner.stopping() {
                     break;
@@ -1292,22 +1313,36 @@ impl Inner {
                     activity = %task.name,
                     attempt = task.attempt
                 );
-                next = Arc::clone(&inner).run_task(task).instrument(span).await;
+                next = Arc::clone(&inner)
+                    .run_task(task, &mut instance)
+                    .instrument(span)
+                    .await;
             }
         });
     }
 
     /// Runs one attempt and records its outcome. Returns the next activity call to run when
-    /// the outcome's commit claimed exactly one (see `finish_directly`).
-    async fn run_task(self: Arc<Self>, task: ActivityTask) -> Option<ActivityTask> {
-        let Some(handler) = self.activities.get(&task.name).cloned() else {
+    /// the outcome's commit claimed exactly one (see `finish_directly`). `instance` is the
+    /// shared id of the instance of the task before, if the caller ran one, and becomes this
+    /// task's.
+    async fn run_task(
+        self: Arc<Self>,
+        task: ActivityTask,
+        instance: &mut Option<Arc<str>>,
+    ) -> Option<ActivityTask> {
+        let Some(activity) = self.activities.get(&task.name) else {
             tracing::warn!(
                 "claimed an activity this worker does not know; it will be retried elsewhere"
             );
             return None;
         };
+        let (handler, name) = (activity.handler.clone(), Arc::clone(&activity.name));
+        let instance_id = match instance {
+            Some(id) if **id == *task.instance_id => Arc::clone(id),
+            _ => Arc::clone(instance.insert(Arc::from(task.instance_id.as_str()))),
+        };
         let started = tokio::time::Instant::now();
-        let mut ctx = ActivityContext::new(&task.instance_id, &task.name, task.seq, task.attempt)
+        let mut ctx = ActivityContext::with_shared_names(instance_id, name, task.seq, task.attempt)
             .with_generation(task.generation);
         // Heartbeats move only the heartbeat deadline: without one, `heartbeat` has nothing to
         // renew, and its closure and shared clock (two allocations per attempt) are not made.

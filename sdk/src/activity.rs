@@ -100,6 +100,25 @@ impl ActivityContext {
         }
     }
 
+    /// As [`ActivityContext::new`], with the instance id and the activity's name already
+    /// shared: a runtime hands every attempt of one instance, or of one activity, the same
+    /// strings instead of a copy of each per attempt.
+    pub fn with_shared_names(
+        instance_id: Arc<str>,
+        activity: Arc<str>,
+        position: u32,
+        attempt: u32,
+    ) -> Self {
+        ActivityContext {
+            instance_id,
+            activity,
+            position,
+            attempt,
+            generation: 0,
+            heartbeat: None,
+        }
+    }
+
     /// Sets the caller's run number (how many times it continued as new; set by the runtime).
     pub fn with_generation(mut self, generation: u64) -> Self {
         self.generation = generation;
