@@ -41,6 +41,7 @@ use serde::Serialize;
 /// The worker's maps, looked up by name and instance id at every step: foldhash, seeded per
 /// process, costs a fraction of the standard library's SipHash.
 type HashMap<K, V> = foldhash::HashMap<K, V>;
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -182,6 +183,27 @@ pub enum CommitNotice {
 }
 
 type Observer = Arc<dyn Fn(&CommitNotice) + Send + Sync>;
+
+impl CommitNotice {
+    /// The notice's copy of the instance id, for the next notice made on this thread.
+    fn into_instance_id(self) -> String {
+        match self {
+            CommitNotice::Activation { instance_id, .. }
+            | CommitNotice::ActivityOutcome { instance_id, .. } => instance_id,
+        }
+    }
+}
+
+thread_local! {
+    /// The string the last notice made on this thread held its instance id in (see `notify`).
+    static NOTICE_ID: Cell<String> = const { Cell::new(String::new()) };
+}
+
+/// `buffer` (empty) holding `id`.
+fn copied(mut buffer: String, id: &str) -> String {
+    buffer.push_str(id);
+    buffer
+}
 
 /// Builds a [`Worker`]: register coordinators and activities, then [`WorkerBuilder::start`].
 pub struct WorkerBuilder {
@@ -684,11 +706,16 @@ impl Inner {
         *self.shutdown.borrow()
     }
 
-    /// Reports a commit to the `on_commit` observer; the notice (and its copy of the instance
-    /// id) is made only when there is one.
-    fn notify(&self, notice: impl FnOnce() -> CommitNotice) {
+    /// Reports a commit to the `on_commit` observer; the notice is made only when there is
+    /// one. `notice` gets an empty string to copy the instance id into: the thread's buffer,
+    /// taken back once the observer returns (two notices per step each allocated a copy).
+    fn notify(&self, notice: impl FnOnce(String) -> CommitNotice) {
         if let Some(observer) = &self.observer {
-            observer(&notice());
+            let mut buffer = NOTICE_ID.take();
+            buffer.clear();
+            let notice = notice(buffer);
+            observer(&notice);
+            NOTICE_ID.set(notice.into_instance_id());
         }
     }
 
@@ -1108,8 +1135,8 @@ impl Inner {
         unknown_activity: Option<String>,
         start: Start,
     ) -> Result<Vec<ActivityTask>, StoreError> {
-        self.notify(|| CommitNotice::Activation {
-            instance_id: id.to_string(),
+        self.notify(|buffer| CommitNotice::Activation {
+            instance_id: copied(buffer, id),
             activation: committed.activation,
             ended: committed.ended,
         });
@@ -1229,8 +1256,8 @@ impl Inner {
             committed,
             unknown_activity,
         } = self.plan(id, generation, expected_position, activation, Vec::new());
-        let outcome_notice = || CommitNotice::ActivityOutcome {
-            instance_id: id.to_string(),
+        let outcome_notice = |buffer: String| CommitNotice::ActivityOutcome {
+            instance_id: copied(buffer, id),
             seq: task.seq,
             attempt: task.attempt,
             is_final: true,
@@ -1436,8 +1463,8 @@ impl Inner {
         match recorded {
             Ok(receipt) => {
                 if receipt.accepted {
-                    self.notify(|| CommitNotice::ActivityOutcome {
-                        instance_id: task.instance_id.clone(),
+                    self.notify(|buffer| CommitNotice::ActivityOutcome {
+                        instance_id: copied(buffer, &task.instance_id),
                         seq: task.seq,
                         attempt: task.attempt,
                         is_final: retry_at.is_none(),
