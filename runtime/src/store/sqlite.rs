@@ -2114,10 +2114,9 @@ fn common_kinds(events: &[Event]) -> Option<&'static str> {
 
 impl HistoryRow {
     fn encode(events: &[Event]) -> Result<Self, StoreError> {
-        // Each string allocated once (the commonest kinds not at all): the kinds' length is
-        // known, and the events are written straight into one buffer (a sequential step's two
-        // events take about 150 bytes), by `Event::write_json`, which writes the commonest
-        // events without serde's map encoder.
+        // One allocation for the body, none for the commonest kinds: the events are written
+        // straight into one buffer (a sequential step's two events take about 150 bytes), by
+        // `Event::write_json`, which writes the commonest events without serde's map encoder.
         let mut body = Vec::with_capacity(256);
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
@@ -4985,6 +4984,7 @@ mod tests {
             }
         }
     }
+
     /// The kinds written without being built are the ones built for any other row.
     #[test]
     fn a_rows_kinds_are_its_events_kinds_joined() {
