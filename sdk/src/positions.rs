@@ -47,23 +47,19 @@ impl<V> PositionMap<V> {
 
     /// Removes and returns the value at `position`.
     pub(crate) fn remove(&mut self, position: u32) -> Option<V> {
-        match self {
-            PositionMap::One(at, _) if *at == position => match std::mem::take(self) {
-                PositionMap::One(_, value) => Some(value),
-                // `self` was just matched as `One`.
-                other => {
-                    *self = other;
-                    None
-                }
-            },
-            PositionMap::Many(map) => {
+        match std::mem::take(self) {
+            PositionMap::One(at, value) if at == position => Some(value),
+            PositionMap::Many(mut map) => {
                 let removed = map.remove(&position);
-                if map.is_empty() {
-                    *self = PositionMap::Empty;
+                if !map.is_empty() {
+                    *self = PositionMap::Many(map);
                 }
                 removed
             }
-            _ => None,
+            other => {
+                *self = other;
+                None
+            }
         }
     }
 
