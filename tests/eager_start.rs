@@ -86,6 +86,31 @@ async fn histories_are_those_of_a_plain_start() {
         assert_eq!(here, other.describe(id).await.unwrap());
     }
     worker.shutdown().await.unwrap();
+    assert_rows_match_their_bodies(&dir.file("store.db"), 12);
+}
+
+/// Each history row's `kind` and `len` columns agree with the events in its body, whichever
+/// statement wrote it (a held chain's sequential step has them as literals).
+fn assert_rows_match_their_bodies(file: &std::path::Path, expected_rows: usize) {
+    let raw = rusqlite::Connection::open(file).unwrap();
+    let mut stmt = raw.prepare("SELECT kind, len, body FROM events").unwrap();
+    let rows: Vec<(String, i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), expected_rows, "one row per activation");
+    for (kind, len, body) in rows {
+        let types: Vec<String> = body
+            .split('\n')
+            .map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).unwrap();
+                event["type"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(kind, types.join(","), "kind column of {body}");
+        assert_eq!(len, types.len() as i64, "len column of {body}");
+    }
 }
 
 /// Ends nobody asked about while they ran (their final row is then not read in the ending

@@ -2097,14 +2097,16 @@ struct HistoryRow {
     len: usize,
 }
 
+/// The `kind` column of a sequential step's row: an outcome and the next call. The chain's
+/// `INSERT` for such a row has it as a literal (`step_in_chain`).
+const STEP_KINDS: &str = "activity_completed,activity_scheduled";
+
 /// The `kind` column of the commonest rows, without building it: a sequential step's, the
 /// last step's of a run that completes, and a lone event's.
 fn common_kinds(events: &[Event]) -> Option<&'static str> {
     match events {
         [one] => Some(one.kind()),
-        [Event::ActivityCompleted { .. }, Event::ActivityScheduled { .. }] => {
-            Some("activity_completed,activity_scheduled")
-        }
+        [Event::ActivityCompleted { .. }, Event::ActivityScheduled { .. }] => Some(STEP_KINDS),
         [Event::ActivityCompleted { .. }, Event::InstanceCompleted { .. }] => {
             Some("activity_completed,instance_completed")
         }
@@ -3041,9 +3043,25 @@ fn step_in_chain(
         return Ok(None);
     }
     // The position is the last safeguard: a history row there already means the chain was
-    // wrong; the ordinary path then decides.
-    match conn
-        .prepare_cached(
+    // wrong; the ordinary path then decides. The commonest row (an outcome and the next call)
+    // has its kind and length in the statement: SQLite copies every bound text, and a bound
+    // parameter costs about what a column of the row does.
+    let inserted = if c.row.len == 2 && c.row.kind == STEP_KINDS {
+        conn.prepare_cached(
+            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+             VALUES (?1, ?2, ?3, 'activity_completed,activity_scheduled', ?4, ?5, 2)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                chain.rowid,
+                c.expected_position as i64,
+                c.activation,
+                now as i64,
+                c.row.body
+            ])
+        })
+    } else {
+        conn.prepare_cached(
             "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
@@ -3057,7 +3075,9 @@ fn step_in_chain(
                 c.row.body,
                 c.row.len as i64
             ])
-        }) {
+        })
+    };
+    match inserted {
         Ok(_) => {}
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
             tracing::warn!(instance_id = %c.instance_id, position = c.expected_position, "a held chain met a history row at its position; taking the ordinary path");
