@@ -10,6 +10,7 @@
 pub mod client;
 mod clock;
 pub mod error;
+mod instance_slots;
 pub mod limits;
 pub mod replayer;
 pub mod store;

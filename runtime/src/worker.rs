@@ -22,6 +22,7 @@
 use crate::client::{Client, LocalStart};
 use crate::clock::now_ms;
 use crate::error::StoreError;
+use crate::instance_slots::InstanceSlots;
 use crate::limits::{
     ACTIVITIES_CONCURRENT_MAX, CACHE_CAPACITY_DEFAULT, CACHE_TIMER_HORIZON_MS, CLAIM_BATCH_MAX,
     EAGER_STARTS_MAX, LEASE_DEFAULT, POLL_INTERVAL_DEFAULT,
@@ -348,8 +349,7 @@ impl WorkerBuilder {
             cache_capacity: self.cache_capacity,
             lease: self.lease,
             poll_interval: self.poll_interval,
-            cache: Mutex::new(HashMap::default()),
-            running: Mutex::new(HashMap::default()),
+            slots: Mutex::new(InstanceSlots::default()),
             activity_slots: Arc::new(Semaphore::new(self.max_concurrent_activities)),
             eager_starts: Semaphore::new(EAGER_STARTS_MAX),
             starts_in_flight: AtomicUsize::new(0),
@@ -433,7 +433,7 @@ impl Worker {
 
     /// How many executions are cached now.
     pub fn cached_executions(&self) -> usize {
-        lock(&self.inner.cache).len()
+        lock(&self.inner.slots).cached_len()
     }
 
     /// Stops the loops and hands back every lease at once, so that other workers can take over
@@ -618,10 +618,8 @@ struct Inner {
     cache_capacity: usize,
     lease: Duration,
     poll_interval: Duration,
-    /// Cached executions by instance id, with the run (generation) they belong to.
-    cache: Mutex<HashMap<String, (u64, Execution)>>,
-    /// Instances with an activation task; `true` asks it to run once more.
-    running: Mutex<HashMap<String, bool>>,
+    /// Instances an activation has now, and cached executions, by instance id.
+    slots: Mutex<InstanceSlots>,
     activity_slots: Arc<Semaphore>,
     /// First activations run by this worker's clients at once ([`EAGER_STARTS_MAX`]).
     eager_starts: Semaphore,
@@ -724,13 +722,8 @@ impl Inner {
         if self.stopping() {
             return;
         }
-        {
-            let mut running = lock(&self.running);
-            if let Some(again) = running.get_mut(&id) {
-                *again = true;
-                return;
-            }
-            running.insert(id.clone(), false);
+        if !lock(&self.slots).mark_running(&id) {
+            return;
         }
         let inner = Arc::clone(self);
         tokio::spawn(async move { inner.run_instance(id).await });
@@ -757,17 +750,7 @@ impl Inner {
                     false
                 }
             };
-            let more = {
-                let mut running = lock(&self.running);
-                let requested = running.get(&id).copied().unwrap_or(false);
-                if (again || requested) && !self.stopping() {
-                    running.insert(id.clone(), false);
-                    true
-                } else {
-                    running.remove(&id);
-                    false
-                }
-            };
+            let more = lock(&self.slots).finish_activation(&id, again, self.stopping());
             // Started only now that the instance is no longer marked as activating (unless it
             // is activated again at once): an outcome that came back while it was could not
             // take the fast path (`finish_directly`).
@@ -803,7 +786,7 @@ impl Inner {
         claimed: &mut Vec<ActivityTask>,
     ) -> Result<bool, StoreError> {
         let cached = if self.cache_enabled {
-            lock(&self.cache).remove(id)
+            lock(&self.slots).take_cached(id)
         } else {
             None
         };
@@ -1195,13 +1178,7 @@ impl Inner {
         {
             return;
         }
-        let mut cache = lock(&self.cache);
-        if cache.len() >= self.cache_capacity {
-            if let Some(evict) = cache.keys().next().cloned() {
-                cache.remove(&evict);
-            }
-        }
-        cache.insert(id.to_string(), (generation, execution));
+        lock(&self.slots).put_cached(id, generation, execution, self.cache_capacity);
     }
 
     /// Fast path for a final outcome: when this worker has the instance's execution cached and
@@ -1219,21 +1196,7 @@ impl Inner {
             return None;
         }
         let id = task.instance_id.as_str();
-        let (generation, mut execution) = {
-            let mut running = lock(&self.running);
-            if running.contains_key(id) {
-                return None;
-            }
-            match lock(&self.cache).remove_entry(id) {
-                // The cache's key becomes the running mark's: no copy of the id.
-                Some((key, entry)) if entry.0 == task.generation => {
-                    running.insert(key, false);
-                    entry
-                }
-                // An execution of another run is stale anyway.
-                _ => return None,
-            }
-        };
+        let (generation, mut execution) = lock(&self.slots).take_idle(id, task.generation)?;
         let expected_position = execution.next_position();
         let seed = self.next_seed();
         // Room for the commands and the end the activation appends to the outcome (a
@@ -1307,7 +1270,7 @@ impl Inner {
     /// Ends the hold on `id` taken by `finish_directly`, and activates the instance if it has
     /// work (`run`) or if an activation was asked for meanwhile.
     fn release_instance(self: &Arc<Self>, id: &str, run: bool) {
-        let requested = lock(&self.running).remove(id).unwrap_or(false);
+        let requested = lock(&self.slots).release(id);
         if run || requested {
             self.schedule(id.to_string());
         }
