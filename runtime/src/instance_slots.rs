@@ -55,16 +55,19 @@ impl InstanceSlots {
                 }
             },
             None => {
-                self.by_id.insert(
-                    id.to_string(),
-                    Slot {
-                        running: Some(false),
-                        cached: None,
-                    },
-                );
+                self.insert_running(id);
                 true
             }
         }
+    }
+
+    /// A new entry for `id`, marked as activating.
+    fn insert_running(&mut self, id: &str) {
+        let slot = Slot {
+            running: Some(false),
+            cached: None,
+        };
+        self.by_id.insert(id.to_string(), slot);
     }
 
     /// Ends an activation of `id`: it stays marked (and returns `true`) when it runs once
@@ -75,15 +78,7 @@ impl InstanceSlots {
         if (again || requested) && !stopping {
             match slot {
                 Some(slot) => slot.running = Some(false),
-                None => {
-                    self.by_id.insert(
-                        id.to_string(),
-                        Slot {
-                            running: Some(false),
-                            cached: None,
-                        },
-                    );
-                }
+                None => self.insert_running(id),
             }
             true
         } else {
