@@ -2097,8 +2097,8 @@ struct HistoryRow {
     len: usize,
 }
 
-/// The `kind` column of a sequential step's row: an outcome and the next call. The chain's
-/// `INSERT` for such a row has it as a literal (`step_in_chain`).
+/// The `kind` column of a sequential step's row: an outcome and the next call. Its `INSERT`
+/// has it as a literal (`insert_row`).
 const STEP_KINDS: &str = "activity_completed,activity_scheduled";
 
 /// The `kind` column of the commonest rows, without building it: a sequential step's, the
@@ -2173,6 +2173,42 @@ fn append_row(
     if row.len == 0 {
         return Ok(());
     }
+    insert_row(conn, instance, first_position, activation, row, now)
+        .map_err(db("append events"))?;
+    Ok(())
+}
+
+/// The `INSERT` of one history row, its error left for the caller to read (a held chain takes
+/// a row already at its position as its cue to step aside). The commonest row, a sequential
+/// step's (an outcome and the next call), has its kind and length in the statement when the
+/// instance's key is known: SQLite copies every bound text, and a bound parameter costs about
+/// what a column of the row does (W1's writer: −3 %).
+fn insert_row(
+    conn: &Tx<'_>,
+    instance: InstanceRef<'_>,
+    first_position: u64,
+    activation: u32,
+    row: &HistoryRow,
+    now: u64,
+) -> rusqlite::Result<usize> {
+    if let InstanceRef::Key(key) = instance {
+        if row.len == 2 && row.kind == STEP_KINDS {
+            return conn
+                .prepare_cached(
+                    "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+                     VALUES (?1, ?2, ?3, 'activity_completed,activity_scheduled', ?4, ?5, 2)",
+                )
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
+                        key,
+                        first_position as i64,
+                        activation,
+                        now as i64,
+                        row.body
+                    ])
+                });
+        }
+    }
     let (sql, instance): (&'static str, &dyn rusqlite::ToSql) = match &instance {
         InstanceRef::Key(key) => (
             "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
@@ -2185,20 +2221,17 @@ fn append_row(
             id,
         ),
     };
-    conn.prepare_cached(sql)
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                instance,
-                first_position as i64,
-                activation,
-                row.kind.as_ref(),
-                now as i64,
-                row.body,
-                row.len as i64
-            ])
-        })
-        .map_err(db("append events"))?;
-    Ok(())
+    conn.prepare_cached(sql).and_then(|mut stmt| {
+        stmt.execute(params![
+            instance,
+            first_position as i64,
+            activation,
+            row.kind.as_ref(),
+            now as i64,
+            row.body,
+            row.len as i64
+        ])
+    })
 }
 
 /// The instance a history row goes to: by its key, when the caller has it at hand, or by
@@ -3043,40 +3076,15 @@ fn step_in_chain(
         return Ok(None);
     }
     // The position is the last safeguard: a history row there already means the chain was
-    // wrong; the ordinary path then decides. The commonest row (an outcome and the next call)
-    // has its kind and length in the statement: SQLite copies every bound text, and a bound
-    // parameter costs about what a column of the row does.
-    let inserted = if c.row.len == 2 && c.row.kind == STEP_KINDS {
-        conn.prepare_cached(
-            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
-             VALUES (?1, ?2, ?3, 'activity_completed,activity_scheduled', ?4, ?5, 2)",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                chain.rowid,
-                c.expected_position as i64,
-                c.activation,
-                now as i64,
-                c.row.body
-            ])
-        })
-    } else {
-        conn.prepare_cached(
-            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                chain.rowid,
-                c.expected_position as i64,
-                c.activation,
-                c.row.kind.as_ref(),
-                now as i64,
-                c.row.body,
-                c.row.len as i64
-            ])
-        })
-    };
+    // wrong; the ordinary path then decides.
+    let inserted = insert_row(
+        conn,
+        InstanceRef::Key(chain.rowid),
+        c.expected_position,
+        c.activation,
+        &c.row,
+        now,
+    );
     match inserted {
         Ok(_) => {}
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
