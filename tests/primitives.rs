@@ -475,6 +475,27 @@ async fn cancel_runs_compensations_and_terminate_ends_at_once() {
         history.last().map(|e| &e.event),
         Some(Event::InstanceTerminated { reason }) if reason == "operator: duplicate order"
     ));
+    // A second terminate says it had ended, and keeps the first reason.
+    let again = client.terminate("h-terminate", "operator: again").await;
+    assert!(
+        matches!(
+            again,
+            Err(ClientError::Ended {
+                status: InstanceStatus::Terminated,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(
+        client
+            .describe("h-terminate")
+            .await
+            .unwrap()
+            .reason
+            .as_deref(),
+        Some("operator: duplicate order")
+    );
     let log = log.lock().unwrap().clone();
     assert_eq!(log.iter().filter(|l| *l == "unbook room").count(), 1);
     worker.shutdown().await.unwrap();
@@ -877,6 +898,9 @@ async fn a_timer_beyond_the_stores_clock_never_fires() {
             .await
             .map(|_| ()),
         client.cancel("f", "too late").await,
+        // Ended by itself, perhaps just after the caller looked: nothing to end or resume.
+        client.terminate("f", "too late").await,
+        client.resume("f").await,
     ] {
         assert!(
             matches!(
@@ -889,5 +913,11 @@ async fn a_timer_beyond_the_stores_clock_never_fires() {
             "{refused:?}"
         );
     }
+    let info = client.describe("f").await.unwrap();
+    assert_eq!(info.status, InstanceStatus::Completed);
+    assert_eq!(
+        count(&client.history("f").await.unwrap(), "instance_terminated"),
+        0
+    );
     worker.shutdown().await.unwrap();
 }

@@ -122,7 +122,10 @@ impl Client {
     /// [`ClientError::NotFound`], store errors (an undecodable event is
     /// [`StoreError::Corrupt`] naming its position).
     pub async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>, ClientError> {
-        self.store.history(id).await.map_err(|e| not_found(id, e))
+        self.store
+            .history(id)
+            .await
+            .map_err(|e| for_instance(id, e))
     }
 
     /// Instances matching `filter`, newest first.
@@ -196,7 +199,7 @@ impl Client {
             .store
             .deliver_message(id, event, dedupe)
             .await
-            .map_err(|e| not_found(id, e))?
+            .map_err(|e| for_instance(id, e))?
         {
             Delivery::Accepted => Ok(true),
             Delivery::Duplicate => Ok(false),
@@ -233,20 +236,24 @@ impl Client {
     /// Ends the instance at once, without running any more of its code, recording `reason`.
     ///
     /// # Errors
-    /// [`ClientError::NotFound`], store errors.
+    /// [`ClientError::NotFound`]; [`ClientError::Ended`] when it had already ended (terminated
+    /// before, or ended by itself, perhaps since the caller last looked), and nothing was
+    /// changed; store errors.
     pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ClientError> {
         self.store
             .terminate(id, reason)
             .await
-            .map_err(|e| not_found(id, e))
+            .map_err(|e| for_instance(id, e))
     }
 
     /// Puts an instance stopped by a nondeterminism error back to running, after a code fix.
+    /// An instance that runs is left running.
     ///
     /// # Errors
-    /// [`ClientError::NotFound`], store errors.
+    /// [`ClientError::NotFound`]; [`ClientError::Ended`] when it has ended (there is nothing to
+    /// resume: fork it to run it again); store errors.
     pub async fn resume(&self, id: &str) -> Result<(), ClientError> {
-        self.store.resume(id).await.map_err(|e| not_found(id, e))
+        self.store.resume(id).await.map_err(|e| for_instance(id, e))
     }
 
     /// Waits until the instance has ended or stopped, and returns its description. Transient
@@ -290,10 +297,16 @@ impl Client {
     }
 }
 
-fn not_found(id: &str, e: StoreError) -> ClientError {
+/// A store error about instance `id` as the client reports it: not found and already ended
+/// become their own kinds.
+fn for_instance(id: &str, e: StoreError) -> ClientError {
     match e {
         StoreError::NotFound { .. } => ClientError::NotFound {
             instance_id: id.to_string(),
+        },
+        StoreError::Ended { status, .. } => ClientError::Ended {
+            instance_id: id.to_string(),
+            status,
         },
         other => ClientError::Store(other),
     }

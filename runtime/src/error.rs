@@ -89,6 +89,15 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store is closed")]
     Closed,
+    /// The instance had already ended (with this status), so the operation (terminate,
+    /// resume) changed nothing.
+    #[error("instance {instance_id} has already ended ({status}); nothing was changed")]
+    Ended {
+        /// The instance.
+        instance_id: String,
+        /// How it ended.
+        status: InstanceStatus,
+    },
     /// A history handed to the store (import, fork) cannot become an instance: positions with
     /// gaps, no start event, a status that contradicts the events, a fork position out of range.
     #[error("cannot create instance {instance_id} from this history: {detail}")]
@@ -157,8 +166,9 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The instance has ended: it takes no more signals or cancellation.
-    #[error("instance {instance_id} has ended ({status}); nothing more can be delivered to it")]
+    /// The instance has ended: it takes no more signals, cancellation, termination or
+    /// resumption, and the call changed nothing.
+    #[error("instance {instance_id} has ended ({status}); nothing more can be done to it")]
     Ended {
         /// The instance.
         instance_id: String,

@@ -2443,8 +2443,26 @@ mod cases {
                 .await,
             Err(StoreError::Conflict { .. })
         ));
-        // Terminating again changes nothing; an unknown instance is an error.
-        s.terminate("a", "again").await.unwrap();
+        // Terminating again changes nothing and says why; an unknown instance is an error.
+        assert!(matches!(
+            s.terminate("a", "again").await,
+            Err(StoreError::Ended {
+                status: InstanceStatus::Terminated,
+                ..
+            })
+        ));
+        // Nor is an ended instance resumed.
+        assert!(matches!(
+            s.resume("a").await,
+            Err(StoreError::Ended {
+                status: InstanceStatus::Terminated,
+                ..
+            })
+        ));
+        assert_eq!(
+            s.describe("a").await.unwrap().unwrap().status,
+            InstanceStatus::Terminated
+        );
         assert_eq!(s.history("a").await.unwrap().len(), 4);
         assert_eq!(
             s.describe("a").await.unwrap().unwrap().reason.as_deref(),

@@ -684,10 +684,14 @@ pub trait Store: Send + Sync + 'static {
         Ok(self.deliver_message(instance_id, event, dedupe_key).await? == Delivery::Accepted)
     }
 
-    /// Ends an instance at once, recording why in its history.
+    /// Ends an instance at once, recording why in its history. [`StoreError::Ended`], with
+    /// nothing changed, when it had already ended (a second terminate among them):
+    /// the status read and the change are one transaction, so a caller that looked before
+    /// learns here that the instance ended in between.
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError>;
 
-    /// Puts a stopped instance back to running.
+    /// Puts a stopped instance back to running; a running one stays as it is.
+    /// [`StoreError::Ended`], with nothing changed, when it has ended.
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError>;
 
     /// The instance row.

@@ -2090,7 +2090,11 @@ async fn terminate_in_tx(tx: &impl GenericClient, id: &str, reason: &str) -> TxR
             instance_id: id.to_string(),
         })?;
     if info.status.is_final() {
-        return Ok(());
+        return Err(StoreError::Ended {
+            instance_id: id.to_string(),
+            status: info.status,
+        }
+        .into());
     }
     let event = Event::InstanceTerminated {
         reason: reason.to_string(),
@@ -2934,9 +2938,15 @@ impl Store for PostgresStore {
             let n = tx
                 .execute(&stmt, &[&instance_id, &(now_ms() as i64)])
                 .await?;
-            if n == 0 && get_instance(&tx, instance_id, false).await?.is_none() {
-                return Err(StoreError::NotFound {
-                    instance_id: instance_id.to_string(),
+            if n == 0 {
+                return Err(match get_instance(&tx, instance_id, false).await? {
+                    None => StoreError::NotFound {
+                        instance_id: instance_id.to_string(),
+                    },
+                    Some(info) => StoreError::Ended {
+                        instance_id: instance_id.to_string(),
+                        status: info.status,
+                    },
                 }
                 .into());
             }

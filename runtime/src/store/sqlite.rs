@@ -4278,7 +4278,10 @@ impl Store for SqliteStore {
                 instance_id: id.clone(),
             })?;
             if info.status.is_final() {
-                return Ok(());
+                return Err(StoreError::Ended {
+                    instance_id: id.clone(),
+                    status: info.status,
+                });
             }
             let event = Event::InstanceTerminated {
                 reason: reason.clone(),
@@ -4327,9 +4330,15 @@ impl Store for SqliteStore {
                 )
                 .and_then(|mut s| s.execute(params![id, now_ms() as i64]))
                 .map_err(db("resume instance"))?;
-            if n == 0 && get_instance(conn, &id)?.is_none() {
-                return Err(StoreError::NotFound {
-                    instance_id: id.clone(),
+            if n == 0 {
+                return Err(match get_instance(conn, &id)? {
+                    None => StoreError::NotFound {
+                        instance_id: id.clone(),
+                    },
+                    Some(info) => StoreError::Ended {
+                        instance_id: id.clone(),
+                        status: info.status,
+                    },
                 });
             }
             Ok(())
