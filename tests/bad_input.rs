@@ -388,3 +388,39 @@ async fn an_instance_that_ended_is_not_marked_as_waiting_for_an_unknown_activity
     assert_eq!(info.status, InstanceStatus::Completed);
     assert_eq!(info.reason, None, "{info:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_that_cannot_name_an_instance_is_refused_and_nothing_is_started() {
+    let scratch = Scratch::new("ids");
+    let store: SharedStore = Arc::new(SqliteStore::open(scratch.db()).unwrap());
+    // Both through the store alone and through a worker's eager start.
+    let w = worker(store.clone());
+    for client in [Client::new(store.clone()), w.client()] {
+        // `order@1` in its first run would give `order@1/{position}` as idempotency keys,
+        // the keys of `order` in its run 1 after a continue-as-new.
+        for id in ["", "order@1", "a@b@27"] {
+            match client.start(&WAITER, id, &1).await {
+                Err(ClientError::InvalidId {
+                    instance_id,
+                    problem,
+                }) => {
+                    assert_eq!(instance_id, id);
+                    assert!(!problem.is_empty());
+                }
+                other => panic!("expected {id:?} to be refused, got {other:?}"),
+            }
+            assert!(matches!(
+                client.describe(id).await,
+                Err(ClientError::NotFound { .. })
+            ));
+        }
+    }
+    // Ids with `@` elsewhere are fine.
+    let client = w.client();
+    for id in ["user@example.com", "order@", "order@1b"] {
+        client.start(&WAITER, id, &1).await.unwrap();
+        client.signal(id, "go", &1).await.unwrap();
+        assert_eq!(client.handle(&WAITER, id).result().await.unwrap(), 2);
+    }
+    w.shutdown().await.unwrap();
+}

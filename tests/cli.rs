@@ -689,6 +689,13 @@ async fn a_fork_completes_and_the_original_is_untouched() {
     )
     .fails();
     assert!(err.contains("past the end"), "{err}");
+    // An id whose idempotency keys another instance's later run could share is refused.
+    let err = retrace(
+        &db,
+        &["fork", "trip-1", "--at", &at, "--new-id", "trip-1@2"],
+    )
+    .fails();
+    assert!(err.contains("cannot be an instance id"), "{err}");
 
     // Pay before a worker runs: the copied prefix may hold the original's payment already, and
     // then the fork would complete before a later signal could arrive.

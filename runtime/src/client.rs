@@ -57,14 +57,21 @@ impl Client {
     /// started and the existing instance's handle is returned.
     ///
     /// # Errors
-    /// [`ClientError::CoordinatorMismatch`] when `id` exists with another coordinator; payload
-    /// and store errors.
+    /// [`ClientError::InvalidId`] for an id that cannot name an instance
+    /// ([`instance_id_problem`]); [`ClientError::CoordinatorMismatch`] when `id` exists with
+    /// another coordinator; payload and store errors.
     pub async fn start<I: Serialize, O>(
         &self,
         coordinator: &Coordinator<I, O>,
         id: &str,
         input: &I,
     ) -> Result<InstanceHandle<O>, ClientError> {
+        if let Some(problem) = instance_id_problem(id) {
+            return Err(ClientError::InvalidId {
+                instance_id: id.to_string(),
+                problem,
+            });
+        }
         let input = serde_json::to_value(input).map_err(|e| ClientError::Payload {
             instance_id: id.to_string(),
             message: format!("input does not encode: {e}"),
@@ -297,6 +304,27 @@ impl Client {
     }
 }
 
+/// What keeps `id` from naming a new instance, if anything: it is empty, or it ends in `@`
+/// and digits. Activity idempotency keys are `{id}/{position}`, and `{id}@{run}/{position}`
+/// in the runs after a continue-as-new, so `order@1`'s first run and `order`'s run 1 would
+/// hand the same keys to the systems that dedupe by them, and one of two different requests
+/// would be dropped there. Checked by [`Client::start`] and by the CLI for the ids it creates
+/// (`import --id`, `fork --new-id`); child ids are not checked (a check there would change
+/// what histories that already hold such a child replay to).
+pub fn instance_id_problem(id: &str) -> Option<&'static str> {
+    if id.is_empty() {
+        return Some("it is empty");
+    }
+    let digits = id.len() - id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits > 0 && id[..id.len() - digits].ends_with('@') {
+        return Some(
+            "it ends in `@` and digits, the form of a continued instance's later runs in \
+             idempotency keys (`order` in run 1 gives `order@1/{position}`)",
+        );
+    }
+    None
+}
+
 /// A store error about instance `id` as the client reports it: not found and already ended
 /// become their own kinds.
 fn for_instance(id: &str, e: StoreError) -> ClientError {
@@ -387,5 +415,27 @@ fn outcome<O: DeserializeOwned>(info: InstanceInfo) -> Result<O, ClientError> {
             instance_id: id,
             reason: info.reason.unwrap_or_default(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_id_problem;
+
+    #[test]
+    fn ids_that_could_share_idempotency_keys_are_refused() {
+        for bad in ["", "order@1", "order@12", "a@b@3", "@0"] {
+            assert!(instance_id_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in [
+            "order",
+            "order1",
+            "order@",
+            "user@example.com",
+            "order@1b",
+            "1",
+        ] {
+            assert_eq!(instance_id_problem(good), None, "{good:?}");
+        }
     }
 }

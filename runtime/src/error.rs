@@ -189,4 +189,13 @@ pub enum ClientError {
         /// The instance.
         instance_id: String,
     },
+    /// The id cannot name a new instance (see [`crate::client::instance_id_problem`]); nothing
+    /// was started.
+    #[error("{instance_id:?} cannot be an instance id: {problem}")]
+    InvalidId {
+        /// The id asked for.
+        instance_id: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }

@@ -6,12 +6,13 @@ use crate::events::{calls, rows};
 use crate::table::{cut, duration, offset, payload, utc, Table};
 use crate::timeline::Timeline;
 use crate::{open, Cli, CliError, Command, StatusArg, TimelineFormat};
+use retrace::runtime::client::instance_id_problem;
 use retrace::runtime::store::transfer::export_instance;
 use retrace::runtime::store::{CreateOutcome, ForkOutcome, ImportedInstance};
 use retrace::sdk::HistoryExport;
 use retrace::{
-    migrate_urls, Client, InstanceInfo, InstanceStatus, ListFilter, SharedStore, StoreError,
-    StoreUrl,
+    migrate_urls, Client, ClientError, InstanceInfo, InstanceStatus, ListFilter, SharedStore,
+    StoreError, StoreUrl,
 };
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -406,6 +407,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Refuses an id chosen for a new instance that could not name one (as `Client::start` does).
+fn check_new_id(id: &str) -> Result<(), CliError> {
+    match instance_id_problem(id) {
+        Some(problem) => Err(ClientError::InvalidId {
+            instance_id: id.to_string(),
+            problem,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 async fn import(
     store: &SharedStore,
     place: &str,
@@ -413,6 +426,9 @@ async fn import(
     id: Option<&str>,
     json: bool,
 ) -> Result<(), CliError> {
+    if let Some(id) = id {
+        check_new_id(id)?;
+    }
     let text = read_input(file)?;
     let export = HistoryExport::from_json(&text)
         .map_err(|e| CliError::new(format!("{}: {e}", file.display())))?;
@@ -564,6 +580,7 @@ async fn fork(
     new_id: &str,
     json: bool,
 ) -> Result<(), CliError> {
+    check_new_id(new_id)?;
     let info = describe(store, place, id).await?;
     let outcome = store.fork_instance(id, at, new_id).await?;
     let ForkOutcome::Forked {
