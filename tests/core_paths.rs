@@ -280,11 +280,16 @@ async fn a_non_retryable_failure_compensates_in_reverse_order() {
             (0, "reserve_car".to_string()),
             (1, "book_hotel".to_string()),
             (2, "book_flight".to_string()),
-            (3, "cancel_hotel".to_string()),
-            (4, "cancel_car".to_string()),
+            (4, "cancel_hotel".to_string()),
+            (5, "cancel_car".to_string()),
         ],
         "compensations run in reverse order: hotel, then car"
     );
+    // Position 3 marks them shielded from a cancellation (see `Saga::compensate`).
+    assert!(history.iter().any(|e| matches!(
+        &e.event,
+        Event::PatchMarker { seq: 3, patch } if patch == "retrace.shielded-compensations"
+    )));
     // Each compensation undoes what its step returned.
     let inputs: Vec<(String, serde_json::Value)> = history
         .iter()
@@ -315,10 +320,10 @@ async fn a_non_retryable_failure_compensates_in_reverse_order() {
         .expect("the flight's failure is journaled");
     let hotel_cancel_at = history
         .iter()
-        .position(|e| matches!(e.event, Event::ActivityScheduled { seq: 3, .. }))
+        .position(|e| matches!(e.event, Event::ActivityScheduled { seq: 4, .. }))
         .unwrap();
     assert!(failed_at < hotel_cancel_at);
-    for seq in [3, 4] {
+    for seq in [4, 5] {
         assert!(
             history.iter().any(|e| matches!(
                 e.event,

@@ -501,6 +501,122 @@ async fn cancel_runs_compensations_and_terminate_ends_at_once() {
     worker.shutdown().await.unwrap();
 }
 
+const UNDO: Activity<String, ()> = Activity::new("undo");
+const UNWIND: Coordinator<(), String> = Coordinator::new("unwind");
+
+/// Books two things, then fails for good and compensates: undo `second`, then undo `first`.
+async fn unwind(ctx: Context, _: ()) -> Result<String, Error> {
+    let mut saga = Saga::new();
+    let first = ctx.call(&BOOK, &"first".to_string()).await?;
+    saga.add(&UNDO, &first)?;
+    let second = ctx.call(&BOOK, &"second".to_string()).await?;
+    saga.add(&UNDO, &second)?;
+    match ctx.call(&REFUSE, &"third".to_string()).await {
+        Ok(third) => Ok(third),
+        Err(e) => Err(saga.fail(&ctx, e).await),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_a_compensation_waits_for_it_and_the_rest_run_in_order() {
+    let scratch = Scratch::new("shielded");
+    let store = scratch.store();
+    let client = Client::new(store.clone());
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    // The first compensation holds until the test lets it go.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (l1, l2, g) = (Arc::clone(&log), Arc::clone(&log), Arc::clone(&gate));
+    let worker = Worker::builder(store.clone())
+        .coordinator(&UNWIND, unwind)
+        .activity(&BOOK, move |_c: ActivityContext, what: String| {
+            let log = Arc::clone(&l1);
+            async move {
+                log.lock().unwrap().push(format!("book {what}"));
+                Ok(what)
+            }
+        })
+        .activity(&REFUSE, |_c: ActivityContext, _w: String| async move {
+            Err::<String, _>(ActivityError::non_retryable("refused", "sold out"))
+        })
+        .activity(&UNDO, move |_c: ActivityContext, what: String| {
+            let (log, gate) = (Arc::clone(&l2), Arc::clone(&g));
+            async move {
+                log.lock().unwrap().push(format!("undo {what} begins"));
+                if what == "second" {
+                    gate.acquire().await.unwrap().forget();
+                }
+                log.lock().unwrap().push(format!("undo {what} ends"));
+                Ok(())
+            }
+        })
+        .start();
+    client.start(&UNWIND, "u-1", &()).await.unwrap();
+    let begun = || {
+        log.lock()
+            .unwrap()
+            .contains(&"undo second begins".to_string())
+    };
+    let deadline = Instant::now() + WAIT;
+    while !begun() {
+        assert!(
+            Instant::now() < deadline,
+            "the first compensation never began"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Cancelled while "second" is being undone: the cancel is journaled, and nothing moves on.
+    client.cancel("u-1", "customer gave up").await.unwrap();
+    until_history(&client, "u-1", has("cancel_requested")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let history = client.history("u-1").await.unwrap();
+    let undos = |h: &[HistoryEvent]| {
+        h.iter()
+            .filter(|e| matches!(&e.event, Event::ActivityScheduled { name, .. } if name == "undo"))
+            .count()
+    };
+    assert_eq!(
+        undos(&history),
+        1,
+        "the next compensation waits for the first"
+    );
+    assert_eq!(
+        client.describe("u-1").await.unwrap().status,
+        InstanceStatus::Running
+    );
+
+    gate.add_permits(1);
+    let err = client.handle(&UNWIND, "u-1").result().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Failed { error: Error::Activity(f), .. } if f.kind == "refused"),
+        "the saga ends with its cause: {err}"
+    );
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "book first",
+            "book second",
+            "undo second begins",
+            "undo second ends",
+            "undo first begins",
+            "undo first ends"
+        ],
+        "each compensation ran once, in reverse order, the second after the first had ended"
+    );
+    let history = client.history("u-1").await.unwrap();
+    assert_eq!(undos(&history), 2);
+    let position_of = |pred: &dyn Fn(&Event) -> bool| {
+        history
+            .iter()
+            .find(|e| pred(&e.event))
+            .map(|e| e.position)
+            .unwrap()
+    };
+    let second_undone = position_of(&|e| matches!(e, Event::ActivityCompleted { seq: 4, .. }));
+    let first_undo_issued = position_of(&|e| matches!(e, Event::ActivityScheduled { seq: 5, .. }));
+    assert!(second_undone < first_undo_issued, "{history:#?}");
+    worker.shutdown().await.unwrap();
+}
+
 // ----- activity timeouts and heartbeats --------------------------------------------------------
 
 const SLOW: Activity<u64, u32> = Activity::new("slow").with_retry(
@@ -673,12 +789,13 @@ async fn runs_in_flight_before_a_patch_finish_on_the_old_path() {
         vec!["car", "hotel"],
         "a new run takes the new order"
     );
-    assert!(!old
-        .iter()
-        .any(|e| matches!(e.event, Event::PatchMarker { .. })));
-    assert!(new
-        .iter()
-        .any(|e| matches!(e.event, Event::PatchMarker { .. })));
+    let marks_patch = |h: &[HistoryEvent]| {
+        h.iter().any(
+            |e| matches!(&e.event, Event::PatchMarker { patch, .. } if patch == "cancel-car-first"),
+        )
+    };
+    assert!(!marks_patch(&old));
+    assert!(marks_patch(&new));
     // Both histories replay against the new code.
     for (id, h) in [("old-trip", &old), ("new-trip", &new)] {
         let code = retrace::sdk::coordinator_fn(&TRIP_V2, versioned_trip);

@@ -37,6 +37,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// The outcome delivered for one command position.
 pub(crate) type Resolution = Result<Value, Error>;
 
+/// The marker journaled where a run's saga starts compensating with calls shielded from
+/// cancellation (see [`Context::shield_compensations`]).
+pub(crate) const SHIELDED_COMPENSATIONS: &str = "retrace.shielded-compensations";
+
 /// State shared by the context, its futures and the replay engine of one execution.
 pub(crate) struct Shared {
     pub(crate) instance_id: String,
@@ -62,6 +66,9 @@ pub(crate) struct Shared {
     /// Signal waits not yet satisfied: position → name. Served lowest position first.
     pub(crate) signal_waiters: BTreeMap<u32, String>,
     pub(crate) cancel_reason: Option<String>,
+    /// Pending positions a cancellation leaves waiting: the saga's compensations (see
+    /// [`Context::shield_compensations`]). Empty but while a saga compensates.
+    pub(crate) shielded: Vec<u32>,
     pub(crate) now_ms: u64,
     pub(crate) seed: u64,
     pub(crate) nondeterminism: Option<Nondeterminism>,
@@ -86,6 +93,7 @@ impl Shared {
             signal_buffer: HashMap::new(),
             signal_waiters: BTreeMap::new(),
             cancel_reason: None,
+            shielded: Vec::new(),
             now_ms: 0,
             seed: 0,
             nondeterminism: None,
@@ -154,6 +162,9 @@ impl Shared {
     /// cancelled, or duplicated deliveries) are ignored.
     pub(crate) fn resolve(&mut self, seq: u32, outcome: Resolution) -> Option<Waker> {
         self.pending.remove(seq)?;
+        if !self.shielded.is_empty() {
+            self.shielded.retain(|s| *s != seq);
+        }
         self.results.insert(seq, outcome);
         self.wakers.remove(seq)
     }
@@ -213,7 +224,13 @@ impl Shared {
             Event::PatchesPinned { patches } => self.pinned_patches = Some(patches.clone()),
             Event::CancelRequested { reason } if self.cancel_reason.is_none() => {
                 self.cancel_reason = Some(reason.clone());
-                let pending: Vec<u32> = self.pending.positions().collect();
+                // A compensation under way goes on and is waited for: failing it would move
+                // the saga on to the next one while the first still runs.
+                let pending: Vec<u32> = self
+                    .pending
+                    .positions()
+                    .filter(|seq| !self.shielded.contains(seq))
+                    .collect();
                 for seq in pending {
                     self.signal_waiters.remove(&seq);
                     let cancelled = Err(Error::Cancelled {
@@ -593,6 +610,31 @@ impl Context {
         }
     }
 
+    /// Whether the saga compensations about to run are shielded from a cancellation (a
+    /// cancel that arrives while one runs waits for it, instead of failing it and moving on).
+    /// Live, they are, and a [`SHIELDED_COMPENSATIONS`] marker at this position records it.
+    /// A history that began compensating without the marker was recorded before shielding
+    /// existed: replaying it, they are not, as in the recorded run.
+    pub(crate) fn shield_compensations(&self) -> bool {
+        let mut shared = lock(&self.shared);
+        let seq = shared.next_seq;
+        match shared.recorded.get(seq as usize) {
+            Some(Event::PatchMarker { patch, .. }) if patch == SHIELDED_COMPENSATIONS => {
+                shared.next_seq += 1;
+                true
+            }
+            Some(_) => false,
+            None if shared.replaying => false,
+            None => {
+                shared.issue(|seq| Event::PatchMarker {
+                    seq,
+                    patch: SHIELDED_COMPENSATIONS.to_string(),
+                });
+                true
+            }
+        }
+    }
+
     /// Publishes a small custom status (for example "waiting for payment") that the client's
     /// `describe` returns without replaying.
     ///
@@ -713,6 +755,20 @@ pub struct ActivityCall<O> {
     op: Operation,
     name: &'static str,
     _type: PhantomData<fn() -> O>,
+}
+
+impl<O> ActivityCall<O> {
+    /// Leaves this call waiting when a cancellation arrives (see
+    /// [`Context::shield_compensations`]).
+    pub(crate) fn shielded(self) -> Self {
+        if let Some(seq) = self.op.seq {
+            let mut shared = lock(&self.op.shared);
+            if shared.pending.positions().any(|p| p == seq) {
+                shared.shielded.push(seq);
+            }
+        }
+        self
+    }
 }
 
 impl<O: DeserializeOwned> Future for ActivityCall<O> {
