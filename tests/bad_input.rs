@@ -415,6 +415,20 @@ async fn an_id_that_cannot_name_an_instance_is_refused_and_nothing_is_started() 
             ));
         }
     }
+    // An instance that got such an id before ids were checked (here, straight through the
+    // store) is still returned by a start, as any existing id is.
+    store
+        .create_instance(retrace::runtime::store::NewInstance {
+            id: "legacy@1".into(),
+            coordinator: "waiter".into(),
+            input: serde_json::json!(1),
+            parent: None,
+        })
+        .await
+        .unwrap();
+    let handle = w.client().start(&WAITER, "legacy@1", &1).await.unwrap();
+    w.client().signal("legacy@1", "go", &1).await.unwrap();
+    assert_eq!(handle.result().await.unwrap(), 2);
     // Ids with `@` elsewhere are fine.
     let client = w.client();
     for id in ["user@example.com", "order@", "order@1b"] {

@@ -66,11 +66,15 @@ impl Client {
         id: &str,
         input: &I,
     ) -> Result<InstanceHandle<O>, ClientError> {
+        // An instance given such an id before ids were checked is still returned, as for any
+        // start of an existing id.
         if let Some(problem) = instance_id_problem(id) {
-            return Err(ClientError::InvalidId {
-                instance_id: id.to_string(),
-                problem,
-            });
+            if self.store.describe(id).await?.is_none() {
+                return Err(ClientError::InvalidId {
+                    instance_id: id.to_string(),
+                    problem,
+                });
+            }
         }
         let input = serde_json::to_value(input).map_err(|e| ClientError::Payload {
             instance_id: id.to_string(),
@@ -254,7 +258,7 @@ impl Client {
     }
 
     /// Puts an instance stopped by a nondeterminism error back to running, after a code fix.
-    /// An instance that runs is left running.
+    /// An instance that runs is left running (see [`crate::Store::resume`]).
     ///
     /// # Errors
     /// [`ClientError::NotFound`]; [`ClientError::Ended`] when it has ended (there is nothing to
@@ -308,9 +312,10 @@ impl Client {
 /// and digits. Activity idempotency keys are `{id}/{position}`, and `{id}@{run}/{position}`
 /// in the runs after a continue-as-new, so `order@1`'s first run and `order`'s run 1 would
 /// hand the same keys to the systems that dedupe by them, and one of two different requests
-/// would be dropped there. Checked by [`Client::start`] and by the CLI for the ids it creates
-/// (`import --id`, `fork --new-id`); child ids are not checked (a check there would change
-/// what histories that already hold such a child replay to).
+/// would be dropped there. Checked by [`Client::start`] (which still returns an instance
+/// that already has such an id) and by the CLI for the ids it chooses (`import --id`,
+/// `fork --new-id`). Not checked: child ids, the ids of imported exports, and ids handed to a
+/// [`crate::Store`] directly.
 pub fn instance_id_problem(id: &str) -> Option<&'static str> {
     if id.is_empty() {
         return Some("it is empty");

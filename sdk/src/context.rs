@@ -732,6 +732,9 @@ impl Drop for Operation {
         shared.pending.remove(seq);
         shared.wakers.remove(seq);
         shared.signal_waiters.remove(&seq);
+        if !shared.shielded.is_empty() {
+            shared.shielded.retain(|s| *s != seq);
+        }
         if let Some(Ok(payload)) = shared.results.remove(seq) {
             if let Some(Event::SignalAwaited { name, .. }) = shared.recorded.get(seq as usize) {
                 let name = name.clone();

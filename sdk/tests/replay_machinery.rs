@@ -953,6 +953,23 @@ fn a_cancellation_waits_for_the_compensation_under_way_and_the_rest_run_in_order
 }
 
 #[test]
+fn shielding_survives_a_restart_between_the_compensation_and_the_cancel() {
+    let mut d = Driver::new("saga-4", flight_saga());
+    d.start("saga", json!("ada"));
+    d.complete(0, json!("car-1"));
+    d.complete(1, json!("hotel-1"));
+    d.fail(2, "sold_out", "no seats");
+    // A fresh execution (another worker, or the cache evicted) replays up to here...
+    d.restart().unwrap();
+    // ...and still waits for the compensation under way when the cancel arrives.
+    assert_eq!(d.cancel("customer gave up").events.len(), 1);
+    assert_eq!(d.open_activities(), [4]);
+    let a = d.complete(4, json!(null));
+    assert_eq!(a.events[1..], [scheduled(5, "cancel_car", json!("car-1"))]);
+    check_every_activation_reproduces("saga-4", &d.coordinator(), &d.history).unwrap();
+}
+
+#[test]
 fn a_history_that_compensated_before_shielding_existed_replays_as_it_ran() {
     // Recorded by the earlier rule: no marker, and the cancel failed the compensation under
     // way, so the car's was issued in the cancel's own activation.

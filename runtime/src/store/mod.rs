@@ -690,7 +690,8 @@ pub trait Store: Send + Sync + 'static {
     /// learns here that the instance ended in between.
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError>;
 
-    /// Puts a stopped instance back to running; a running one stays as it is.
+    /// Puts a stopped instance back to running. A running one stays running (its reason, a
+    /// waiting note, is cleared, and it is made ready if its inbox holds anything).
     /// [`StoreError::Ended`], with nothing changed, when it has ended.
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError>;
 

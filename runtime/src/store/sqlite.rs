@@ -4271,30 +4271,30 @@ impl Store for SqliteStore {
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {
         self.watched.forget(instance_id);
         let (id, reason) = (instance_id.to_string(), reason.to_string());
-        self.write(move |conn| {
-            let now = now_ms();
-            catch_up(conn, &id)?;
-            let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
-                instance_id: id.clone(),
-            })?;
-            if info.status.is_final() {
-                return Err(StoreError::Ended {
+        let ended = self
+            .write(move |conn| {
+                let now = now_ms();
+                catch_up(conn, &id)?;
+                let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
                     instance_id: id.clone(),
-                    status: info.status,
-                });
-            }
-            let event = Event::InstanceTerminated {
-                reason: reason.clone(),
-            };
-            append_events(
-                conn,
-                &id,
-                info.next_position,
-                info.next_activation,
-                &[event],
-                now,
-            )?;
-            conn.prepare_cached(
+                })?;
+                if info.status.is_final() {
+                    // An answer, not a failed operation: a failed one would undo and rerun the
+                    // whole group commit it shares.
+                    return Ok(Some(info.status));
+                }
+                let event = Event::InstanceTerminated {
+                    reason: reason.clone(),
+                };
+                append_events(
+                    conn,
+                    &id,
+                    info.next_position,
+                    info.next_activation,
+                    &[event],
+                    now,
+                )?;
+                conn.prepare_cached(
                 "UPDATE instances SET status = 'terminated', reason = ?2, next_pos = next_pos + 1,
                         next_activation = next_activation + 1, ready = 0, lease_owner = NULL,
                         lease_until = 0, updated_at = ?3, ended_at = ?3
@@ -4302,21 +4302,27 @@ impl Store for SqliteStore {
             )
             .and_then(|mut s| s.execute(params![id, reason, now as i64]))
             .map_err(db("terminate instance"))?;
-            delete_pending_work(conn, &id)?;
-            if let Some(parent) = &info.parent {
-                let result = Err(Error::application("terminated", reason.clone()));
-                notify_parent(conn, parent, result, now)?;
-            }
-            Ok(())
-        })
-        .await?;
+                delete_pending_work(conn, &id)?;
+                if let Some(parent) = &info.parent {
+                    let result = Err(Error::application("terminated", reason.clone()));
+                    notify_parent(conn, parent, result, now)?;
+                }
+                Ok(None)
+            })
+            .await?;
+        if let Some(status) = ended {
+            return Err(StoreError::Ended {
+                instance_id: instance_id.to_string(),
+                status,
+            });
+        }
         self.bump();
         Ok(())
     }
 
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
         let id = instance_id.to_string();
-        self.write(move |conn| {
+        let ended = self.write(move |conn| {
             catch_up(conn, &id)?;
             let n = conn
                 .prepare_cached(
@@ -4331,19 +4337,23 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute(params![id, now_ms() as i64]))
                 .map_err(db("resume instance"))?;
             if n == 0 {
-                return Err(match get_instance(conn, &id)? {
-                    None => StoreError::NotFound {
+                // Ended (an answer, as in `terminate`), or not there.
+                return match get_instance(conn, &id)? {
+                    None => Err(StoreError::NotFound {
                         instance_id: id.clone(),
-                    },
-                    Some(info) => StoreError::Ended {
-                        instance_id: id.clone(),
-                        status: info.status,
-                    },
-                });
+                    }),
+                    Some(info) => Ok(Some(info.status)),
+                };
             }
-            Ok(())
+            Ok(None)
         })
         .await?;
+        if let Some(status) = ended {
+            return Err(StoreError::Ended {
+                instance_id: instance_id.to_string(),
+                status,
+            });
+        }
         self.bump();
         Ok(())
     }
