@@ -313,9 +313,11 @@ impl Client {
 /// in the runs after a continue-as-new, so `order@1`'s first run and `order`'s run 1 would
 /// hand the same keys to the systems that dedupe by them, and one of two different requests
 /// would be dropped there. Checked by [`Client::start`] (which still returns an instance
-/// that already has such an id) and by the CLI for the ids it chooses (`import --id`,
-/// `fork --new-id`). Not checked: child ids, the ids of imported exports, and ids handed to a
-/// [`crate::Store`] directly.
+/// that already has such an id), by the stores for a new child a coordinator starts and
+/// waits for (its call fails at once with an `Error::Child` of kind `child_id_invalid`), and by
+/// the CLI for the ids it chooses (`import --id`, `fork --new-id`). Not checked: detached
+/// children (made as before, with a warning: nobody waits to be told), the ids of imported
+/// exports, and ids handed to [`crate::Store::create_instance`] directly.
 pub fn instance_id_problem(id: &str) -> Option<&'static str> {
     if id.is_empty() {
         return Some("it is empty");

@@ -413,6 +413,7 @@ conformance!(
     continue_as_new_detaches_the_old_runs_children,
     a_detached_child_started_again_by_id_reports_to_its_new_caller,
     a_child_id_that_cannot_be_this_calls_child_fails_the_call,
+    a_child_id_that_cannot_name_an_instance_fails_the_call,
     terminate_ends_instance,
     children_report_to_parents,
     a_stopped_parent_keeps_its_childs_result,
@@ -2208,6 +2209,58 @@ mod cases {
     /// Starting, as a child, an id that cannot report to this call fails the call at once
     /// instead of leaving it waiting forever: an instance of another coordinator, the caller
     /// itself, or a child that reports to another call already.
+    pub(super) async fn a_child_id_that_cannot_name_an_instance_fails_the_call(h: &Harness) {
+        let s = &h.store;
+        let child = |seq: u32, id: &str, detached: bool| Event::ChildStarted {
+            seq,
+            instance_id: id.to_string(),
+            coordinator: "c".to_string(),
+            input: json!(id),
+            detached,
+        };
+        create_and_claim(s, "p", "w1").await;
+        // An instance that got such an id before ids were checked.
+        s.create_instance(new_instance("old@3", "c", json!(null)))
+            .await
+            .unwrap();
+        activate(
+            s,
+            "w1",
+            "p",
+            vec![
+                child(0, "kid@1", false),
+                child(1, "free@2", true),
+                child(2, "kid@x", false),
+                child(3, "old@3", false),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+        // The attached start of a new `kid@1` fails at once, and creates nothing.
+        let inbox = inbox_events(s, "p").await;
+        assert!(
+            matches!(
+                inbox.as_slice(),
+                [Event::ChildCompleted { seq: 0, result: Err(Error::Application { kind, message }) }]
+                    if kind == "child_id_invalid" && message.contains("kid@1")
+            ),
+            "{inbox:?}"
+        );
+        assert!(s.describe("kid@1").await.unwrap().is_none());
+        // A detached start, which nobody waits for, is made as before; other ids are fine;
+        // an existing instance is adopted as any existing id is.
+        assert!(s.describe("free@2").await.unwrap().is_some());
+        assert!(s.describe("kid@x").await.unwrap().is_some());
+        assert_eq!(
+            s.describe("old@3").await.unwrap().unwrap().parent,
+            Some(ParentRef {
+                instance_id: "p".into(),
+                seq: 3
+            })
+        );
+    }
+
     pub(super) async fn a_child_id_that_cannot_be_this_calls_child_fails_the_call(h: &Harness) {
         let s = &h.store;
         let child = |seq: u32, id: &str, coordinator: &str| Event::ChildStarted {

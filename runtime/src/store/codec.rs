@@ -102,6 +102,19 @@ pub(crate) fn stored_ms(ms: u64) -> i64 {
     i64::try_from(ms).unwrap_or(i64::MAX)
 }
 
+/// The error a parent's child call gets at once when the child's id cannot name an instance
+/// (see [`crate::client::instance_id_problem`]) and no instance has it yet; `None` when the id
+/// is fine. Decided where the store creates the child, not in the coordinator's code: a
+/// history that already holds such a start replays as it ran.
+pub(crate) fn child_id_refusal(child: &NewInstance) -> Option<Error> {
+    crate::client::instance_id_problem(&child.id).map(|problem| {
+        Error::application(
+            "child_id_invalid",
+            format!("{:?} cannot be an instance id: {problem}", child.id),
+        )
+    })
+}
+
 /// What an activation that starts `child` as an attached child does when the id is taken by
 /// `existing`. `in_chain`: the id is the starting instance's own or one of its ancestors'.
 /// `owner_waits`: `existing`'s parent (if any) has not ended, so it may still wait for it.

@@ -55,8 +55,8 @@
 //! [`StoreError::NotARetraceStore`], and nothing is changed in either case.
 
 use super::codec::{
-    decode_event_json, decode_json, end_columns, event_json, existing_child, final_result,
-    lock_map, to_json, ExistingChild,
+    child_id_refusal, decode_event_json, decode_json, end_columns, event_json, existing_child,
+    final_result, lock_map, to_json, ExistingChild,
 };
 use super::migrate::{CopyOutcome, RawInstance as RawCopy};
 use super::{
@@ -1361,6 +1361,21 @@ async fn commit_in_tx(
         set_custom_status(tx, c),
     )?;
     for child in &c.children {
+        if let Some(refusal) = child_id_refusal(child) {
+            if get_instance(tx, &child.id, false).await?.is_none() {
+                match &child.parent {
+                    // The call fails at once; no instance is created.
+                    Some(parent) => {
+                        notify_parent(tx, parent, Err(refusal), now).await?;
+                        continue;
+                    }
+                    // Nobody waits for a detached start: it is made, as before, and logged.
+                    None => {
+                        tracing::warn!(instance_id = %c.instance_id, child = %child.id, "{refusal}")
+                    }
+                }
+            }
+        }
         match create_in_tx(tx, child, now).await? {
             CreateOutcome::Created => {
                 receipt.woken.push(child.id.clone());

@@ -15,8 +15,8 @@
 //! store is an error that changes nothing in the file.
 
 use super::codec::{
-    decode_event_json, decode_json, encode_error, end_columns, event_json, existing_child,
-    final_result, lock_map, to_json, ExistingChild,
+    child_id_refusal, decode_event_json, decode_json, encode_error, end_columns, event_json,
+    existing_child, final_result, lock_map, to_json, ExistingChild,
 };
 use super::held_chain::{catch_up, lag, settle_info, Chain, HeldChains};
 use super::transaction::Tx;
@@ -2473,6 +2473,21 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
     };
     insert_tasks_and_timers(conn, c, now, held.map(|h| h.0))?;
     for child in &c.children {
+        if let Some(refusal) = child_id_refusal(child) {
+            if get_instance(conn, &child.id)?.is_none() {
+                match &child.parent {
+                    // The call fails at once; no instance is created.
+                    Some(parent) => {
+                        notify_parent(conn, parent, Err(refusal), now)?;
+                        continue;
+                    }
+                    // Nobody waits for a detached start: it is made, as before, and logged.
+                    None => {
+                        tracing::warn!(instance_id = %c.instance_id, child = %child.id, "{refusal}")
+                    }
+                }
+            }
+        }
         match create_in_tx(conn, child, now)? {
             CreateOutcome::Created => receipt.woken.push(child.id.clone()),
             CreateOutcome::Existing(existing) => {
