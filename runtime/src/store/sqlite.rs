@@ -1749,6 +1749,19 @@ fn expand_held(conn: &Connection, id: &str) -> Result<bool, StoreError> {
     Ok(true)
 }
 
+/// [`StoreError::Ended`] when an operation found `instance_id` ended (`ended`) and changed
+/// nothing. (The operation answers the status rather than failing: a failed operation undoes
+/// and reruns the whole group commit it shares.)
+fn ended_error(instance_id: &str, ended: Option<InstanceStatus>) -> Result<(), StoreError> {
+    match ended {
+        Some(status) => Err(StoreError::Ended {
+            instance_id: instance_id.to_string(),
+            status,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Empties `id`'s held slot.
 fn clear_held(conn: &Connection, id: &str) -> Result<(), StoreError> {
     conn.prepare_cached(
@@ -4329,12 +4342,7 @@ impl Store for SqliteStore {
                 Ok(None)
             })
             .await?;
-        if let Some(status) = ended {
-            return Err(StoreError::Ended {
-                instance_id: instance_id.to_string(),
-                status,
-            });
-        }
+        ended_error(instance_id, ended)?;
         self.bump();
         Ok(())
     }
@@ -4367,12 +4375,7 @@ impl Store for SqliteStore {
             Ok(None)
         })
         .await?;
-        if let Some(status) = ended {
-            return Err(StoreError::Ended {
-                instance_id: instance_id.to_string(),
-                status,
-            });
-        }
+        ended_error(instance_id, ended)?;
         self.bump();
         Ok(())
     }
