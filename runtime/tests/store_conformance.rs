@@ -2206,9 +2206,8 @@ mod cases {
         );
     }
 
-    /// Starting, as a child, an id that cannot report to this call fails the call at once
-    /// instead of leaving it waiting forever: an instance of another coordinator, the caller
-    /// itself, or a child that reports to another call already.
+    /// Starting, as a new attached child, an id that could share idempotency keys with
+    /// another instance's run (`kid@1`) fails the call at once and creates nothing.
     pub(super) async fn a_child_id_that_cannot_name_an_instance_fails_the_call(h: &Harness) {
         let s = &h.store;
         let child = |seq: u32, id: &str, detached: bool| Event::ChildStarted {
@@ -2261,6 +2260,9 @@ mod cases {
         );
     }
 
+    /// Starting, as a child, an id that cannot report to this call fails the call at once
+    /// instead of leaving it waiting forever: an instance of another coordinator, the caller
+    /// itself, or a child that reports to another call already.
     pub(super) async fn a_child_id_that_cannot_be_this_calls_child_fails_the_call(h: &Harness) {
         let s = &h.store;
         let child = |seq: u32, id: &str, coordinator: &str| Event::ChildStarted {

@@ -103,9 +103,10 @@ pub(crate) fn stored_ms(ms: u64) -> i64 {
 }
 
 /// The error a parent's child call gets at once when the child's id cannot name an instance
-/// (see [`crate::client::instance_id_problem`]) and no instance has it yet; `None` when the id
-/// is fine. Decided where the store creates the child, not in the coordinator's code: a
-/// history that already holds such a start replays as it ran.
+/// (see [`crate::client::instance_id_problem`]); `None` when the id is fine. The stores ask
+/// only for a child no instance has yet (an existing one is found as any existing id is), and
+/// where they create the child, not in the coordinator's code: a history that already holds
+/// such a start replays as it ran.
 pub(crate) fn child_id_refusal(child: &NewInstance) -> Option<Error> {
     crate::client::instance_id_problem(&child.id).map(|problem| {
         Error::application(

@@ -33,6 +33,7 @@ use crate::limits::{
 };
 use async_trait::async_trait;
 use retrace_sdk::{Error, Event, Execution, HistoryEvent, ParentRef, ReplayError, RetrySpec};
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -614,6 +615,13 @@ fn configure(conn: &Connection, options: &SqliteOptions, path: &str) -> Result<(
     // system cost about 15% of the writer's time (W1 profile). Durability is unchanged: they
     // only serve to roll one operation back inside the open transaction.
     conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(err)?;
+    // The query planner's stability guarantee: plans never depend on bound values. Without
+    // it, SQLite reads a value bound to a parameter the plan could use (a `LIMIT`, a term
+    // matching a partial index's condition), and binding it again (at every run) makes it
+    // prepare the statement anew: the polled claims and timers were re-prepared at every poll,
+    // ~160,000 instructions each.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(err)?;
     // The store uses a few dozen distinct statements; rusqlite caches 16 by default, so they
     // kept evicting each other and being parsed again (5% of the writer's time in W1).
@@ -1749,18 +1757,10 @@ fn expand_held(conn: &Connection, id: &str) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-/// [`StoreError::Ended`] when an operation found `instance_id` ended (`ended`) and changed
-/// nothing. (The operation answers the status rather than failing: a failed operation undoes
-/// and reruns the whole group commit it shares.)
-fn ended_error(instance_id: &str, ended: Option<InstanceStatus>) -> Result<(), StoreError> {
-    match ended {
-        Some(status) => Err(StoreError::Ended {
-            instance_id: instance_id.to_string(),
-            status,
-        }),
-        None => Ok(()),
-    }
-}
+/// What a writer operation answers when it found nothing to do: an error for its caller
+/// (not found, already ended) that is not a failed operation. A failed one would undo and rerun
+/// the whole group commit it shares, and drop the held chains of the others.
+type Answer<T> = Result<T, StoreError>;
 
 /// Empties `id`'s held slot.
 fn clear_held(conn: &Connection, id: &str) -> Result<(), StoreError> {
@@ -3642,10 +3642,6 @@ impl Store for SqliteStore {
             // `INDEXED BY`: left to itself, the planner walked an index over every running
             // instance (the `OR` hides the partial index), waiting ones included, or scans the
             // table; the ready index holds only the ready rows, usually few.
-            // `LIMIT CAST(?5 AS INTEGER)`, here and in every polled statement: SQLite's
-            // planner reads the value bound to a bare parameter as the limit, so binding it
-            // again (every run) made it prepare the statement anew each time, ~160,000
-            // instructions per poll.
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE instances SET lease_owner = ?1, lease_until = ?2
@@ -3653,7 +3649,7 @@ impl Store for SqliteStore {
                                   WHERE ready = 1 AND status = 'running'
                                     AND (lease_until < ?3 OR lease_owner = ?1)
                                     AND coordinator IN (SELECT value FROM json_each(?4))
-                                  LIMIT CAST(?5 AS INTEGER))
+                                  LIMIT ?5)
                      RETURNING id",
                 )
                 .map_err(db("claim instances"))?;
@@ -3873,7 +3869,7 @@ impl Store for SqliteStore {
                      WHERE rowid IN (SELECT rowid FROM tasks
                                      WHERE due_at <= ?3
                                        AND name IN (SELECT value FROM json_each(?4))
-                                     ORDER BY due_at LIMIT CAST(?5 AS INTEGER))
+                                     ORDER BY due_at LIMIT ?5)
                      RETURNING instance_id, seq, name, input, retry, attempt, generation",
                 )
                 .map_err(db("claim activity tasks"))?;
@@ -4193,7 +4189,7 @@ impl Store for SqliteStore {
                 let due: Vec<(String, u32, i64)> = conn
                     .prepare_cached(
                         "SELECT instance_id, seq, generation FROM timers WHERE fire_at <= ?1
-                         ORDER BY fire_at LIMIT CAST(?2 AS INTEGER)",
+                         ORDER BY fire_at LIMIT ?2",
                     )
                     .and_then(|mut s| {
                         s.query_map(params![now as i64, limit as i64], |r| {
@@ -4253,11 +4249,14 @@ impl Store for SqliteStore {
     ) -> Result<Delivery, StoreError> {
         let id = instance_id.to_string();
         let dedupe = dedupe_key.map(str::to_string);
+        // (The inner result: see `Answer`.)
         let delivery = self
             .write(move |conn| {
-                let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
-                    instance_id: id.clone(),
-                })?;
+                let Some(info) = get_instance(conn, &id)? else {
+                    return Ok(Err(StoreError::NotFound {
+                        instance_id: id.clone(),
+                    }));
+                };
                 if let Some(key) = dedupe.as_deref() {
                     // A key delivered before answers so even after the end: the message was
                     // delivered (the caller must not take it for lost).
@@ -4269,11 +4268,11 @@ impl Store for SqliteStore {
                         .and_then(|mut s| s.query_row(params![id, key], |r| r.get(0)))
                         .map_err(db("remember delivered message"))?;
                     if seen {
-                        return Ok(Delivery::Duplicate);
+                        return Ok(Ok(Delivery::Duplicate));
                     }
                 }
                 if info.status.is_final() {
-                    return Ok(Delivery::Ended(info.status));
+                    return Ok(Ok(Delivery::Ended(info.status)));
                 }
                 if let Some(key) = dedupe.as_deref() {
                     // Remembered for good: a resend after delivery is refused too.
@@ -4288,12 +4287,13 @@ impl Store for SqliteStore {
                 // A duplicate must not mark ready an instance whose inbox is empty: it would be
                 // claimed and found idle at every poll.
                 if !accepted {
-                    return Ok(Delivery::Duplicate);
+                    return Ok(Ok(Delivery::Duplicate));
                 }
                 mark_ready(conn, &id)?;
-                Ok(Delivery::Accepted)
+                Ok(Ok(Delivery::Accepted))
             })
             .await?;
+        let delivery: Delivery = delivery?;
         if delivery == Delivery::Accepted {
             self.bump();
         }
@@ -4303,17 +4303,21 @@ impl Store for SqliteStore {
     async fn terminate(&self, instance_id: &str, reason: &str) -> Result<(), StoreError> {
         self.watched.forget(instance_id);
         let (id, reason) = (instance_id.to_string(), reason.to_string());
-        let ended = self
+        // (The inner result: see `Answer`.)
+        let answer: Answer<()> = self
             .write(move |conn| {
                 let now = now_ms();
                 catch_up(conn, &id)?;
-                let info = get_instance(conn, &id)?.ok_or_else(|| StoreError::NotFound {
-                    instance_id: id.clone(),
-                })?;
+                let Some(info) = get_instance(conn, &id)? else {
+                    return Ok(Err(StoreError::NotFound {
+                        instance_id: id.clone(),
+                    }));
+                };
                 if info.status.is_final() {
-                    // An answer, not a failed operation: a failed one would undo and rerun the
-                    // whole group commit it shares.
-                    return Ok(Some(info.status));
+                    return Ok(Err(StoreError::Ended {
+                        instance_id: id.clone(),
+                        status: info.status,
+                    }));
                 }
                 let event = Event::InstanceTerminated {
                     reason: reason.clone(),
@@ -4339,17 +4343,17 @@ impl Store for SqliteStore {
                     let result = Err(Error::application("terminated", reason.clone()));
                     notify_parent(conn, parent, result, now)?;
                 }
-                Ok(None)
+                Ok(Ok(()))
             })
             .await?;
-        ended_error(instance_id, ended)?;
+        answer?;
         self.bump();
         Ok(())
     }
 
     async fn resume(&self, instance_id: &str) -> Result<(), StoreError> {
         let id = instance_id.to_string();
-        let ended = self.write(move |conn| {
+        let answer: Answer<()> = self.write(move |conn| {
             catch_up(conn, &id)?;
             let n = conn
                 .prepare_cached(
@@ -4364,18 +4368,20 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute(params![id, now_ms() as i64]))
                 .map_err(db("resume instance"))?;
             if n == 0 {
-                // Ended (an answer, as in `terminate`), or not there.
-                return match get_instance(conn, &id)? {
-                    None => Err(StoreError::NotFound {
+                return Ok(Err(match get_instance(conn, &id)? {
+                    None => StoreError::NotFound {
                         instance_id: id.clone(),
-                    }),
-                    Some(info) => Ok(Some(info.status)),
-                };
+                    },
+                    Some(info) => StoreError::Ended {
+                        instance_id: id.clone(),
+                        status: info.status,
+                    },
+                }));
             }
-            Ok(None)
+            Ok(Ok(()))
         })
         .await?;
-        ended_error(instance_id, ended)?;
+        answer?;
         self.bump();
         Ok(())
     }
@@ -4425,7 +4431,7 @@ impl Store for SqliteStore {
                 let sql = format!(
                     "SELECT {INSTANCE_COLUMNS} FROM instances
                  WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR coordinator = ?2)
-                 ORDER BY created_at DESC, id LIMIT CAST(?3 AS INTEGER)"
+                 ORDER BY created_at DESC, id LIMIT ?3"
                 );
                 // -1: no limit (also for a limit beyond what SQLite's integers hold).
                 let limit = filter
@@ -4922,33 +4928,28 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
-    /// SQLite prepares a statement with a bare `LIMIT ?` anew at every run (its planner reads
-    /// the bound value), and not one with `LIMIT CAST(? AS INTEGER)`; the store's polled
-    /// statements use the second form, and no statement of this module the first.
+    /// Without the planner's stability guarantee, SQLite prepares a statement whose plan could
+    /// use a bound value (here a `LIMIT`) anew at every run; every connection of the store is
+    /// configured with it, and then nothing is prepared again.
     #[test]
-    fn a_bound_limit_does_not_make_sqlite_prepare_again() {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch("CREATE TABLE t (a INTEGER); CREATE INDEX t_a ON t(a);")
-            .unwrap();
-        let reprepares = |sql: &str| {
-            let mut stmt = conn.prepare(sql).unwrap();
+    fn configured_connections_do_not_prepare_statements_again() {
+        let reprepares = |conn: &Connection| {
+            conn.execute_batch("CREATE TABLE t (a INTEGER); CREATE INDEX t_a ON t(a);")
+                .unwrap();
+            let mut stmt = conn
+                .prepare("SELECT a FROM t WHERE a >= ?1 ORDER BY a LIMIT ?2")
+                .unwrap();
             for limit in [5i64, 5, 7] {
                 let mut rows = stmt.query(params![1, limit]).unwrap();
                 while rows.next().unwrap().is_some() {}
             }
             stmt.get_status(rusqlite::StatementStatus::RePrepare)
         };
-        assert!(reprepares("SELECT a FROM t WHERE a >= ?1 ORDER BY a LIMIT ?2") > 0);
-        assert_eq!(
-            reprepares("SELECT a FROM t WHERE a >= ?1 ORDER BY a LIMIT CAST(?2 AS INTEGER)"),
-            0
-        );
-        let source = include_str!("sqlite.rs");
-        let code = source.split("#[cfg(test)]").next().unwrap();
-        assert!(
-            !code.contains("LIMIT ?"),
-            "a statement of the SQLite store has a bare bound LIMIT: write LIMIT CAST(?N AS INTEGER)"
-        );
+        let plain = Connection::open_in_memory().unwrap();
+        assert!(reprepares(&plain) > 0, "SQLite's default behaviour");
+        let configured = Connection::open_in_memory().unwrap();
+        configure(&configured, &SqliteOptions::default(), ":memory:").unwrap();
+        assert_eq!(reprepares(&configured), 0);
     }
 
     fn split(len: i64, body: &str) -> Result<Vec<(i64, String)>, StoreError> {
