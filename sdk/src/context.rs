@@ -41,6 +41,10 @@ pub(crate) type Resolution = Result<Value, Error>;
 /// cancellation (see [`Context::shield_compensations`]).
 pub(crate) const SHIELDED_COMPENSATIONS: &str = "retrace.shielded-compensations";
 
+/// The marker journaled right after an activity call its code shielded from cancellation (see
+/// [`ActivityCall::shielded`]).
+pub(crate) const SHIELDED_CALL: &str = "retrace.shielded-call";
+
 /// State shared by the context, its futures and the replay engine of one execution.
 pub(crate) struct Shared {
     pub(crate) instance_id: String,
@@ -240,6 +244,30 @@ impl Shared {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Whether this run follows the behaviour Retrace's marker `marker` stands for, at the next
+    /// position: a recorded marker there says it does (and is consumed), any other recorded
+    /// event that it was recorded before the behaviour existed; live, it does, and the marker
+    /// is journaled so that replays decide the same. (`Context::patched` without pinning: the
+    /// behaviour is Retrace's, not a version of the coordinator.)
+    pub(crate) fn behaviour_marker(&mut self, marker: &str) -> bool {
+        let seq = self.next_seq;
+        match self.recorded.get(seq as usize) {
+            Some(Event::PatchMarker { patch, .. }) if patch == marker => {
+                self.next_seq += 1;
+                true
+            }
+            Some(_) => false,
+            None if self.replaying => false,
+            None => {
+                self.issue(|seq| Event::PatchMarker {
+                    seq,
+                    patch: marker.to_string(),
+                });
+                true
+            }
         }
     }
 
@@ -616,23 +644,7 @@ impl Context {
     /// A history that began compensating without the marker was recorded before shielding
     /// existed: replaying it, they are not, as in the recorded run.
     pub(crate) fn shield_compensations(&self) -> bool {
-        let mut shared = lock(&self.shared);
-        let seq = shared.next_seq;
-        match shared.recorded.get(seq as usize) {
-            Some(Event::PatchMarker { patch, .. }) if patch == SHIELDED_COMPENSATIONS => {
-                shared.next_seq += 1;
-                true
-            }
-            Some(_) => false,
-            None if shared.replaying => false,
-            None => {
-                shared.issue(|seq| Event::PatchMarker {
-                    seq,
-                    patch: SHIELDED_COMPENSATIONS.to_string(),
-                });
-                true
-            }
-        }
+        lock(&self.shared).behaviour_marker(SHIELDED_COMPENSATIONS)
     }
 
     /// Publishes a small custom status (for example "waiting for payment") that the client's
@@ -761,9 +773,37 @@ pub struct ActivityCall<O> {
 }
 
 impl<O> ActivityCall<O> {
-    /// Leaves this call waiting when a cancellation arrives (see
-    /// [`Context::shield_compensations`]).
-    pub(crate) fn shielded(self) -> Self {
+    /// Keeps this call waiting for its outcome when the instance is cancelled, instead of
+    /// failing it with [`Error::Cancelled`] while its activity runs on: for clean-up that must
+    /// finish, such as a compensation written by hand ([`Saga`](crate::Saga) shields its own).
+    /// Use it on the call just made, before making another:
+    ///
+    /// ```no_run
+    /// # use retrace_sdk::{Activity, Context, Error};
+    /// const REFUND: Activity<String, ()> = Activity::new("refund");
+    /// # async fn f(ctx: Context, order: String) -> Result<(), Error> {
+    /// ctx.call(&REFUND, &order).shielded().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A `retrace.shielded-call` marker is journaled right after the call, so that a history
+    /// recorded before the code shielded it replays as it ran.
+    pub fn shielded(self) -> Self {
+        if self.op.seq.is_none() {
+            // Nothing was issued (the input did not encode): nothing to shield.
+            return self;
+        }
+        let shield = lock(&self.op.shared).behaviour_marker(SHIELDED_CALL);
+        if shield {
+            self.mark_shielded()
+        } else {
+            self
+        }
+    }
+
+    /// Leaves this call waiting when a cancellation arrives (see [`ActivityCall::shielded`]
+    /// and [`Context::shield_compensations`]).
+    pub(crate) fn mark_shielded(self) -> Self {
         if let Some(seq) = self.op.seq {
             let mut shared = lock(&self.op.shared);
             if shared.pending.positions().any(|p| p == seq) {

@@ -111,7 +111,7 @@ impl Saga {
         for c in self.compensations.into_iter().rev() {
             let def: Activity<Value, IgnoredOutput> = Activity::new(c.activity);
             let call = ctx.call_with(&def, &c.input, c.retry);
-            let call = if shielded { call.shielded() } else { call };
+            let call = if shielded { call.mark_shielded() } else { call };
             if let Err(e) = call.await {
                 first_error.get_or_insert(e);
             }

@@ -1017,6 +1017,57 @@ fn a_history_that_compensated_before_shielding_existed_replays_as_it_ran() {
     ));
 }
 
+/// Cancels the car, shielded or not, and reports how the call ended.
+fn refund(shielded: bool) -> CoordinatorFn {
+    coordinator_fn(&SAGA, move |ctx: Context, _who: String| async move {
+        let call = ctx.call(&CANCEL_CAR, &"car-1".to_string());
+        let outcome = if shielded {
+            call.shielded().await
+        } else {
+            call.await
+        };
+        Ok(format!("{outcome:?}"))
+    })
+}
+
+#[test]
+fn a_shielded_call_is_waited_for_through_a_cancel() {
+    let mut d = Driver::new("refund-1", refund(true));
+    let a = d.start("saga", json!("ada"));
+    assert_eq!(
+        a.events[2..],
+        [
+            scheduled(0, "cancel_car", json!("car-1")),
+            marker(1, "retrace.shielded-call")
+        ]
+    );
+    assert_eq!(d.cancel("customer gave up").events.len(), 1);
+    assert_eq!(d.open_activities(), [0]);
+    let a = d.complete(0, json!(null));
+    assert_eq!(
+        a.terminal(),
+        Some(&Event::InstanceCompleted {
+            output: json!("Ok(())")
+        })
+    );
+    check_every_activation_reproduces("refund-1", &d.coordinator(), &d.history).unwrap();
+}
+
+#[test]
+fn a_call_shielded_after_its_history_was_recorded_replays_as_it_ran() {
+    // Recorded by code that did not shield the call: the cancel failed it.
+    let mut d = Driver::new("refund-2", refund(false));
+    d.start("saga", json!("ada"));
+    let a = d.cancel("customer gave up");
+    assert!(matches!(
+        a.terminal(),
+        Some(Event::InstanceCompleted { output }) if output.as_str().is_some_and(|o| o.contains("Cancelled"))
+    ));
+    // The code now shields it: the recorded history still replays, by its own rule.
+    let replayed = replay_fresh("refund-2", &refund(true), &d.history).unwrap();
+    assert!(replayed.is_finished());
+}
+
 // ----- versioning -----
 
 fn hotel_v1() -> CoordinatorFn {
