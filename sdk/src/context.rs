@@ -70,8 +70,8 @@ pub(crate) struct Shared {
     /// Signal waits not yet satisfied: position → name. Served lowest position first.
     pub(crate) signal_waiters: BTreeMap<u32, String>,
     pub(crate) cancel_reason: Option<String>,
-    /// Pending positions a cancellation leaves waiting: the saga's compensations (see
-    /// [`Context::shield_compensations`]). Empty but while a saga compensates.
+    /// Pending positions a cancellation leaves waiting: a saga's compensations and shielded
+    /// calls (see [`Context::shield_compensations`], [`ActivityCall::shielded`]). Usually empty.
     pub(crate) shielded: Vec<u32>,
     pub(crate) now_ms: u64,
     pub(crate) seed: u64,
@@ -228,8 +228,8 @@ impl Shared {
             Event::PatchesPinned { patches } => self.pinned_patches = Some(patches.clone()),
             Event::CancelRequested { reason } if self.cancel_reason.is_none() => {
                 self.cancel_reason = Some(reason.clone());
-                // A compensation under way goes on and is waited for: failing it would move
-                // the saga on to the next one while the first still runs.
+                // A shielded call (a saga's compensation under way, a call made `.shielded()`)
+                // stays pending: failing it would let the code move on while it still runs.
                 let pending: Vec<u32> = self
                     .pending
                     .positions()
@@ -776,7 +776,8 @@ impl<O> ActivityCall<O> {
     /// Keeps this call waiting for its outcome when the instance is cancelled, instead of
     /// failing it with [`Error::Cancelled`] while its activity runs on: for clean-up that must
     /// finish, such as a compensation written by hand ([`Saga`](crate::Saga) shields its own).
-    /// Use it on the call just made, before making another:
+    /// Use it on the call just made, before making another (on any other call, or a second
+    /// time, it does nothing but log a warning):
     ///
     /// ```no_run
     /// # use retrace_sdk::{Activity, Context, Error};
@@ -789,11 +790,24 @@ impl<O> ActivityCall<O> {
     /// A `retrace.shielded-call` marker is journaled right after the call, so that a history
     /// recorded before the code shielded it replays as it ran.
     pub fn shielded(self) -> Self {
-        if self.op.seq.is_none() {
-            // Nothing was issued (the input did not encode): nothing to shield.
+        // Nothing was issued (the input did not encode): nothing to shield.
+        let Some(seq) = self.op.seq else {
             return self;
-        }
-        let shield = lock(&self.op.shared).behaviour_marker(SHIELDED_CALL);
+        };
+        let shield = {
+            let mut shared = lock(&self.op.shared);
+            // Only the call just made: its marker must follow it, or a replay could hand one
+            // call's marker to another. (`next_seq` is the same live and on replay.)
+            if shared.next_seq == seq.saturating_add(1) {
+                shared.behaviour_marker(SHIELDED_CALL)
+            } else {
+                tracing::warn!(
+                    position = seq,
+                    "shielded() on a call that is not the last one made (or twice): not shielded"
+                );
+                false
+            }
+        };
         if shield {
             self.mark_shielded()
         } else {
@@ -806,7 +820,7 @@ impl<O> ActivityCall<O> {
     pub(crate) fn mark_shielded(self) -> Self {
         if let Some(seq) = self.op.seq {
             let mut shared = lock(&self.op.shared);
-            if shared.pending.positions().any(|p| p == seq) {
+            if shared.pending.positions().any(|p| p == seq) && !shared.shielded.contains(&seq) {
                 shared.shielded.push(seq);
             }
         }

@@ -39,7 +39,8 @@ impl<I, O> Coordinator<I, O> {
 
     /// The same coordinator with the patches its code knows (see [`Context::patched`]). Each
     /// run pins this list when it starts and follows it to its end. Ids beginning with
-    /// `retrace.` are Retrace's own markers (`retrace.shielded-compensations`): do not use them.
+    /// `retrace.` are Retrace's own markers (`retrace.shielded-compensations`,
+    /// `retrace.shielded-call`): do not use them.
     pub const fn with_patches(self, patches: &'static [&'static str]) -> Self {
         Coordinator {
             name: self.name,

@@ -1068,6 +1068,75 @@ fn a_call_shielded_after_its_history_was_recorded_replays_as_it_ran() {
     assert!(replayed.is_finished());
 }
 
+#[test]
+fn shielded_acts_only_on_the_call_just_made() {
+    // Two calls made, then both shielded: only the last one made can be, with its marker
+    // right after it; the first is left as it was (and a second shielded() does nothing).
+    let pair = coordinator_fn(&SAGA, |ctx: Context, _who: String| async move {
+        let a = ctx.call(&CANCEL_CAR, &"car-1".to_string());
+        let b = ctx.call(&CANCEL_HOTEL, &"hotel-1".to_string());
+        let (a, b) = (a.shielded(), b.shielded().shielded());
+        let (a, b) = futures::join!(a, b);
+        Ok(format!("a={} b={}", a.is_ok(), b.is_ok()))
+    });
+    let mut d = Driver::new("refund-3", pair);
+    let a = d.start("saga", json!("ada"));
+    assert_eq!(
+        a.events[2..],
+        [
+            scheduled(0, "cancel_car", json!("car-1")),
+            scheduled(1, "cancel_hotel", json!("hotel-1")),
+            marker(2, "retrace.shielded-call")
+        ]
+    );
+    // The cancel fails `a` and leaves `b` waiting: the run goes on.
+    assert_eq!(d.cancel("customer gave up").terminal(), None);
+    let a = d.complete(1, json!(null));
+    assert_eq!(
+        a.terminal(),
+        Some(&Event::InstanceCompleted {
+            output: json!("a=false b=true")
+        })
+    );
+    check_every_activation_reproduces("refund-3", &d.coordinator(), &d.history).unwrap();
+}
+
+#[test]
+fn a_call_recorded_with_another_command_after_it_is_not_shielded_on_replay() {
+    // Recorded by code that made a second call right after the first, unshielded.
+    let old = coordinator_fn(&SAGA, |ctx: Context, _who: String| async move {
+        let a = ctx.call(&CANCEL_CAR, &"car-1".to_string());
+        let b = ctx.call(&CANCEL_HOTEL, &"hotel-1".to_string());
+        let (a, b) = futures::join!(a, b);
+        Ok(format!("a={} b={}", a.is_ok(), b.is_ok()))
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen_by_code = Arc::clone(&seen);
+    let new = coordinator_fn(&SAGA, move |ctx: Context, _who: String| {
+        let seen = Arc::clone(&seen_by_code);
+        async move {
+            let a = ctx.call(&CANCEL_CAR, &"car-1".to_string()).shielded();
+            let b = ctx.call(&CANCEL_HOTEL, &"hotel-1".to_string());
+            let (a, b) = futures::join!(a, b);
+            let out = format!("a={} b={}", a.is_ok(), b.is_ok());
+            seen.lock().unwrap().push(out.clone());
+            Ok(out)
+        }
+    });
+    let mut d = Driver::new("refund-4", old);
+    d.start("saga", json!("ada"));
+    let a = d.cancel("customer gave up");
+    assert_eq!(
+        a.terminal(),
+        Some(&Event::InstanceCompleted {
+            output: json!("a=false b=false")
+        })
+    );
+    let replayed = replay_fresh("refund-4", &new, &d.history).unwrap();
+    assert!(replayed.is_finished());
+    assert_eq!(*seen.lock().unwrap(), ["a=false b=false"]);
+}
+
 // ----- versioning -----
 
 fn hotel_v1() -> CoordinatorFn {
