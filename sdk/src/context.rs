@@ -247,12 +247,13 @@ impl Shared {
         }
     }
 
-    /// Whether this run follows the behaviour Retrace's marker `marker` stands for, at the next
-    /// position: a recorded marker there says it does (and is consumed), any other recorded
-    /// event that it was recorded before the behaviour existed; live, it does, and the marker
-    /// is journaled so that replays decide the same. (`Context::patched` without pinning: the
-    /// behaviour is Retrace's, not a version of the coordinator.)
-    pub(crate) fn behaviour_marker(&mut self, marker: &str) -> bool {
+    /// Whether the code takes the path the marker `marker` stands for, at the next position: a
+    /// recorded marker there says it does (and is consumed); any other recorded event, or
+    /// nothing recorded in an activation being replayed, that the recorded run went past this
+    /// point on the other path. Live, `live` decides, and taking the path journals the marker so
+    /// that replays decide the same. Shared by `Context::patched` (live: the patch is pinned)
+    /// and Retrace's own behaviour markers (live: always, see [`Shared::behaviour_marker`]).
+    fn marker_at_next(&mut self, marker: &str, live: impl FnOnce(&Shared) -> bool) -> bool {
         let seq = self.next_seq;
         match self.recorded.get(seq as usize) {
             Some(Event::PatchMarker { patch, .. }) if patch == marker => {
@@ -262,13 +263,23 @@ impl Shared {
             Some(_) => false,
             None if self.replaying => false,
             None => {
-                self.issue(|seq| Event::PatchMarker {
-                    seq,
-                    patch: marker.to_string(),
-                });
-                true
+                let take = live(self);
+                if take {
+                    self.issue(|seq| Event::PatchMarker {
+                        seq,
+                        patch: marker.to_string(),
+                    });
+                }
+                take
             }
         }
+    }
+
+    /// Whether this run follows the behaviour Retrace's marker `marker` stands for (live it
+    /// does): `Context::patched` without pinning, since the behaviour is Retrace's, not a
+    /// version of the coordinator.
+    pub(crate) fn behaviour_marker(&mut self, marker: &str) -> bool {
+        self.marker_at_next(marker, |_| true)
     }
 
     fn child_error(&self, seq: u32, error: &Error) -> Error {
@@ -607,35 +618,16 @@ impl Context {
     /// Once no run started before the patch is in flight, delete the old path and the check
     /// (keep the id declared as long as histories with its markers must replay).
     pub fn patched(&self, patch: &str) -> bool {
-        let mut shared = lock(&self.shared);
-        let seq = shared.next_seq;
-        match shared.recorded.get(seq as usize) {
-            Some(Event::PatchMarker {
-                patch: recorded, ..
-            }) if recorded == patch => {
-                shared.next_seq += 1;
-                true
+        lock(&self.shared).marker_at_next(patch, |shared| {
+            let pinned = shared
+                .pinned_patches
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|id| id == patch));
+            if !pinned {
+                tracing::debug!(patch, "patch not pinned by this run: old path");
             }
-            Some(_) => false,
-            // Replaying a recorded activation that issued nothing at this position: the recorded
-            // run went past this point on the old path, so the replay must too.
-            None if shared.replaying => false,
-            None => {
-                let pinned = shared
-                    .pinned_patches
-                    .as_ref()
-                    .is_some_and(|p| p.iter().any(|id| id == patch));
-                if pinned {
-                    shared.issue(|seq| Event::PatchMarker {
-                        seq,
-                        patch: patch.to_string(),
-                    });
-                } else {
-                    tracing::debug!(patch, "patch not pinned by this run: old path");
-                }
-                pinned
-            }
-        }
+            pinned
+        })
     }
 
     /// Whether the saga compensations about to run are shielded from a cancellation (a
