@@ -407,6 +407,7 @@ conformance!(
     create_and_activate_is_one_commit,
     activity_tasks_count_attempts,
     activity_outcome_recorded_once,
+    a_fan_outs_outcomes_keep_its_lease_alive,
     activity_task_lease_expires,
     continue_as_new_bumps_generation,
     continue_as_new_drops_the_old_runs_late_outcomes,
@@ -582,6 +583,36 @@ fn row_position(path: &std::path::Path, id: &str) -> i64 {
         .unwrap()
 }
 
+/// Checks, behind the store's back, what lets the store read a history's tail only for rows
+/// with a held slot: every instance row that lags behind its history has its slot set.
+/// Returns how many rows lag.
+fn assert_only_held_rows_lag(path: &std::path::Path) -> usize {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut rows = conn
+        .prepare(
+            "SELECT i.id, i.next_pos, i.held_seq IS NOT NULL,
+                    (SELECT COALESCE(MAX(pos + len), 0) FROM events WHERE instance_key = i.key)
+             FROM instances i",
+        )
+        .unwrap();
+    let rows: Vec<(String, i64, bool, i64)> = rows
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut lagging = 0;
+    for (id, next_pos, held, end) in rows {
+        if next_pos != end {
+            assert!(
+                held && next_pos < end,
+                "{id}: row at {next_pos}, history ends at {end}, slot set: {held}"
+            );
+            lagging += 1;
+        }
+    }
+    lagging
+}
+
 /// Positions of `id`'s history, which must be 0, 1, 2… without gaps.
 async fn assert_contiguous(s: &SharedStore, id: &str) -> u64 {
     let history = s.history(id).await.unwrap();
@@ -634,6 +665,7 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
         row_position(&path, "chain") < 14,
         "the chain's steps wrote the instance row"
     );
+    assert_eq!(assert_only_held_rows_lag(&path), 1);
     let info = s.describe("chain").await.unwrap().unwrap();
     assert_eq!((info.next_position, info.next_activation), (14, 7));
     let listed = s.list_instances(&ListFilter::default()).await.unwrap();
@@ -642,6 +674,7 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
     // The worker goes: its held call becomes a task, the chain's last one.
     s.release_leases("w1").await.unwrap();
     assert_eq!(row_position(&path, "chain"), 14, "caught up when handed on");
+    assert_eq!(assert_only_held_rows_lag(&path), 0);
     let mut tasks = s
         .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
         .await
@@ -665,6 +698,7 @@ async fn sqlite_held_chain_rows_lag_but_read_as_their_history() {
         DirectFinish::Activated(_)
     ));
     assert_eq!(assert_contiguous(&s, "chain").await, 16);
+    assert_eq!(assert_only_held_rows_lag(&path), 0);
     let info = s.describe("chain").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Completed);
 }
@@ -680,6 +714,7 @@ async fn sqlite_a_held_chain_cut_short_resumes_from_its_history() {
     held_chain(&s, "w1", "cut", 4).await;
     drop(s);
     assert!(row_position(&path, "cut") < 10);
+    assert_eq!(assert_only_held_rows_lag(&path), 1);
     let s = scratch.store();
     let info = s.describe("cut").await.unwrap().unwrap();
     assert_eq!(info.next_position, 10);
@@ -738,6 +773,7 @@ async fn sqlite_a_held_call_handed_on_ends_its_chain() {
             .map(|t| (t.instance_id.as_str(), t.seq))
             .collect();
         assert_eq!(claimed, vec![(id, 3)], "{id}");
+        assert_eq!(assert_only_held_rows_lag(&scratch.path), 0, "{id}");
     }
 }
 
@@ -768,6 +804,7 @@ async fn sqlite_a_termination_from_another_process_ends_a_held_chain() {
     assert_eq!(assert_contiguous(&s, "other").await, 9);
     let info = s.describe("other").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Terminated);
+    assert_eq!(assert_only_held_rows_lag(&scratch.path), 0);
 }
 
 /// A held chain whose last step can no longer be read (damaged behind the store's back):
@@ -807,6 +844,7 @@ async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() 
     let info = s.describe("damaged").await.unwrap().unwrap();
     assert_eq!(info.status, InstanceStatus::Terminated);
     assert_eq!(info.next_position, 9);
+    assert_eq!(assert_only_held_rows_lag(&path), 0);
 }
 
 /// A message delivered in the middle of a held chain ends it too: the next outcome goes to
@@ -831,6 +869,7 @@ async fn sqlite_a_message_ends_a_held_chain() {
         "{done:?}"
     );
     assert_eq!(assert_contiguous(&s, "msg").await, 8);
+    assert_eq!(assert_only_held_rows_lag(&scratch.path), 0);
     let inbox = inbox_events(&s, "msg").await;
     assert_eq!(inbox.len(), 2, "{inbox:?}");
     assert!(inbox.contains(&signal("go", json!(1))), "{inbox:?}");
@@ -842,6 +881,7 @@ async fn sqlite_a_message_ends_a_held_chain() {
     let receipt = activate(&s, "w1", "msg", vec![], false).await.unwrap();
     assert!(!receipt.ready_again);
     assert_eq!(assert_contiguous(&s, "msg").await, 10);
+    assert_eq!(assert_only_held_rows_lag(&scratch.path), 0);
 }
 
 /// A store written by schema version 1 (no attempt journal) is upgraded on open, and a task
@@ -1892,6 +1932,60 @@ mod cases {
             .unwrap()
             .iter()
             .all(|t| t.instance_id != "f"));
+    }
+
+    /// The outcomes of a fan-out's calls each leave the instance ready and leased to the
+    /// worker that recorded them, and one that comes when the lease is running out renews
+    /// it (a store may skip the write while the lease has half or more to run).
+    pub(super) async fn a_fan_outs_outcomes_keep_its_lease_alive(h: &Harness) {
+        const SHORT_MS: u64 = 1_500;
+        let s = &h.store;
+        create_and_claim(s, "fan", "w1").await;
+        let calls = (0..3).map(|seq| scheduled(seq, "act")).collect();
+        let receipt = activate(s, "w1", "fan", calls, false).await.unwrap();
+        assert!(!receipt.ready_again);
+        let tasks = s
+            .claim_tasks("w1", &names(&["act"]), 10, LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 3, "{tasks:?}");
+        let finish = |i: usize| {
+            let t = &tasks[i];
+            s.finish_task("w1", t, completed(t, json!(i)), SHORT_MS)
+        };
+        let unclaimable = || async {
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap()
+                .is_empty()
+        };
+        for i in 0..2 {
+            let receipt = finish(i).await.unwrap();
+            assert!(
+                receipt.accepted && receipt.instance_claimed,
+                "{i}: {receipt:?}"
+            );
+            assert!(unclaimable().await, "{i}: another worker took the instance");
+        }
+        // Two thirds of the lease later, the last outcome renews it: another third later the
+        // first lease has run out, the renewed one has not.
+        tokio::time::sleep(Duration::from_millis(SHORT_MS * 2 / 3)).await;
+        let receipt = finish(2).await.unwrap();
+        assert!(receipt.accepted && receipt.instance_claimed, "{receipt:?}");
+        tokio::time::sleep(Duration::from_millis(SHORT_MS * 2 / 3)).await;
+        assert!(
+            unclaimable().await,
+            "the last outcome did not renew the lease"
+        );
+        assert_eq!(inbox_events(s, "fan").await.len(), 3);
+        // Once that lease runs out too, the instance is anyone's.
+        tokio::time::sleep(Duration::from_millis(SHORT_MS / 2)).await;
+        assert_eq!(
+            s.claim_ready("w2", &names(&["c"]), 10, LEASE_MS)
+                .await
+                .unwrap(),
+            vec!["fan".to_string()]
+        );
     }
 
     pub(super) async fn activity_outcome_recorded_once(h: &Harness) {

@@ -20,6 +20,10 @@
 //!   `activity_scheduled` event: the call that took the held slot. [`catch_up`] writes that
 //!   state into the row. Every write path that reads the position or the held slot runs it
 //!   first; [`settle_info`] gives readers the same view without writing.
+//! - Only a row with a held slot lags. A chain begins where a step writes the slot, its steps
+//!   leave the row as it is, and every path that empties the slot either runs [`catch_up`]
+//!   first or writes the true position with it (a chain's last step). So [`catch_up`] reads
+//!   the history's tail only for a row whose slot is set.
 //! - A path that missed it could not corrupt the history: a lagging row's `next_pos` is the
 //!   position of a history row that exists, so an append there collides with it.
 
@@ -365,11 +369,14 @@ pub(crate) fn lag(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<L
 /// emptied: as for any unreadable history, that instance waits for an operator and everything
 /// else goes on (terminating it, among others).
 pub(crate) fn catch_up(conn: &Connection, id: &str) -> Result<(), StoreError> {
-    let next_pos: Option<i64> = conn
-        .prepare_cached("SELECT next_pos FROM instances WHERE id = ?1")
-        .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+    let row: Option<(i64, bool)> = conn
+        .prepare_cached("SELECT next_pos, held_seq IS NOT NULL FROM instances WHERE id = ?1")
+        .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
         .map_err(db("read instance"))?;
-    let Some(next_pos) = next_pos else {
+    // Only a row with a held slot can lag (module docs): the history's tail is not read for
+    // the others. That read costs more than the rest of a fan-out call's end (W3), as the
+    // tail row holds every call the fan-out scheduled.
+    let Some((next_pos, true)) = row else {
         return Ok(());
     };
     let Some(tail) = tail(conn, id, next_pos)? else {

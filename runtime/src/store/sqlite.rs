@@ -1560,36 +1560,9 @@ fn take_held_task(
 ) -> Result<Option<HeldTask>, StoreError> {
     // Each is read, then deleted by its key, in the same transaction: `RETURNING` would make
     // SQLite build an ephemeral table per statement, which cost more than the write itself
-    // (W3, 1,000 calls finishing).
-    if task.attempt == 1 {
-        // In the instance's held slot (`held_at` is left as it was).
-        let held_at: Option<Option<i64>> = conn
-            .prepare_cached(
-                "SELECT held_at FROM instances
-                 WHERE id = ?1 AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4",
-            )
-            .and_then(|mut s| {
-                s.query_row(
-                    params![task.instance_id, task.seq, owner, task.generation as i64],
-                    |r| r.get(0),
-                )
-                .optional()
-            })
-            .map_err(db("finish activity task"))?;
-        if let Some(held_at) = held_at {
-            conn.prepare_cached(
-                "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL,
-                        held_until = 0
-                 WHERE id = ?1",
-            )
-            .and_then(|mut s| s.execute(params![task.instance_id]))
-            .map_err(db("finish activity task"))?;
-            return Ok(Some(HeldTask {
-                claimed_at: held_at,
-                claimed_when_scheduled: true,
-            }));
-        }
-    }
+    // (W3, 1,000 calls finishing). The `tasks` row first: a call is in its instance's held
+    // slot or in a row, never both (`expand_held` empties the slot it turns into a row), and
+    // a fan-out's calls (W3) are rows, whose look into the slot would find nothing.
     let held = conn
         .prepare_cached(
             "SELECT claimed_at, claimed_at IS created_at FROM tasks
@@ -1619,8 +1592,39 @@ fn take_held_task(
         conn.prepare_cached("DELETE FROM tasks WHERE instance_id = ?1 AND seq = ?2")
             .and_then(|mut s| s.execute(params![task.instance_id, task.seq]))
             .map_err(db("finish activity task"))?;
+        return Ok(held);
     }
-    Ok(held)
+    if task.attempt != 1 {
+        return Ok(None);
+    }
+    // In the instance's held slot (`held_at` is left as it was).
+    let held_at: Option<Option<i64>> = conn
+        .prepare_cached(
+            "SELECT held_at FROM instances
+             WHERE id = ?1 AND held_seq = ?2 AND held_owner = ?3 AND generation = ?4",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![task.instance_id, task.seq, owner, task.generation as i64],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .map_err(db("finish activity task"))?;
+    let Some(held_at) = held_at else {
+        return Ok(None);
+    };
+    conn.prepare_cached(
+        "UPDATE instances SET held_seq = NULL, held_pos = NULL, held_owner = NULL,
+                held_until = 0
+         WHERE id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![task.instance_id]))
+    .map_err(db("finish activity task"))?;
+    Ok(Some(HeldTask {
+        claimed_at: held_at,
+        claimed_when_scheduled: true,
+    }))
 }
 
 /// The one call `c` claims, as it would sit in its instance's held slot: its seq and the
@@ -3953,22 +3957,34 @@ impl Store for SqliteStore {
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
                         insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
                         // Ready, and leased to this worker unless another holds it. (Read,
-                        // then written: see `take_held_task` on `RETURNING`.)
-                        let claimable: Option<bool> = conn
+                        // then written: see `take_held_task` on `RETURNING`.) A row that is
+                        // ready already, and leased to this worker for half a lease or more
+                        // (the renewer renews every third of one), is left as it is: in a
+                        // fan-out, every call but the first to end finds it so, and the write
+                        // would move its `instances_ready` entry each time (W3).
+                        let row: Option<(bool, bool, bool)> = conn
                             .prepare_cached(
-                                "SELECT lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?3
+                                "SELECT lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?3,
+                                        ready = 1, lease_owner IS ?2 AND lease_until >= ?4
                                  FROM instances WHERE id = ?1 AND status = 'running'",
                             )
                             .and_then(|mut s| {
-                                s.query_row(params![task.instance_id, owner, now as i64], |r| {
-                                    r.get(0)
-                                })
+                                s.query_row(
+                                    params![
+                                        task.instance_id,
+                                        owner,
+                                        now as i64,
+                                        (now + lease_ms / 2) as i64
+                                    ],
+                                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                                )
                                 .optional()
                             })
                             .map_err(db("finish activity task"))?;
-                        let claimed = claimable == Some(true);
-                        match claimable {
-                            Some(true) => conn
+                        let claimed = matches!(row, Some((true, _, _)));
+                        match row {
+                            Some((true, true, true)) | Some((false, true, _)) | None => Ok(0),
+                            Some((true, _, _)) => conn
                                 .prepare_cached(
                                     "UPDATE instances SET ready = 1, lease_owner = ?2,
                                             lease_until = ?3
@@ -3981,10 +3997,9 @@ impl Store for SqliteStore {
                                         (now + lease_ms) as i64
                                     ])
                                 }),
-                            Some(false) => conn
+                            Some((false, false, _)) => conn
                                 .prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1")
                                 .and_then(|mut s| s.execute(params![task.instance_id])),
-                            None => Ok(0),
                         }
                         .map_err(db("finish activity task"))?;
                         Ok(FinishReceipt {
