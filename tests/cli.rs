@@ -751,6 +751,24 @@ fn export_and_import_round_trip_between_stores() {
     let err = retrace(&other, &["import", file.to_str().unwrap()]).fails();
     assert!(err.contains("already exists"), "{err}");
 
+    // An export whose own id could not name a new instance (one ending in `@` and digits, as
+    // an older Retrace allowed) is imported only under an id given with --id.
+    let mut old_id = exported.clone();
+    old_id["instance"]["id"] = Value::from("trip@7");
+    let old_file = dir.file("trip@7.json");
+    std::fs::write(&old_file, old_id.to_string()).unwrap();
+    let err = retrace(&other, &["import", old_file.to_str().unwrap()]).fails();
+    assert!(
+        err.contains("cannot name a new instance") && err.contains("--id"),
+        "{err}"
+    );
+    let out = retrace(
+        &other,
+        &["import", old_file.to_str().unwrap(), "--id", "trip-7"],
+    )
+    .ok();
+    assert!(out.contains("imported trip@7 as trip-7: failed"), "{out}");
+
     let bogus = dir.file("bogus.json");
     std::fs::write(&bogus, r#"{"hello": "world"}"#).unwrap();
     let err = retrace(&other, &["import", bogus.to_str().unwrap()]).fails();

@@ -432,6 +432,18 @@ async fn import(
     let text = read_input(file)?;
     let export = HistoryExport::from_json(&text)
         .map_err(|e| CliError::new(format!("{}: {e}", file.display())))?;
+    // The export's own id names a new instance in this store too: an old export may carry
+    // one that `Client::start` would now refuse.
+    if id.is_none() {
+        if let Some(problem) = instance_id_problem(&export.instance.id) {
+            return Err(CliError::new(format!(
+                "{}: the exported instance's id {:?} cannot name a new instance ({problem}); \
+                 pass --id NEW to import it under another id",
+                file.display(),
+                export.instance.id
+            )));
+        }
+    }
     let imported = ImportedInstance::from_export(&export, id, now_ms())?;
     let (new_id, status, events) = (imported.id.clone(), imported.status, imported.events.len());
     let (tasks, timers) = (imported.tasks.len(), imported.timers.len());
