@@ -847,6 +847,90 @@ async fn sqlite_a_damaged_held_chain_stops_its_instance_and_can_be_terminated() 
     assert_eq!(assert_only_held_rows_lag(&path), 0);
 }
 
+/// Every other path that stops, hands on or finishes the held call in the middle of a held
+/// chain leaves no row behind its history without its slot: `catch_up` reads a history's tail
+/// only for rows with a held slot. Each instance is checked after its path, the whole store
+/// after each (`assert_only_held_rows_lag`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_no_path_leaves_a_row_behind_its_history_without_its_slot() {
+    let scratch = Scratch::new("chain-paths");
+    let path = scratch.path.clone();
+    let s = scratch.store();
+    let lags = |id: &str| row_position(&path, id) < 8;
+
+    // Stopped by its worker (nondeterminism), then resumed.
+    held_chain(&s, "w1", "stopped", 3).await;
+    assert!(lags("stopped"));
+    assert_eq!(assert_only_held_rows_lag(&path), 1);
+    s.stop_instance("stopped", "w1", "nondeterminism at 8")
+        .await
+        .unwrap();
+    assert_only_held_rows_lag(&path);
+    s.resume("stopped").await.unwrap();
+    assert_only_held_rows_lag(&path);
+    let info = s.describe("stopped").await.unwrap().unwrap();
+    assert_eq!(
+        (info.status, info.next_position),
+        (InstanceStatus::Running, 8)
+    );
+
+    // The held call's outcome recorded on its own (as when the worker's cache lost the
+    // instance), then the instance activated at its history's end.
+    let task = held_chain(&s, "w1", "finished", 3).await;
+    assert!(lags("finished"));
+    let receipt = s
+        .finish_task("w1", &task, completed(&task, json!(3)), LEASE_MS)
+        .await
+        .unwrap();
+    assert!(receipt.accepted, "{receipt:?}");
+    assert!(!lags("finished"));
+    assert_only_held_rows_lag(&path);
+    activate(&s, "w1", "finished", vec![], false).await.unwrap();
+    assert_eq!(assert_contiguous(&s, "finished").await, 9);
+    assert_only_held_rows_lag(&path);
+
+    // A failed attempt of the held call, to be retried: the call becomes a task row.
+    let task = held_chain(&s, "w1", "retried", 3).await;
+    let retry = AttemptOutcome::Retry {
+        next_attempt_at_ms: now_ms(),
+        error: ActivityError::retryable("flaky", "again"),
+    };
+    assert!(
+        s.finish_task("w1", &task, retry, LEASE_MS)
+            .await
+            .unwrap()
+            .accepted
+    );
+    assert!(!lags("retried"));
+    assert_only_held_rows_lag(&path);
+
+    // Noted as waiting for another worker, its lease handed back.
+    held_chain(&s, "w1", "waiting", 3).await;
+    s.note_waiting("waiting", "w1", "no worker knows c")
+        .await
+        .unwrap();
+    assert_only_held_rows_lag(&path);
+
+    // Its worker gone: the held calls become tasks another worker claims, the retried one
+    // among them.
+    s.release_leases("w1").await.unwrap();
+    assert_eq!(assert_only_held_rows_lag(&path), 0);
+    let tasks = s
+        .claim_tasks("w2", &names(&["act"]), 10, LEASE_MS)
+        .await
+        .unwrap();
+    let mut claimed: Vec<(&str, u32)> = tasks
+        .iter()
+        .map(|t| (t.instance_id.as_str(), t.seq))
+        .collect();
+    claimed.sort();
+    assert_eq!(
+        claimed,
+        vec![("retried", 3), ("stopped", 3), ("waiting", 3)]
+    );
+    assert_only_held_rows_lag(&path);
+}
+
 /// A message delivered in the middle of a held chain ends it too: the next outcome goes to
 /// the inbox beside the message, for an activation that sees both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,7 +126,9 @@ impl HeldChains {
                 "instances" => chains.lock().row_changed(rowid),
                 // An inbox message may make the instance ready, or be what its next activation
                 // must see: chains assume an empty inbox. (Every message also marks its
-                // instance's row, which drops that chain alone; this is the backstop.)
+                // instance's row, which drops that chain alone, but for an activity outcome
+                // whose instance is ready and leased already: `finish_task` leaves that row
+                // alone only when this hook has seen the message go in.)
                 "inbox" => chains.lock().forget_all(),
                 _ => {}
             },

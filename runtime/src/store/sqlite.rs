@@ -3955,13 +3955,17 @@ impl Store for SqliteStore {
                             now,
                         )?;
                         let dedupe = format!("seq:{}:{}", task.generation, task.seq);
-                        insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
+                        let inserted =
+                            insert_inbox(conn, &task.instance_id, Some(&dedupe), event, now)?;
                         // Ready, and leased to this worker unless another holds it. (Read,
                         // then written: see `take_held_task` on `RETURNING`.) A row that is
                         // ready already, and leased to this worker for half a lease or more
                         // (the renewer renews every third of one), is left as it is: in a
                         // fan-out, every call but the first to end finds it so, and the write
-                        // would move its `instances_ready` entry each time (W3).
+                        // would move its `instances_ready` entry each time (W3). Only when
+                        // the outcome went into the inbox: that insert has then dropped every
+                        // held chain (see `HeldChains::watch`), as writing the row would
+                        // have dropped this instance's.
                         let row: Option<(bool, bool, bool)> = conn
                             .prepare_cached(
                                 "SELECT lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?3,
@@ -3983,7 +3987,8 @@ impl Store for SqliteStore {
                             .map_err(db("finish activity task"))?;
                         let claimed = matches!(row, Some((true, _, _)));
                         match row {
-                            Some((true, true, true)) | Some((false, true, _)) | None => Ok(0),
+                            None => Ok(0),
+                            Some((true, true, true)) | Some((false, true, _)) if inserted => Ok(0),
                             Some((true, _, _)) => conn
                                 .prepare_cached(
                                     "UPDATE instances SET ready = 1, lease_owner = ?2,
@@ -3997,7 +4002,7 @@ impl Store for SqliteStore {
                                         (now + lease_ms) as i64
                                     ])
                                 }),
-                            Some((false, false, _)) => conn
+                            Some((false, _, _)) => conn
                                 .prepare_cached("UPDATE instances SET ready = 1 WHERE id = ?1")
                                 .and_then(|mut s| s.execute(params![task.instance_id])),
                         }
