@@ -3966,6 +3966,7 @@ impl Store for SqliteStore {
                         // the outcome went into the inbox: that insert has then dropped every
                         // held chain (see `HeldChains::watch`), as writing the row would
                         // have dropped this instance's.
+                        // (Claimable by this worker, ready, leased to it for half a lease.)
                         let row: Option<(bool, bool, bool)> = conn
                             .prepare_cached(
                                 "SELECT lease_owner IS NULL OR lease_owner = ?2 OR lease_until < ?3,
