@@ -142,11 +142,13 @@ impl InstanceSlots {
         execution: Execution,
         capacity: usize,
     ) {
-        let replacing = self.by_id.get(id).is_some_and(|slot| slot.cached.is_some());
-        if !replacing && self.cached >= capacity {
+        let entry = (generation, execution);
+        // At capacity, another instance's execution makes room, unless this one replaces its
+        // own. Below it, one lookup: a sequential step puts back the execution it took a moment
+        // before, into the entry that is still there.
+        if self.cached >= capacity && self.by_id.get(id).is_none_or(|slot| slot.cached.is_none()) {
             self.evict_one();
         }
-        let entry = (generation, execution);
         let previous = match self.by_id.get_mut(id) {
             Some(slot) => slot.cached.replace(entry),
             None => {

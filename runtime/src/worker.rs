@@ -56,6 +56,16 @@ use tracing::Instrument;
 /// worker that does not set it explicitly. CI runs the test suite with it.
 pub const CACHE_ENV: &str = "RETRACE_COORDINATOR_CACHE";
 
+/// The outcome of an attempt whose body panicked: a retryable failure with the panic's message.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Result<serde_json::Value, ActivityError> {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "activity panicked".to_string());
+    Err(ActivityError::retryable("panic", message))
+}
+
 /// Runs one attempt within its start-to-close and heartbeat timeouts. A panic, an expired
 /// timeout or a missed heartbeat is a failed (retryable) attempt; the abandoned body is dropped.
 async fn bounded_attempt<F>(
@@ -77,6 +87,11 @@ where
             started + Duration::from_millis(last_beat_ms.load(Ordering::Relaxed).saturating_add(ms))
         })
     };
+    // No deadline at all (the default policy): the attempt is its body, with no timer and no
+    // `select!` around it at every step.
+    if close_at.is_none() && beat_deadline().is_none() {
+        return body.await.unwrap_or_else(panicked);
+    }
     tokio::pin!(body);
     loop {
         let wake = match (close_at, beat_deadline()) {
@@ -92,16 +107,7 @@ where
         tokio::select! {
             // The body first: an attempt that has finished is never reported as timed out.
             biased;
-            outcome = &mut body => {
-                return outcome.unwrap_or_else(|panic| {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "activity panicked".to_string());
-                    Err(ActivityError::retryable("panic", message))
-                });
-            }
+            outcome = &mut body => return outcome.unwrap_or_else(panicked),
             () = timer => {
                 let now = tokio::time::Instant::now();
                 if let (Some(at), Some(ms)) = (close_at, retry.start_to_close_timeout_ms) {
@@ -933,16 +939,18 @@ impl Inner {
             Err(e) => return Err(e),
         };
         tracing::debug!(activation = committed.activation, ended = committed.ended, events = %summary, "activation committed");
-        *claimed = self
-            .after_commit(
-                id,
-                execution,
-                &mut receipt,
-                committed,
-                unknown_activity,
-                Start::None,
-            )
-            .await?;
+        let (kept, waiting) = self.after_commit(
+            id,
+            execution,
+            &mut receipt,
+            committed,
+            unknown_activity,
+            Start::None,
+        );
+        *claimed = match waiting {
+            None => kept,
+            Some(reason) => Box::pin(self.note_unclaimed(id, reason, kept)).await?,
+        };
         Ok(receipt.ready_again)
     }
 
@@ -1037,16 +1045,18 @@ impl Inner {
             return Ok(outcome);
         };
         tracing::debug!(activation = committed.activation, ended = committed.ended, events = %summary, "instance created with its first activation");
-        let tasks = self
-            .after_commit(
-                &id,
-                execution,
-                &mut receipt,
-                committed,
-                unknown_activity,
-                Start::None,
-            )
-            .await;
+        let (kept, waiting) = self.after_commit(
+            &id,
+            execution,
+            &mut receipt,
+            committed,
+            unknown_activity,
+            Start::None,
+        );
+        let tasks = match waiting {
+            None => Ok(kept),
+            Some(reason) => Box::pin(self.note_unclaimed(&id, reason, kept)).await,
+        };
         if receipt.ready_again {
             self.schedule(id);
         }
@@ -1106,10 +1116,13 @@ impl Inner {
     }
 
     /// What follows a committed activation, on either path: report it, keep the execution,
-    /// start the tasks claimed with it, wake the poller for its timers, and say why the instance
-    /// waits when it scheduled an activity this worker does not run.
-    /// The claimed tasks that `start` says not to spawn are returned.
-    async fn after_commit(
+    /// start the tasks claimed with it, and wake the poller for its timers. Returns the claimed
+    /// tasks that `start` says not to spawn, and, when the activation scheduled an activity
+    /// this worker does not run, why the instance waits, for [`Inner::note_unclaimed`].
+    ///
+    /// Not `async`: the note is rare, and its future, built and moved at every sequential step
+    /// and held in the state of every step's future, cost more than the note itself.
+    fn after_commit(
         self: &Arc<Self>,
         id: &str,
         execution: Execution,
@@ -1117,7 +1130,7 @@ impl Inner {
         committed: Committed,
         unknown_activity: Option<String>,
         start: Start,
-    ) -> Result<Vec<ActivityTask>, StoreError> {
+    ) -> (Vec<ActivityTask>, Option<String>) {
         self.notify(|buffer| CommitNotice::Activation {
             instance_id: copied(buffer, id),
             activation: committed.activation,
@@ -1139,20 +1152,32 @@ impl Inner {
         for at in committed.timers_due {
             self.wake_poller_at(at);
         }
-        if let (false, false, Some(name)) = (receipt.ready_again, committed.ended, unknown_activity)
-        {
+        let waiting = match (receipt.ready_again, committed.ended, unknown_activity) {
             // Not a failure: another worker may run it. Say why the instance waits.
-            let reason = format!(
+            (false, false, Some(name)) => Some(format!(
                 "waiting for a worker that runs activity {name} (worker {} does not)",
                 self.owner
-            );
-            if let Err(e) = self.store.note_waiting(id, &self.owner, &reason).await {
-                // The activation is committed: its tasks run whatever happens to the note.
-                for task in kept {
-                    self.spawn_task(task);
-                }
-                return Err(e);
+            )),
+            _ => None,
+        };
+        (kept, waiting)
+    }
+
+    /// The rest of [`Inner::after_commit`] when the instance waits for an activity this worker
+    /// does not run: notes `reason` on it, and returns `kept`. When the note fails, the tasks
+    /// are spawned (the activation is committed: they run whatever happens to the note) and
+    /// the error is returned.
+    async fn note_unclaimed(
+        self: &Arc<Self>,
+        id: &str,
+        reason: String,
+        kept: Vec<ActivityTask>,
+    ) -> Result<Vec<ActivityTask>, StoreError> {
+        if let Err(e) = self.store.note_waiting(id, &self.owner, &reason).await {
+            for task in kept {
+                self.spawn_task(task);
             }
+            return Err(e);
         }
         Ok(kept)
     }
@@ -1228,17 +1253,19 @@ impl Inner {
         match self.store.finish_and_activate(task, commit).await {
             Ok(DirectFinish::Activated(mut receipt)) => {
                 self.notify(outcome_notice);
-                let next = match self
-                    .after_commit(
-                        id,
-                        execution,
-                        &mut receipt,
-                        committed,
-                        unknown_activity,
-                        Start::AllButOne,
-                    )
-                    .await
-                {
+                let (kept, waiting) = self.after_commit(
+                    id,
+                    execution,
+                    &mut receipt,
+                    committed,
+                    unknown_activity,
+                    Start::AllButOne,
+                );
+                let kept = match waiting {
+                    None => Ok(kept),
+                    Some(reason) => Box::pin(self.note_unclaimed(id, reason, kept)).await,
+                };
+                let next = match kept {
                     Ok(mut kept) => kept.pop(),
                     Err(e) => {
                         tracing::warn!(instance_id = %id, error = %e, "could not note why the instance waits");
@@ -1303,10 +1330,7 @@ impl Inner {
                     activity = %task.name,
                     attempt = task.attempt
                 );
-                next = Arc::clone(&inner)
-                    .run_task(task, &mut instance)
-                    .instrument(span)
-                    .await;
+                next = inner.run_task(&task, &mut instance).instrument(span).await;
             }
         });
     }
@@ -1314,10 +1338,11 @@ impl Inner {
     /// Runs one attempt and records its outcome. Returns the next activity call to run when
     /// the outcome's commit claimed exactly one (see `finish_directly`). `instance` is the
     /// shared id of the instance of the task before, if the caller ran one, and becomes this
-    /// task's.
+    /// task's. The task is borrowed: its future, built at every step of a chain, then holds
+    /// no copy of it.
     async fn run_task(
-        self: Arc<Self>,
-        task: ActivityTask,
+        self: &Arc<Self>,
+        task: &ActivityTask,
         instance: &mut Option<Arc<str>>,
     ) -> Option<ActivityTask> {
         let Some(activity) = self.activities.get(&task.name) else {
@@ -1400,7 +1425,7 @@ impl Inner {
         };
         if let AttemptOutcome::Final(event) = &outcome {
             tracing::debug!(outcome = event.kind(), "attempt finished");
-            if let Some(next) = self.finish_directly(&task, event).await {
+            if let Some(next) = self.finish_directly(task, event).await {
                 return next;
             }
         }
@@ -1411,7 +1436,7 @@ impl Inner {
         let recorded = loop {
             let attempt = self
                 .store
-                .finish_task(&self.owner, &task, outcome.clone(), self.lease_ms())
+                .finish_task(&self.owner, task, outcome.clone(), self.lease_ms())
                 .instrument(tracing::debug_span!("store_commit"))
                 .await;
             match attempt {
