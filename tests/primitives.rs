@@ -677,6 +677,70 @@ async fn timed_out_attempts_and_missed_heartbeats_are_retried() {
     worker.shutdown().await.unwrap();
 }
 
+/// Panics on its first attempt (no deadline: the attempt is awaited bare).
+const PANICS_ONCE: Activity<u64, u32> = Activity::new("panics_once").with_retry(
+    RetryPolicy::new()
+        .max_attempts(3)
+        .initial_interval(Duration::from_millis(10)),
+);
+/// Panics on its only attempt (a deadline: the attempt races its timer).
+const PANICS_TIMED: Activity<u64, u32> = Activity::new("panics_timed").with_retry(
+    RetryPolicy::new()
+        .max_attempts(1)
+        .start_to_close_timeout(Duration::from_secs(30)),
+);
+const PANICKY: Coordinator<(), (u32, bool)> = Coordinator::new("panicky");
+
+async fn panicky(ctx: Context, _: ()) -> Result<(u32, bool), Error> {
+    let attempt = ctx.call(&PANICS_ONCE, &0).await?;
+    let failed = ctx.call(&PANICS_TIMED, &0).await.is_err();
+    Ok((attempt, failed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_attempt_is_a_retryable_failure_with_its_message() {
+    let scratch = Scratch::new("panics");
+    let store = scratch.store();
+    let client = Client::new(store.clone());
+    let worker = Worker::builder(store.clone())
+        .coordinator(&PANICKY, panicky)
+        .activity(&PANICS_ONCE, |ctx: ActivityContext, _: u64| async move {
+            if ctx.attempt() == 1 {
+                panic!("boom on attempt 1");
+            }
+            Ok(ctx.attempt())
+        })
+        .activity(&PANICS_TIMED, |ctx: ActivityContext, _: u64| async move {
+            if ctx.attempt() > 0 {
+                panic!("{} on attempt {}", "boom", ctx.attempt());
+            }
+            Ok(0)
+        })
+        .start();
+    let out = client
+        .start(&PANICKY, "p-1", &())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    assert_eq!(out, (2, true), "the first call retried, the second failed");
+    let history = client.history("p-1").await.unwrap();
+    let failures: Vec<_> = history
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ActivityFailed { failure, .. } => Some(failure.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 1, "{history:#?}");
+    assert_eq!(failures[0].activity, "panics_timed");
+    assert_eq!(failures[0].kind, "panic");
+    assert_eq!(failures[0].message, "boom on attempt 1");
+    assert!(!failures[0].non_retryable, "a panic is retryable");
+    worker.shutdown().await.unwrap();
+}
+
 // ----- versioning -----------------------------------------------------------------------------
 
 const RESERVE: Activity<String, String> = Activity::new("reserve");
