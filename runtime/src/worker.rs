@@ -1098,10 +1098,12 @@ impl Inner {
             self.lease_ms(),
         );
         let timers_due = commit.timers.iter().map(|(_, at)| *at).collect();
+        // A claimed call's activity is known (the plan just looked it up): only the others are
+        // looked up again.
         let unknown_activity = commit
             .tasks
             .iter()
-            .find(|t| !self.activities.contains_key(&t.name))
+            .find(|t| !t.claim && !self.activities.contains_key(&t.name))
             .map(|t| t.name.clone());
         Planned {
             commit,

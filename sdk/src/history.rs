@@ -419,6 +419,30 @@ mod canonical {
         Ok(())
     }
 
+    pub(super) const STARTED: &str = r#"{"type":"instance_started""#;
+    pub(super) const INSTANCE_COMPLETED: &str = r#"{"type":"instance_completed""#;
+
+    /// Writes an event without a position, as serde_json does: `prefix` (the type), then one
+    /// or two fields, each a literal `,"key":` and a value encoded by serde_json. Encoding
+    /// only: these events are decoded by the general decoder.
+    #[inline(always)]
+    pub(super) fn encode_fields<A: Serialize + ?Sized, B: Serialize + ?Sized>(
+        out: &mut Vec<u8>,
+        prefix: &str,
+        (key_a, a): (&[u8], &A),
+        b: Option<(&[u8], &B)>,
+    ) -> Result<(), serde_json::Error> {
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(key_a);
+        serde_json::to_writer(&mut *out, a)?;
+        if let Some((key_b, b)) = b {
+            out.extend_from_slice(key_b);
+            serde_json::to_writer(&mut *out, b)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+
     /// The event `text` holds, if it is in one of the shapes above.
     pub(super) fn decode(text: &str) -> Option<Event> {
         if let Some(rest) = text.strip_prefix(COMPLETED) {
@@ -518,6 +542,24 @@ impl Event {
                 *seq,
                 (br#","name":"#, name),
                 (br#","input":"#, input),
+            ),
+            // Once per instance each, but through serde's map encoder they cost as much as the
+            // rest of a step's row (W1: a start's row, and an end's).
+            Event::InstanceStarted {
+                coordinator,
+                input,
+                parent: None,
+            } => canonical::encode_fields(
+                out,
+                canonical::STARTED,
+                (br#","coordinator":"#, coordinator),
+                Some((br#","input":"#, input)),
+            ),
+            Event::InstanceCompleted { output } => canonical::encode_fields(
+                out,
+                canonical::INSTANCE_COMPLETED,
+                (br#","output":"#, output),
+                None::<(&[u8], &Value)>,
             ),
             other => serde_json::to_writer(out, other),
         }
