@@ -683,18 +683,22 @@ const PANICS_ONCE: Activity<u64, u32> = Activity::new("panics_once").with_retry(
         .max_attempts(3)
         .initial_interval(Duration::from_millis(10)),
 );
-/// Panics on its only attempt (a deadline: the attempt races its timer).
+/// Panics on its only attempt (no deadline), with a `&str` message.
+const PANICS_BARE: Activity<u64, u32> =
+    Activity::new("panics_bare").with_retry(RetryPolicy::new().max_attempts(1));
+/// Panics on its only attempt (a deadline: the attempt races its timer), with a `String`.
 const PANICS_TIMED: Activity<u64, u32> = Activity::new("panics_timed").with_retry(
     RetryPolicy::new()
         .max_attempts(1)
         .start_to_close_timeout(Duration::from_secs(30)),
 );
-const PANICKY: Coordinator<(), (u32, bool)> = Coordinator::new("panicky");
+const PANICKY: Coordinator<(), (u32, bool, bool)> = Coordinator::new("panicky");
 
-async fn panicky(ctx: Context, _: ()) -> Result<(u32, bool), Error> {
+async fn panicky(ctx: Context, _: ()) -> Result<(u32, bool, bool), Error> {
     let attempt = ctx.call(&PANICS_ONCE, &0).await?;
-    let failed = ctx.call(&PANICS_TIMED, &0).await.is_err();
-    Ok((attempt, failed))
+    let bare_failed = ctx.call(&PANICS_BARE, &0).await.is_err();
+    let timed_failed = ctx.call(&PANICS_TIMED, &0).await.is_err();
+    Ok((attempt, bare_failed, timed_failed))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -710,6 +714,12 @@ async fn a_panicking_attempt_is_a_retryable_failure_with_its_message() {
             }
             Ok(ctx.attempt())
         })
+        .activity(&PANICS_BARE, |ctx: ActivityContext, _: u64| async move {
+            if ctx.attempt() > 0 {
+                panic!("bare boom");
+            }
+            Ok(0)
+        })
         .activity(&PANICS_TIMED, |ctx: ActivityContext, _: u64| async move {
             if ctx.attempt() > 0 {
                 panic!("{} on attempt {}", "boom", ctx.attempt());
@@ -724,7 +734,11 @@ async fn a_panicking_attempt_is_a_retryable_failure_with_its_message() {
         .result()
         .await
         .unwrap();
-    assert_eq!(out, (2, true), "the first call retried, the second failed");
+    assert_eq!(
+        out,
+        (2, true, true),
+        "the first call retried, the others failed"
+    );
     let history = client.history("p-1").await.unwrap();
     let failures: Vec<_> = history
         .iter()
@@ -733,11 +747,22 @@ async fn a_panicking_attempt_is_a_retryable_failure_with_its_message() {
             _ => None,
         })
         .collect();
-    assert_eq!(failures.len(), 1, "{history:#?}");
-    assert_eq!(failures[0].activity, "panics_timed");
-    assert_eq!(failures[0].kind, "panic");
-    assert_eq!(failures[0].message, "boom on attempt 1");
-    assert!(!failures[0].non_retryable, "a panic is retryable");
+    let seen: Vec<_> = failures
+        .iter()
+        .map(|f| (f.activity.as_str(), f.kind.as_str(), f.message.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("panics_bare", "panic", "bare boom"),
+            ("panics_timed", "panic", "boom on attempt 1")
+        ],
+        "{history:#?}"
+    );
+    assert!(
+        failures.iter().all(|f| !f.non_retryable),
+        "a panic is retryable"
+    );
     worker.shutdown().await.unwrap();
 }
 

@@ -442,12 +442,15 @@ proptest! {
     ) {
         let mut event = event;
         // Half the scheduled calls with the standard policy (the encoder's own way), named
-        // with any characters (quotes, backslashes, control characters).
-        if let Event::ActivityScheduled { retry, name, .. } = &mut event {
-            if standard {
+        // with any characters (quotes, backslashes, control characters); half the starts of
+        // coordinators so named.
+        match &mut event {
+            Event::ActivityScheduled { retry, name, .. } if standard => {
                 *retry = RetryPolicy::new().spec();
                 *name = odd_name;
             }
+            Event::InstanceStarted { coordinator, .. } if standard => *coordinator = odd_name,
+            _ => {}
         }
         let mut fast = prefix.clone().into_bytes();
         event.write_json(&mut fast).unwrap();
