@@ -397,53 +397,56 @@ mod canonical {
 
     pub(super) const COMPLETED: &str = r#"{"type":"activity_completed","seq":"#;
     pub(super) const SCHEDULED: &str = r#"{"type":"activity_scheduled","seq":"#;
+    pub(super) const STARTED: &str = r#"{"type":"instance_started""#;
+    pub(super) const INSTANCE_COMPLETED: &str = r#"{"type":"instance_completed""#;
 
-    /// Writes an event of one of the two types above (any name: serde_json escapes it):
-    /// `prefix` (type and the `seq` key), `seq`, then two fields, each a literal `,"key":` and a
-    /// value encoded by serde_json.
+    /// Writes an event of one of the first two types above (any name: serde_json escapes it):
+    /// `prefix` (type and the `seq` key), `seq`, then two fields (see [`field`]).
     #[inline(always)]
     pub(super) fn encode<A: Serialize + ?Sized, B: Serialize + ?Sized>(
         out: &mut Vec<u8>,
         prefix: &str,
         seq: u32,
-        (key_a, a): (&[u8], &A),
-        (key_b, b): (&[u8], &B),
+        a: (&[u8], &A),
+        b: (&[u8], &B),
     ) -> Result<(), serde_json::Error> {
         out.extend_from_slice(prefix.as_bytes());
         serde_json::to_writer(&mut *out, &seq)?;
-        out.extend_from_slice(key_a);
-        serde_json::to_writer(&mut *out, a)?;
-        out.extend_from_slice(key_b);
-        serde_json::to_writer(&mut *out, b)?;
+        field(out, a)?;
+        field(out, b)?;
         out.push(b'}');
         Ok(())
     }
 
-    pub(super) const STARTED: &str = r#"{"type":"instance_started""#;
-    pub(super) const INSTANCE_COMPLETED: &str = r#"{"type":"instance_completed""#;
-
     /// Writes an event without a position, as serde_json does: `prefix` (the type), then one
-    /// or two fields, each a literal `,"key":` and a value encoded by serde_json. Encoding
-    /// only: these events are decoded by the general decoder.
+    /// or two fields. Encoding only: these events are decoded by the general decoder.
     #[inline(always)]
     pub(super) fn encode_fields<A: Serialize + ?Sized, B: Serialize + ?Sized>(
         out: &mut Vec<u8>,
         prefix: &str,
-        (key_a, a): (&[u8], &A),
+        a: (&[u8], &A),
         b: Option<(&[u8], &B)>,
     ) -> Result<(), serde_json::Error> {
         out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(key_a);
-        serde_json::to_writer(&mut *out, a)?;
-        if let Some((key_b, b)) = b {
-            out.extend_from_slice(key_b);
-            serde_json::to_writer(&mut *out, b)?;
+        field(out, a)?;
+        if let Some(b) = b {
+            field(out, b)?;
         }
         out.push(b'}');
         Ok(())
     }
 
-    /// The event `text` holds, if it is in one of the shapes above.
+    /// One field: a literal `,"key":` and the value, encoded by serde_json.
+    #[inline(always)]
+    fn field<A: Serialize + ?Sized>(
+        out: &mut Vec<u8>,
+        (key, value): (&[u8], &A),
+    ) -> Result<(), serde_json::Error> {
+        out.extend_from_slice(key);
+        serde_json::to_writer(&mut *out, value)
+    }
+
+    /// The event `text` holds, if it is in one of the first two shapes above.
     pub(super) fn decode(text: &str) -> Option<Event> {
         if let Some(rest) = text.strip_prefix(COMPLETED) {
             let (seq, rest) = leading_u32(rest)?;
