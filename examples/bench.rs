@@ -1,5 +1,5 @@
 //! The standard benchmark of `shared/BENCH.md`: every workload against a fresh SQLite file, and
-//! W1, W2 and W4 also against PostgreSQL.
+//! W1 to W4 also against PostgreSQL.
 //!
 //! ```text
 //! cargo run --release --example bench -- <W1|W2|W3|W4|W5|W6|baseline|all> [--db PATH]
@@ -12,7 +12,7 @@
 //! - `--durability`: `full` (the default: WAL, `synchronous=FULL`) or `normal`. Every workload
 //!   prints the setting it used on the line before its result line.
 //! - `--store URL`: `sqlite://PATH` (the same as `--db PATH`) or `postgres://user@host:port/db`.
-//!   With PostgreSQL, W1, W2 and W4 each run in a fresh schema `retrace_bench_<workload>_<random>`
+//!   With PostgreSQL, W1 to W4 each run in a fresh schema `retrace_bench_<workload>_<random>`
 //!   (the URL must not name one), dropped at the end; the other workloads are SQLite-only and are
 //!   skipped. The line before each result line starts with `store=sqlite` or `store=postgres`.
 //!
@@ -653,11 +653,9 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 // ----- W3: fan-out -----------------------------------------------------------------------------
 
 async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
-    if opts.sqlite_only("W3") {
-        return Ok(());
-    }
-    let path = opts.fresh_db("W3", all)?;
-    let store = opts.open_store(&path)?;
+    // Declared first, dropped last: the schema goes once nothing uses it.
+    let (place, _schema) = opts.fresh_place("W3", all)?;
+    let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
     let worker = worker(store.clone(), &ended);
     let client = worker.client();
@@ -675,9 +673,10 @@ async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         ended.activations.load(Ordering::Relaxed)
     );
     worker.shutdown().await?;
-    finish_db(opts, store, &path)?;
+    drop(store);
+    opts.finish_place(sqlite, &place)?;
     figures.w3_wall_s = Some(wall);
-    opts.print_setting(&path);
+    opts.print_place(&place);
     println!("W3 wall_s={wall:.4}");
     Ok(())
 }
