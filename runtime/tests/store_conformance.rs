@@ -309,6 +309,39 @@ impl Harness {
         }
     }
 
+    /// A stamp of instance `id`'s stored row that changes whenever the row is written:
+    /// PostgreSQL's row version (`xmin`), the SQLite file's lease columns; `None` for the
+    /// in-memory store.
+    async fn instance_row_stamp(&self, id: &str) -> Option<String> {
+        match self.backend {
+            Backend::SqliteFile => {
+                let conn = rusqlite::Connection::open(self.path.as_ref().unwrap()).unwrap();
+                let stamp: String = conn
+                    .query_row(
+                        "SELECT ready || '/' || lease_owner || '/' || lease_until
+                         FROM instances WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                Some(stamp)
+            }
+            Backend::SqliteMemory => None,
+            Backend::Postgres => {
+                let (url, schema) = self.pg.as_ref().unwrap();
+                let row = pg_admin(url)
+                    .await
+                    .query_one(
+                        &format!("SELECT xmin::text FROM {schema}.instances WHERE id = $1"),
+                        &[&id],
+                    )
+                    .await
+                    .unwrap();
+                Some(row.get(0))
+            }
+        }
+    }
+
     /// Whether another handle on the same storage hears of changes without polling.
     fn notifies_other_handles(&self) -> bool {
         self.backend == Backend::Postgres
@@ -2043,6 +2076,7 @@ mod cases {
                 .unwrap()
                 .is_empty()
         };
+        let mut stamps = Vec::new();
         for i in 0..2 {
             let receipt = finish(i).await.unwrap();
             assert!(
@@ -2050,7 +2084,14 @@ mod cases {
                 "{i}: {receipt:?}"
             );
             assert!(unclaimable().await, "{i}: another worker took the instance");
+            stamps.push(h.instance_row_stamp("fan").await);
         }
+        // The first outcome made the instance ready and leased it; the second, with most of
+        // that lease left, had nothing to write to the instance row.
+        assert_eq!(
+            stamps[0], stamps[1],
+            "the second outcome rewrote the instance row"
+        );
         // Two thirds of the lease later, the last outcome renews it: another third later the
         // first lease has run out, the renewed one has not.
         tokio::time::sleep(Duration::from_millis(SHORT_MS * 2 / 3)).await;

@@ -1856,22 +1856,39 @@ async fn finish_in_tx(
              WHERE instance_id = $1 AND seq = $2 FOR UPDATE",
         )
         .await?;
+    // For a final outcome, how the instance row stands (its lock taken): claimable by `owner`
+    // (running, and free, ours, or with its lease run out), ready, and leased to `owner` for
+    // half a lease or more.
+    let mut lease = None;
     let row = if matches!(outcome, AttemptOutcome::Final(_)) {
         // Instance row first, the lock order every transaction follows; both statements are
         // prepared, so they are sent (and run) in this order, together.
         let lock_stmt = tx
-            .prepare_cached("SELECT 1 FROM instances WHERE id = $1 FOR UPDATE")
+            .prepare_cached(
+                "SELECT status = 'running'
+                            AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < $3),
+                        ready, lease_owner IS NOT DISTINCT FROM $2 AND lease_until >= $4
+                 FROM instances WHERE id = $1 FOR UPDATE",
+            )
             .await?;
-        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&task.instance_id];
+        let now_i = now as i64;
+        let half = (now + lease_ms / 2) as i64;
+        let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&task.instance_id, &owner, &now_i, &half];
         let task_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
             [&task.instance_id, &seq];
         let (instance, row) = futures::try_join!(
             tx.query_opt(&lock_stmt, &lock_params),
             tx.query_opt(&task_stmt, &task_params),
         )?;
-        if instance.is_none() {
+        let Some(instance) = instance else {
             return Ok(rejected);
-        }
+        };
+        lease = Some((
+            instance.try_get::<_, bool>(0)?,
+            instance.try_get::<_, bool>(1)?,
+            instance.try_get::<_, bool>(2)?,
+        ));
         row
     } else {
         tx.query_opt(&task_stmt, &[&task.instance_id, &seq]).await?
@@ -1900,37 +1917,37 @@ async fn finish_in_tx(
                 .prepare_cached("DELETE FROM tasks WHERE instance_id = $1 AND seq = $2")
                 .await?;
             // Marks the instance ready, and claims it when it is free (or its lease expired).
+            // A row that is ready already, and leased to this worker for half a lease or more
+            // (the renewer renews every third of one) or held by another, is left as it is: in
+            // a fan-out every call but the first to end finds it so, and each rewrite would
+            // leave a dead row version and new index entries behind (as `finish_task` does in
+            // the SQLite store).
+            let (claimable, ready, leased) = lease.unwrap_or((false, false, false));
+            let rewrite = !(ready && (leased || !claimable));
             let claim = tx
                 .prepare_cached(
                     "UPDATE instances SET ready = TRUE,
-                            lease_owner = CASE
-                                WHEN lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4
-                                THEN $2::TEXT ELSE lease_owner END,
-                            lease_until = CASE
-                                WHEN lease_owner IS NULL OR lease_owner = $2 OR lease_until < $4
-                                THEN $3::BIGINT ELSE lease_until END
-                     WHERE id = $1 AND status = 'running'
-                     RETURNING lease_owner = $2",
+                            lease_owner = CASE WHEN $4 THEN $2::TEXT ELSE lease_owner END,
+                            lease_until = CASE WHEN $4 THEN $3::BIGINT ELSE lease_until END
+                     WHERE id = $1 AND status = 'running'",
                 )
                 .await?;
             let lease_until = (now + lease_ms) as i64;
-            let now_i = now as i64;
-            let (_, _, claimed) = futures::try_join!(
+            futures::try_join!(
                 insert_inbox(tx, &task.instance_id, Some(&dedupe), event, now),
                 async { TxResult::Ok(tx.execute(&delete, &[&task.instance_id, &seq]).await?) },
                 async {
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                        [&task.instance_id, &owner, &lease_until, &now_i];
-                    TxResult::Ok(tx.query_opt(&claim, &params).await?)
+                    if rewrite {
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                            [&task.instance_id, &owner, &lease_until, &claimable];
+                        tx.execute(&claim, &params).await?;
+                    }
+                    TxResult::Ok(())
                 },
             )?;
-            let instance_claimed = match claimed {
-                Some(row) => row.try_get::<_, Option<bool>>(0)?.unwrap_or(false),
-                None => false,
-            };
             Ok(FinishReceipt {
                 accepted: true,
-                instance_claimed,
+                instance_claimed: claimable,
             })
         }
         AttemptOutcome::Retry {
