@@ -2078,6 +2078,9 @@ mod cases {
         };
         let mut stamps = Vec::new();
         for i in 0..2 {
+            // Apart by more than the clock's millisecond: a rewrite of the SQLite row would
+            // then change its lease.
+            tokio::time::sleep(Duration::from_millis(5)).await;
             let receipt = finish(i).await.unwrap();
             assert!(
                 receipt.accepted && receipt.instance_claimed,

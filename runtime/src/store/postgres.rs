@@ -2770,7 +2770,10 @@ impl Store for PostgresStore {
         write_tx!(self, "renew leases", |tx| async {
             let until = (now_ms() + lease_ms) as i64;
             // Rows locked by another transaction are skipped rather than waited for: that
-            // transaction sets the lease itself, and the next renewal catches up otherwise.
+            // transaction sets the lease itself, or, as an activity's outcome that finds the
+            // row leased to this worker for half a lease or more, leaves it with that much; the
+            // next renewal, a third of a lease later, catches up (a lease lapses only if
+            // renewals are skipped twice in a row by holders that do not set it).
             let stmt = tx
                 .prepare_cached(
                     "UPDATE instances SET lease_until = $2
