@@ -49,6 +49,25 @@ async fn every_committed_activation_delivers_something() {
     let client = Client::new(store.clone());
     let handle = client.start(&STEPS, "steps-1", &40).await.unwrap();
     result_of(&handle).await.unwrap();
+    // The worker reports a commit once the commit has returned to it: the client can see the
+    // instance end first, and `shutdown` does not wait for the report. So the reports are read
+    // up to the one of the ending activation before the worker stops, then any that follow.
+    let mut committed = Vec::new();
+    loop {
+        let notice = tokio::time::timeout(Duration::from_secs(30), commits.recv())
+            .await
+            .expect("no report of the ending activation within 30 s")
+            .expect("the worker's observer is alive");
+        if let CommitNotice::Activation {
+            activation, ended, ..
+        } = notice
+        {
+            committed.push(activation);
+            if ended {
+                break;
+            }
+        }
+    }
     worker.shutdown().await.unwrap();
 
     let history = client.history("steps-1").await.unwrap();
@@ -57,7 +76,6 @@ async fn every_committed_activation_delivers_something() {
     in_history.dedup();
     // One activation for the start, one per completion.
     assert_eq!(in_history.len(), 41);
-    let mut committed = Vec::new();
     while let Ok(n) = commits.try_recv() {
         if let CommitNotice::Activation { activation, .. } = n {
             committed.push(activation);
