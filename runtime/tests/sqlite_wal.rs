@@ -37,7 +37,7 @@ async fn a_wal_extended_ahead_holds_every_commit() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("store.db");
     let first = SqliteStore::open(&db).unwrap();
-    // Room for about a thousand 4 KiB frames, before anything was written.
+    // Room for at least a thousand 4 KiB frames, before anything was written.
     assert!(
         wal_len(&db) > 1_000 * 4_096,
         "WAL is {} bytes",

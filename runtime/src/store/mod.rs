@@ -20,6 +20,7 @@
 //! The replay machinery knows nothing of this trait: a new store (PostgreSQL) implements it
 //! without touching `retrace-sdk`.
 
+mod checkpoint;
 mod codec;
 mod held_chain;
 pub mod migrate;

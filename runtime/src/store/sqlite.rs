@@ -14,6 +14,10 @@
 //! tables and the reason for each change are in `MIGRATIONS` below. Opening a file of a newer schema or a file that is not a Retrace
 //! store is an error that changes nothing in the file.
 
+use super::checkpoint::{
+    checkpoint, take_wal_frames, watch_wal, Checkpointer, CHECKPOINT_FRAMES,
+    CHECKPOINT_INLINE_FRAMES,
+};
 use super::codec::{
     child_id_refusal, decode_event_json, decode_json, encode_error, end_columns, event_json,
     existing_child, final_result, lock_map, to_json, ExistingChild,
@@ -432,6 +436,9 @@ struct WriteConnection {
     queued: std::sync::atomic::AtomicUsize,
     /// What the connection knows of the instances whose steps write their history row only.
     chains: Arc<HeldChains>,
+    /// Checkpoints the WAL off the writer's path (`store/checkpoint.rs`); `None`: SQLite's
+    /// automatic checkpoint does it in the commit (in memory, or a tool's look at a file).
+    checkpointer: Option<Checkpointer>,
 }
 
 impl WriteConnection {
@@ -769,9 +776,11 @@ fn refuse_while_workers_live(path: &Path, display: &str) -> Result<(), StoreErro
     Ok(())
 }
 
-/// WAL frames a store's WAL file is made room for at open: SQLite's automatic checkpoint
-/// restarts the WAL after 1,000 frames (its default), so that is how long the file gets.
-const WAL_PRESIZE_FRAMES: u64 = 1_100;
+/// WAL frames a store's WAL file is made room for at open: the WAL restarts once a checkpoint
+/// has copied all of it, which the checkpointer starts at 1,000 frames and the writer makes
+/// sure of at [`CHECKPOINT_INLINE_FRAMES`] (`store/checkpoint.rs`), so that is about how long
+/// the file gets under a steady load; a margin covers the batch that crosses it.
+const WAL_PRESIZE_FRAMES: u64 = CHECKPOINT_INLINE_FRAMES as u64 + 100;
 
 /// Extends the WAL file, with zeros, to the length it reaches in steady state, so that the
 /// first commits after opening overwrite blocks the file already has, as all later ones do:
@@ -860,15 +869,19 @@ impl SqliteStore {
             refuse_while_workers_live(path_ref, &display)?;
         }
         migrate_schema(&conn, &display, version)?;
-        if presize {
+        let checkpointer = if presize {
             presize_wal(&conn, path_ref);
-        }
+            start_checkpointer(&conn, path_ref, &options)
+        } else {
+            None
+        };
         Ok(Self::start(
             display,
             path_ref.to_path_buf(),
             conn,
             Some(Arc::default()),
             options,
+            checkpointer,
         ))
     }
 
@@ -888,6 +901,7 @@ impl SqliteStore {
             conn,
             None,
             options,
+            None,
         ))
     }
 
@@ -897,6 +911,7 @@ impl SqliteStore {
         conn: Connection,
         readers: Option<Arc<Mutex<Vec<Connection>>>>,
         options: SqliteOptions,
+        checkpointer: Option<Checkpointer>,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>();
         let chains = Arc::new(HeldChains::default());
@@ -905,6 +920,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             queued: std::sync::atomic::AtomicUsize::new(0),
             chains,
+            checkpointer,
         });
         let shared = Arc::clone(&writer_conn);
         let writer = std::thread::Builder::new()
@@ -1073,6 +1089,7 @@ impl SqliteStore {
         } else {
             tokio::task::block_in_place(|| run_begun_batch(&conn, chains, &mut batch));
         }
+        checkpoint_if_due(&self.writer_conn, &conn);
         Ok(())
     }
 
@@ -1139,6 +1156,9 @@ impl SqliteStore {
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
         }
+        if let Some(checkpointer) = &self.writer_conn.checkpointer {
+            checkpointer.close();
+        }
     }
 }
 
@@ -1165,6 +1185,54 @@ fn writer_loop(shared: &WriteConnection, rx: mpsc::Receiver<Job>) {
             .queued
             .fetch_sub(batch.len(), std::sync::atomic::Ordering::AcqRel);
         run_batch(&conn, &shared.chains, &mut batch);
+        checkpoint_if_due(shared, &conn);
+    }
+}
+
+/// After a batch committed on `conn`: once the WAL is [`CHECKPOINT_FRAMES`] long, asks the
+/// checkpointer to copy it into the database; checkpoints here, as SQLite's automatic
+/// checkpoint would have, when the checkpointer is gone or the WAL has grown to
+/// [`CHECKPOINT_INLINE_FRAMES`] regardless.
+fn checkpoint_if_due(shared: &WriteConnection, conn: &Connection) {
+    let Some(checkpointer) = &shared.checkpointer else {
+        return;
+    };
+    let frames = take_wal_frames();
+    if frames < CHECKPOINT_FRAMES {
+        return;
+    }
+    if frames >= CHECKPOINT_INLINE_FRAMES || !checkpointer.request() {
+        if let Err(e) = checkpoint(conn) {
+            tracing::debug!(error = %e, frames, "WAL checkpoint not done; tried again later");
+        }
+    }
+}
+
+/// Starts the checkpointer of a store's file and lets the write connection leave checkpoints
+/// to it (`store/checkpoint.rs`); `None` (SQLite checkpoints in the commit, as configured) if
+/// its thread cannot be started.
+fn start_checkpointer(
+    conn: &Connection,
+    path: &Path,
+    options: &SqliteOptions,
+) -> Option<Checkpointer> {
+    let path = path.to_path_buf();
+    let options = options.clone();
+    let open = move || -> Result<Connection, String> {
+        let display = path.display().to_string();
+        let c = Connection::open(&path).map_err(|e| format!("{display}: {e}"))?;
+        configure(&c, &options, &display).map_err(|e| e.to_string())?;
+        Ok(c)
+    };
+    match Checkpointer::start(open) {
+        Ok(checkpointer) => {
+            watch_wal(conn);
+            Some(checkpointer)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "no checkpointer thread; SQLite checkpoints in the commit");
+            None
+        }
     }
 }
 
@@ -4995,6 +5063,55 @@ mod tests {
         scan.note_lease(60_000);
         assert!(!scan.due(11_060), "the shortest lease seen counts");
         assert!(scan.due(11_100));
+    }
+
+    /// Under a steady stream of commits the WAL is checkpointed on the checkpointer's thread and
+    /// restarted, and stays within the length made room for at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_checkpointed_off_the_writer_and_stays_bounded() {
+        let dir = std::env::temp_dir().join(format!(
+            "retrace-wal-bound-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let page = 4096 + 24;
+        // ~2 frames a commit: the WAL would reach ~6,000 frames if never restarted.
+        for i in 0..3_000u32 {
+            store
+                .submit(
+                    move |conn: &Tx<'_>| {
+                        conn.execute(
+                            "INSERT INTO delivered (instance_id, dedupe) VALUES (?1, ?2)",
+                            params![format!("i{i}"), "x".repeat(3_000)],
+                        )
+                        .map_err(db("insert"))
+                    },
+                    true,
+                )
+                .await
+                .unwrap();
+        }
+        let checkpointer = store
+            .writer_conn
+            .checkpointer
+            .as_ref()
+            .expect("a file store");
+        assert!(checkpointer.runs() >= 1, "the checkpointer ran");
+        let wal = std::fs::metadata(dir.join("store.db-wal")).unwrap().len();
+        assert!(
+            wal <= (WAL_PRESIZE_FRAMES + 64) * page,
+            "the WAL grew to {wal} bytes"
+        );
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM delivered", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3_000);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A store with one history of `rows` rows (alternately one and two `timer_fired` events,
