@@ -125,6 +125,7 @@ impl Checkpointer {
             .take();
         if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = thread.join();
+            tracing::debug!(checkpoints = self.runs(), "WAL checkpointer stopped");
         }
     }
 }
