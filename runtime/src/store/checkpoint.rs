@@ -13,8 +13,11 @@
 //! (the checkpointer behind or gone), the writer checkpoints itself, as SQLite would have.
 //!
 //! The thread runs at the lowest priority (Linux), so that it takes the time the writer and
-//! the workers leave, not theirs; the writer's own checkpoint at [`CHECKPOINT_INLINE_FRAMES`]
-//! bounds the WAL if that is never enough.
+//! the workers leave, not theirs. If that is not enough and the WAL reaches
+//! [`CHECKPOINT_INLINE_FRAMES`], the writer interrupts the thread's checkpoint, if one is
+//! running, and checkpoints itself: on a machine whose cores stay busy, the thread may hold the
+//! checkpoint lock until it is next given a core, and the WAL grows meanwhile (by what is
+//! committed in one scheduling period of a lowest-priority thread, tens of milliseconds).
 //!
 //! Durability is unchanged: a checkpoint only copies what the WAL already holds durably, and
 //! syncs the WAL before and the database after as SQLite's own does.
@@ -74,6 +77,8 @@ pub(super) struct Checkpointer {
     requested: Arc<AtomicBool>,
     /// Checkpoints the thread has run.
     runs: Arc<AtomicU64>,
+    /// Stops the checkpoint the thread's connection is running (set once it has one).
+    interrupt: Arc<Mutex<Option<rusqlite::InterruptHandle>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -85,17 +90,20 @@ impl Checkpointer {
         let (tx, rx) = mpsc::sync_channel::<()>(1);
         let requested = Arc::new(AtomicBool::new(false));
         let runs = Arc::new(AtomicU64::new(0));
+        let interrupt = Arc::new(Mutex::new(None));
         let thread = {
             let requested = Arc::clone(&requested);
             let runs = Arc::clone(&runs);
+            let interrupt = Arc::clone(&interrupt);
             std::thread::Builder::new()
                 .name(THREAD_NAME.into())
-                .spawn(move || checkpointer_loop(open, &rx, &requested, &runs))?
+                .spawn(move || checkpointer_loop(open, &rx, &requested, &runs, &interrupt))?
         };
         Ok(Checkpointer {
             requests: Mutex::new(Some(tx)),
             requested,
             runs,
+            interrupt,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -113,6 +121,16 @@ impl Checkpointer {
                 self.requested.store(false, Ordering::Release);
                 false
             }
+        }
+    }
+
+    /// Stops the checkpoint the thread is running, if any, at its next page: it holds the
+    /// database's checkpoint lock meanwhile, which the writer needs to checkpoint itself. (At
+    /// the lowest priority on a machine whose cores are all busy, the thread may be given a
+    /// core only now and then; it lets go of the lock the next time it runs.)
+    pub(super) fn interrupt(&self) {
+        if let Some(handle) = &*self.interrupt.lock().unwrap_or_else(|p| p.into_inner()) {
+            handle.interrupt();
         }
     }
 
@@ -165,6 +183,7 @@ fn checkpointer_loop(
     rx: &mpsc::Receiver<()>,
     requested: &AtomicBool,
     runs: &AtomicU64,
+    interrupt: &Mutex<Option<rusqlite::InterruptHandle>>,
 ) {
     let mut open = Some(open);
     let mut conn: Option<Connection> = None;
@@ -172,7 +191,11 @@ fn checkpointer_loop(
     while rx.recv().is_ok() {
         if conn.is_none() {
             match open.take().map(|open| open()) {
-                Some(Ok(c)) => conn = Some(c),
+                Some(Ok(c)) => {
+                    *interrupt.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(c.get_interrupt_handle());
+                    conn = Some(c);
+                }
                 Some(Err(e)) => {
                     // Without a connection of its own the writer checkpoints (past the inline
                     // length), as SQLite did.
@@ -197,7 +220,7 @@ fn checkpointer_loop(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn wal_db(dir: &std::path::Path) -> (std::path::PathBuf, Connection) {
@@ -244,6 +267,16 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Waits (up to a minute: at the lowest priority, on a loaded machine) until `checkpointer`
+    /// has run a checkpoint.
+    pub(in crate::store) fn wait_for_a_run(checkpointer: &Checkpointer) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while checkpointer.runs() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint ran");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// The nice values of this process's checkpointer threads (other tests' too), from `/proc`.
     #[cfg(target_os = "linux")]
     fn checkpointer_nices() -> Vec<i32> {
@@ -281,19 +314,36 @@ mod tests {
         assert!(checkpointer.request());
         // Asked again while queued or running: one checkpoint does for both.
         assert!(checkpointer.request());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let (log, copied) = checkpoint(&conn).unwrap();
-            // Nothing left to copy once the checkpointer has run (this call copies nothing new
-            // if it did; if not yet, it does the copy itself and the loop ends anyway).
-            if log == copied {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline);
+        wait_for_a_run(&checkpointer);
+        // It copied the whole WAL: the next commit starts it again from its beginning.
+        conn.execute("INSERT INTO t VALUES (zeroblob(10))", [])
+            .unwrap();
+        assert!(take_wal_frames() < 5);
+        assert!(checkpointer.runs() <= 2);
+        // Interrupted while idle: the next checkpoint is not affected.
+        checkpointer.interrupt();
+        for _ in 0..50 {
+            conn.execute("INSERT INTO t VALUES (zeroblob(3000))", [])
+                .unwrap();
+        }
+        let before = checkpointer.runs();
+        assert!(checkpointer.request());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while checkpointer.runs() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no second checkpoint ran"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        // This one has run a checkpoint, so it has lowered its priority (another test's, just
-        // started, may not have yet).
+        conn.execute("INSERT INTO t VALUES (zeroblob(10))", [])
+            .unwrap();
+        assert!(
+            take_wal_frames() < 5,
+            "the second checkpoint copied the WAL"
+        );
+        // Having run, it has lowered its priority (another test's, just started, may not have
+        // yet).
         #[cfg(target_os = "linux")]
         assert!(
             checkpointer_nices().contains(&CHECKPOINTER_NICE),
