@@ -5083,20 +5083,21 @@ mod tests {
         assert!(scan.due(11_100));
     }
 
-    /// Under a steady stream of commits the WAL is checkpointed on the checkpointer's thread and
-    /// restarted, and stays bounded.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_wal_is_checkpointed_off_the_writer_and_stays_bounded() {
+    /// A store on a fresh file in a directory of its own (removed by the caller).
+    fn scratch_store(name: &str) -> (PathBuf, SqliteStore) {
         let dir = std::env::temp_dir().join(format!(
-            "retrace-wal-bound-{}-{}",
+            "retrace-{name}-{}-{}",
             std::process::id(),
             now_ms()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
-        let page = 4096 + 24;
-        // ~2 frames a commit: the WAL would reach ~6,000 frames if never restarted.
+        let store = SqliteStore::open(dir.join("store.db")).unwrap();
+        (dir, store)
+    }
+
+    /// 3,000 commits of one 3 KB row each (~2 WAL frames a commit: ~6,000 frames in all);
+    /// returns the WAL file's length in frames after them.
+    async fn commit_rows(dir: &Path, store: &SqliteStore) -> u64 {
         for i in 0..3_000u32 {
             store
                 .submit(
@@ -5112,6 +5113,16 @@ mod tests {
                 .await
                 .unwrap();
         }
+        let wal = std::fs::metadata(dir.join("store.db-wal")).unwrap().len();
+        wal / (4096 + 24)
+    }
+
+    /// Under a steady stream of commits the WAL is checkpointed on the checkpointer's thread and
+    /// restarted, and stays bounded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_checkpointed_off_the_writer_and_stays_bounded() {
+        let (dir, store) = scratch_store("wal-bound");
+        let frames = commit_rows(&dir, &store).await;
         let checkpointer = store
             .writer_conn
             .checkpointer
@@ -5121,12 +5132,11 @@ mod tests {
         // Never restarted, it would hold all ~6,000 frames. On a loaded machine (other tests)
         // the checkpointer, at the lowest priority, may lag and the WAL pass the length made
         // room for, until the writer's own checkpoint (see `store/checkpoint.rs`).
-        let wal = std::fs::metadata(dir.join("store.db-wal")).unwrap().len();
         assert!(
-            wal <= 2 * CHECKPOINT_INLINE_FRAMES as u64 * page,
-            "the WAL grew to {wal} bytes"
+            frames <= 2 * CHECKPOINT_INLINE_FRAMES as u64,
+            "the WAL grew to {frames} frames"
         );
-        let rows: i64 = Connection::open(&path)
+        let rows: i64 = Connection::open(dir.join("store.db"))
             .unwrap()
             .query_row("SELECT COUNT(*) FROM delivered", [], |r| r.get(0))
             .unwrap();
@@ -5140,40 +5150,18 @@ mod tests {
     /// room for at open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_its_checkpointer_the_writer_checkpoints_the_wal_itself() {
-        let dir = std::env::temp_dir().join(format!(
-            "retrace-wal-inline-{}-{}",
-            std::process::id(),
-            now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("store.db");
-        let store = SqliteStore::open(&path).unwrap();
+        let (dir, store) = scratch_store("wal-inline");
         let checkpointer = store
             .writer_conn
             .checkpointer
             .as_ref()
             .expect("a file store");
         checkpointer.close();
-        for i in 0..3_000u32 {
-            store
-                .submit(
-                    move |conn: &Tx<'_>| {
-                        conn.execute(
-                            "INSERT INTO delivered (instance_id, dedupe) VALUES (?1, ?2)",
-                            params![format!("i{i}"), "x".repeat(3_000)],
-                        )
-                        .map_err(db("insert"))
-                    },
-                    true,
-                )
-                .await
-                .unwrap();
-        }
+        let frames = commit_rows(&dir, &store).await;
         assert_eq!(checkpointer.runs(), 0);
-        let wal = std::fs::metadata(dir.join("store.db-wal")).unwrap().len();
         assert!(
-            wal <= (WAL_PRESIZE_FRAMES + 64) * (4096 + 24),
-            "the WAL grew to {wal} bytes"
+            frames <= WAL_PRESIZE_FRAMES + 64,
+            "the WAL grew to {frames} frames"
         );
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
