@@ -9,8 +9,8 @@
 //! writer asks a checkpointer thread, with a connection of its own, to run a `PASSIVE`
 //! checkpoint, while it goes on committing: a checkpoint copies frames already committed and
 //! never blocks the writer. The writer restarts the WAL from its beginning once a checkpoint
-//! has copied all of it, as before. Should the WAL still grow to [`CHECKPOINT_INLINE_FRAMES`]
-//! (the checkpointer behind or gone), the writer checkpoints itself, as SQLite would have.
+//! has copied all of it, as before; with the checkpointer gone, it checkpoints itself, as
+//! SQLite would have.
 //!
 //! The thread runs at the lowest priority (Linux), so that it takes the time the writer and
 //! the workers leave, not theirs. If that is not enough and the WAL reaches

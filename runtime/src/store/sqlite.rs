@@ -640,6 +640,19 @@ fn configure(conn: &Connection, options: &SqliteOptions, path: &str) -> Result<(
     Ok(())
 }
 
+/// A further connection to the store's file (a reader, the checkpointer's), configured as
+/// every connection of the store is.
+fn open_configured(
+    path: &Path,
+    options: &SqliteOptions,
+    operation: &str,
+) -> Result<Connection, StoreError> {
+    let display = path.display().to_string();
+    let conn = Connection::open(path).map_err(|e| map_err(operation, &display, e))?;
+    configure(&conn, options, &display)?;
+    Ok(conn)
+}
+
 /// Checks the file's identity and schema (reading only: a refused file is left as it was), then
 /// creates or migrates it as needed.
 fn prepare_schema(conn: &Connection, path: &str) -> Result<(), StoreError> {
@@ -1120,13 +1133,7 @@ impl SqliteStore {
             let conn = pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match conn {
                 Some(c) => c,
-                None => {
-                    let display = path.display().to_string();
-                    let c =
-                        Connection::open(&path).map_err(|e| map_err("open reader", &display, e))?;
-                    configure(&c, &options, &display)?;
-                    c
-                }
+                None => open_configured(&path, &options, "open reader")?,
             };
             let result = f(&conn);
             // A reader left inside a transaction by an error would pin an old snapshot.
@@ -1236,12 +1243,8 @@ fn start_checkpointer(
 ) -> Option<Checkpointer> {
     let path = path.to_path_buf();
     let options = options.clone();
-    let open = move || -> Result<Connection, String> {
-        let display = path.display().to_string();
-        let c = Connection::open(&path).map_err(|e| format!("{display}: {e}"))?;
-        configure(&c, &options, &display).map_err(|e| e.to_string())?;
-        Ok(c)
-    };
+    let open =
+        move || open_configured(&path, &options, "open checkpointer").map_err(|e| e.to_string());
     match Checkpointer::start(open) {
         Ok(checkpointer) => {
             watch_wal(conn);
