@@ -17,8 +17,10 @@ type HashMap<K, V> = foldhash::HashMap<K, V>;
 struct Slot {
     /// `Some(again)` while an activation has the instance; `again` asks it to run once more.
     running: Option<bool>,
-    /// The cached execution, with the run (generation) it belongs to.
-    cached: Option<(u64, Execution)>,
+    /// The cached execution, with the run (generation) it belongs to. Boxed: a sequential
+    /// step moves it out of the map, through its activation and commit, and back, and an
+    /// `Execution` is ~230 bytes (W1: ten copies of it per step before).
+    cached: Option<(u64, Box<Execution>)>,
 }
 
 impl Slot {
@@ -101,7 +103,7 @@ impl InstanceSlots {
     }
 
     /// Takes the cached execution of `id`, if any.
-    pub(crate) fn take_cached(&mut self, id: &str) -> Option<(u64, Execution)> {
+    pub(crate) fn take_cached(&mut self, id: &str) -> Option<(u64, Box<Execution>)> {
         let slot = self.by_id.get_mut(id)?;
         let cached = slot.cached.take();
         if cached.is_some() {
@@ -116,7 +118,7 @@ impl InstanceSlots {
     /// For a direct finish: when no activation has `id` and its cached execution belongs to
     /// run `generation`, takes the execution and marks the instance as activating. A cached
     /// execution of another run is stale and dropped.
-    pub(crate) fn take_idle(&mut self, id: &str, generation: u64) -> Option<(u64, Execution)> {
+    pub(crate) fn take_idle(&mut self, id: &str, generation: u64) -> Option<(u64, Box<Execution>)> {
         let slot = self.by_id.get_mut(id)?;
         if slot.running.is_some() {
             return None;
@@ -139,7 +141,7 @@ impl InstanceSlots {
         &mut self,
         id: &str,
         generation: u64,
-        execution: Execution,
+        execution: Box<Execution>,
         capacity: usize,
     ) {
         let entry = (generation, execution);
@@ -190,9 +192,9 @@ mod tests {
 
     const ECHO: Coordinator<u32, u32> = Coordinator::new("echo");
 
-    fn execution() -> Execution {
+    fn execution() -> Box<Execution> {
         let coordinator = coordinator_fn(&ECHO, |_ctx: Context, n: u32| async move { Ok(n) });
-        Execution::new("a", coordinator)
+        Box::new(Execution::new("a", coordinator))
     }
 
     #[derive(Debug, Clone)]

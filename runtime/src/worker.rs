@@ -330,9 +330,9 @@ impl WorkerBuilder {
             owner: match self.id {
                 Some(name) => {
                     let run = uuid::Uuid::new_v4().simple().to_string();
-                    format!("{name}-{}", &run[..12])
+                    Arc::from(format!("{name}-{}", &run[..12]))
                 }
-                None => format!("worker-{}", uuid::Uuid::new_v4()),
+                None => Arc::from(format!("worker-{}", uuid::Uuid::new_v4())),
             },
             coordinators: self.coordinators,
             activities: self
@@ -615,7 +615,8 @@ struct RegisteredActivity {
 
 struct Inner {
     store: SharedStore,
-    owner: String,
+    /// This worker's id, shared by every commit it plans.
+    owner: Arc<str>,
     coordinators: HashMap<String, (CoordinatorFn, &'static [&'static str])>,
     activities: HashMap<String, RegisteredActivity>,
     coordinator_names: Vec<String>,
@@ -866,7 +867,7 @@ impl Inner {
                 (
                     replayed.loaded.info,
                     replayed.loaded.inbox,
-                    execution,
+                    Box::new(execution),
                     replayed.events,
                     replayed.replay,
                 )
@@ -1015,7 +1016,7 @@ impl Inner {
     ) -> Result<CreateOutcome, StoreError> {
         let _permit = permit;
         let id = new.id.clone();
-        let mut execution = Execution::new(&id, body).with_patches(patches);
+        let mut execution = Box::new(Execution::new(&id, body).with_patches(patches));
         // The same event the store would put in the inbox of an instance created on its own.
         let started = Event::InstanceStarted {
             coordinator: new.coordinator.clone(),
@@ -1087,7 +1088,7 @@ impl Inner {
         let number = activation.activation;
         let commit = ActivationCommit::plan(
             id,
-            &self.owner,
+            Arc::clone(&self.owner),
             generation,
             position,
             number,
@@ -1127,7 +1128,7 @@ impl Inner {
     fn after_commit(
         self: &Arc<Self>,
         id: &str,
-        execution: Execution,
+        execution: Box<Execution>,
         receipt: &mut CommitReceipt,
         committed: Committed,
         unknown_activity: Option<String>,
@@ -1198,7 +1199,7 @@ impl Inner {
     /// it waits on an activity, a child or an imminent timer. One that waits only on signals or
     /// distant timers may wait for days; holding it would cost memory per waiting instance
     /// (about 3 KiB each, measured by W5) for a replay saved only when its event comes.
-    fn cache_put(&self, id: &str, generation: u64, execution: Execution) {
+    fn cache_put(&self, id: &str, generation: u64, execution: Box<Execution>) {
         if !self.cache_enabled
             || execution.is_finished()
             || !execution.awaits_work(CACHE_TIMER_HORIZON_MS)

@@ -267,8 +267,9 @@ pub enum RunEnd {
 pub struct ActivationCommit {
     /// The instance.
     pub instance_id: String,
-    /// The committing worker (must hold the instance's lease).
-    pub owner: String,
+    /// The committing worker (must hold the instance's lease). Shared: a worker commits
+    /// every step under the same id.
+    pub owner: Arc<str>,
     /// The run the activation belongs to.
     pub generation: u64,
     /// The history position the first event goes to; the append fails with a conflict otherwise.
@@ -296,11 +297,12 @@ pub struct ActivationCommit {
 impl ActivationCommit {
     /// Derives the store effects of an activation's events: tasks for scheduled activities,
     /// timers, children, and the end of the run. `claims` says which activity names the
-    /// committing worker runs itself.
+    /// committing worker runs itself. A worker passes its `owner` as an `Arc<str>` it shares
+    /// with every commit it plans (no copy of it per step).
     #[allow(clippy::too_many_arguments)]
     pub fn plan(
         instance_id: &str,
-        owner: &str,
+        owner: impl Into<Arc<str>>,
         generation: u64,
         expected_position: u64,
         activation: u32,
@@ -364,7 +366,7 @@ impl ActivationCommit {
         }
         ActivationCommit {
             instance_id: instance_id.to_string(),
-            owner: owner.to_string(),
+            owner: owner.into(),
             generation,
             expected_position,
             activation,

@@ -1212,7 +1212,7 @@ async fn insert_tasks(
     let mut owners: Vec<Option<&str>> = Vec::with_capacity(c.tasks.len());
     for t in &c.tasks {
         let (attempt, due, owner) = if t.claim {
-            (1i64, lease_until, Some(c.owner.as_str()))
+            (1i64, lease_until, Some(&*c.owner))
         } else {
             (0i64, now, None)
         };
@@ -1325,10 +1325,10 @@ async fn commit_in_tx(
         }
         .into());
     }
-    if lease_owner.as_deref() != Some(c.owner.as_str()) {
+    if lease_owner.as_deref() != Some(&*c.owner) {
         return Err(StoreError::LeaseLost {
             what: format!("instance {}", c.instance_id),
-            owner: c.owner.clone(),
+            owner: c.owner.to_string(),
         }
         .into());
     }
@@ -1472,7 +1472,7 @@ async fn commit_in_tx(
                         &c.instance_id,
                         &(next_pos as i64),
                         &next_activation,
-                        &c.owner,
+                        &&*c.owner,
                         &(lease_until as i64),
                         &(now as i64),
                     ],
@@ -1510,7 +1510,7 @@ async fn commit_in_tx(
                     &c.instance_id,
                     &(generation as i64),
                     &input_json,
-                    &c.owner,
+                    &&*c.owner,
                     &(lease_until as i64),
                     &(now as i64),
                 ],
@@ -1770,7 +1770,7 @@ async fn finish_and_activate_in_tx(
     let held = match &row {
         Some(row) => {
             row.try_get::<_, i64>(0)? == i64::from(task.attempt)
-                && row.try_get::<_, Option<String>>(1)?.as_deref() == Some(c.owner.as_str())
+                && row.try_get::<_, Option<String>>(1)?.as_deref() == Some(&*c.owner)
                 && row.try_get::<_, i64>(2)? as u64 == task.generation
         }
         None => false,
@@ -1795,7 +1795,7 @@ async fn finish_and_activate_in_tx(
             &claim,
             &[
                 &task.instance_id,
-                &c.owner,
+                &&*c.owner,
                 &((now + c.lease_ms) as i64),
                 &(now as i64),
             ],

@@ -2459,7 +2459,7 @@ fn insert_tasks_and_timers(
     for t in &c.tasks {
         if held != Some(t.seq) {
             let (attempt, due, owner) = if t.claim {
-                (1u32, lease_until, Some(c.owner.as_str()))
+                (1u32, lease_until, Some(&*c.owner))
             } else {
                 (0u32, now, None)
             };
@@ -2547,10 +2547,10 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
             found: next_pos as u64,
         });
     }
-    if lease_owner.as_deref() != Some(c.owner.as_str()) {
+    if lease_owner.as_deref() != Some(&*c.owner) {
         return Err(StoreError::LeaseLost {
             what: format!("instance {}", c.instance_id),
-            owner: c.owner.clone(),
+            owner: c.owner.to_string(),
         });
     }
     append_row(
@@ -2640,7 +2640,7 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
                 .and_then(|mut s| s.query_row([&c.instance_id], |r| r.get(0)))
                 .map_err(db("commit activation"))?;
             let (owner, until) = if ready {
-                (Some(c.owner.as_str()), lease_until)
+                (Some(&*c.owner), lease_until)
             } else {
                 (None, 0)
             };
@@ -3814,7 +3814,7 @@ impl Store for SqliteStore {
                         existing => (existing, None, None),
                     });
                 }
-                let claim = Some((shared.owner.as_str(), shared.lease_ms));
+                let claim = Some((&*shared.owner, shared.lease_ms));
                 match insert_instance(conn, &new, now, claim)? {
                     CreateOutcome::Created => {
                         let receipt = commit_in_tx(conn, &shared, now)?;
