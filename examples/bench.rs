@@ -82,7 +82,8 @@ async fn waiter(ctx: Context, _input: ()) -> Result<u64, Error> {
 // ----- options ---------------------------------------------------------------------------------
 
 const USAGE: &str = "usage: bench <W1|W2|W3|W4|W5|W6|baseline|all> [--activities N] [--db PATH] \
-                     [--store sqlite://PATH|postgres://…] [--durability full|normal]";
+                     [--store sqlite://PATH|postgres://…] [--durability full|normal] \
+                     [--lease-secs N (W1, W2, W3 only)]";
 
 #[derive(Clone)]
 struct Options {
@@ -97,6 +98,9 @@ struct Options {
     /// Sequential activities of the W6 instance (10,000 per BENCH.md; more shows there is no
     /// history cap).
     w6_activities: u32,
+    /// The workers' lease, when not the default: under valgrind (instruction counts), a run is
+    /// ~50 times slower, and leases of the default length lapse and are taken over mid-run.
+    lease: Option<Duration>,
 }
 
 impl Options {
@@ -107,6 +111,7 @@ impl Options {
         let mut pg = None;
         let mut durability = Durability::Full;
         let mut w6_activities = 10_000u32;
+        let mut lease = None;
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--activities" => {
@@ -132,6 +137,10 @@ impl Options {
                         _ => return Err(USAGE.into()),
                     }
                 }
+                "--lease-secs" => {
+                    let secs: u64 = args.next().ok_or(USAGE)?.parse().map_err(|_| USAGE)?;
+                    lease = Some(Duration::from_secs(secs.max(1)));
+                }
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0);
@@ -141,6 +150,10 @@ impl Options {
             }
         }
         let workload = workload.ok_or(USAGE)?;
+        // W4 waits out a killed process's leases, and W6 restarts its worker mid-run.
+        if lease.is_some() && !matches!(workload.as_str(), "W1" | "W2" | "W3") {
+            return Err("--lease-secs applies to W1, W2 and W3 only".into());
+        }
         let scratch = std::env::temp_dir().join(format!("retrace-bench-{}", std::process::id()));
         Ok(Options {
             workload,
@@ -149,6 +162,7 @@ impl Options {
             pg,
             durability,
             w6_activities,
+            lease,
         })
     }
 
@@ -423,8 +437,12 @@ impl Ended {
     }
 }
 
-fn worker(store: SharedStore, ended: &Arc<Ended>) -> Worker {
-    Worker::builder(store)
+fn worker(store: SharedStore, ended: &Arc<Ended>, opts: &Options) -> Worker {
+    let mut builder = Worker::builder(store);
+    if let Some(lease) = opts.lease {
+        builder = builder.lease(lease);
+    }
+    builder
         .coordinator(&STEPS, steps)
         .coordinator(&FAN_OUT, fan_out)
         .coordinator(&WAITER, waiter)
@@ -559,7 +577,7 @@ async fn w1(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let (place, _schema) = opts.fresh_place("W1", all)?;
     let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let client = worker.client();
     let instances = 1_000usize;
     let steps_each = 10u32;
@@ -622,7 +640,7 @@ async fn w2(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let (place, _schema) = opts.fresh_place("W2", all)?;
     let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let client = worker.client();
     let mut samples = Vec::with_capacity(50);
     for i in 0..50 {
@@ -657,7 +675,7 @@ async fn w3(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let (place, _schema) = opts.fresh_place("W3", all)?;
     let (store, sqlite) = opts.open_place(&place).await?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let client = worker.client();
     let n = 1_000u32;
     let started = Instant::now();
@@ -835,7 +853,7 @@ async fn w4(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
 async fn w4_crash(opts: &Options, place: &Place) -> Res<()> {
     let (store, _sqlite) = opts.open_place(place).await?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let client = worker.client();
     let starts: Vec<_> = (0..W4_INSTANCES)
         .map(|i| format!("w4-{i}"))
@@ -853,7 +871,7 @@ async fn w4_recover(opts: &Options, place: &Place) -> Res<()> {
     let started = Instant::now();
     let (store, sqlite) = opts.open_place(place).await?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let running = ListFilter {
         status: Some(InstanceStatus::Running),
         limit: Some(1),
@@ -927,7 +945,7 @@ async fn w5_child(opts: &Options, path: &Path) -> Res<()> {
     let instances = 10_000usize;
     let store = opts.open_store(path)?;
     let ended = Arc::new(Ended::default());
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let client = worker.client();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let baseline = rss_mib()?;
@@ -965,7 +983,7 @@ async fn w6(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
     let path = opts.fresh_db("W6", all)?;
     let store = opts.open_store(&path)?;
     let ended = Arc::new(Ended::default());
-    let first = worker(store.clone(), &ended);
+    let first = worker(store.clone(), &ended, opts);
     let client = Client::new(store.clone());
     let n = opts.w6_activities;
     let started = Instant::now();
@@ -975,7 +993,7 @@ async fn w6(opts: &Options, all: bool, figures: &mut Figures) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     first.shutdown().await?;
-    let worker = worker(store.clone(), &ended);
+    let worker = worker(store.clone(), &ended, opts);
     let out = handle.result().await?;
     if out != u64::from(n) {
         return Err(format!("W6: returned {out}, expected {n}").into());
