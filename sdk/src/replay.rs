@@ -16,7 +16,7 @@
 //! delivered, the future is polled until no waker fired, so that every combinator (`join!`,
 //! `select!`, `FuturesUnordered`) sees exactly the wake-ups it saw in the first run.
 
-use crate::context::{lock, Context, Shared};
+use crate::context::{lock, Context, Record, Shared};
 use crate::coordinator::CoordinatorFn;
 use crate::error::{Error, Nondeterminism, ReplayError};
 use crate::history::{check_shape, Event, EventFamily, HistoryEvent};
@@ -156,8 +156,11 @@ impl Execution {
             .pending
             .positions()
             .any(|seq| match shared.recorded.get(seq as usize) {
-                Some(Event::ActivityScheduled { .. } | Event::ChildStarted { .. }) => true,
-                Some(Event::TimerStarted { fire_at_ms, .. }) => *fire_at_ms <= horizon,
+                Some(record) if record.is_activity_call() => true,
+                Some(Record::Command(Event::ChildStarted { .. })) => true,
+                Some(Record::Command(Event::TimerStarted { fire_at_ms, .. })) => {
+                    *fire_at_ms <= horizon
+                }
                 _ => false,
             });
         hot
@@ -290,10 +293,11 @@ impl Execution {
             let Some(seq) = e.event.seq() else { continue };
             let known = shared.recorded.len();
             match (seq as usize).cmp(&known) {
-                std::cmp::Ordering::Equal => shared.recorded.push(e.event.clone()),
+                std::cmp::Ordering::Equal => shared.recorded.push(Record::Command(e.event.clone())),
                 std::cmp::Ordering::Less => {
-                    // Issued live by this very execution; it must be the same command.
-                    if shared.recorded[seq as usize] != e.event {
+                    // Issued live by this very execution; it must be the same command (an
+                    // activity call: the same activity at the same position, see `Record`).
+                    if !shared.recorded[seq as usize].matches(&e.event) {
                         return Err(ReplayError::CorruptHistory {
                             instance_id: self.instance_id.clone(),
                             position: e.position,
@@ -358,7 +362,7 @@ impl Execution {
                 shared
                     .recorded
                     .get(allowed as usize)
-                    .and_then(Event::command_identity)
+                    .and_then(Record::command_identity)
                     .unwrap_or_default()
             })
         };
@@ -376,7 +380,7 @@ impl Execution {
                 let recorded = lock(&self.shared)
                     .recorded
                     .get(next_seq as usize)
-                    .and_then(Event::command_identity)
+                    .and_then(Record::command_identity)
                     .unwrap_or_default();
                 return Err(self.nondeterminism(next_seq, recorded, "nothing".to_string()));
             }
@@ -403,7 +407,7 @@ impl Execution {
             let recorded = lock(&self.shared)
                 .recorded
                 .get(next_seq as usize)
-                .and_then(Event::command_identity)
+                .and_then(Record::command_identity)
                 .unwrap_or_else(|| "more activations".to_string());
             return Err(self.nondeterminism(next_seq, recorded, "the end of the run".to_string()));
         }
