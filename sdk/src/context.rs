@@ -48,7 +48,8 @@ pub(crate) const SHIELDED_CALL: &str = "retrace.shielded-call";
 /// A command known at a position of [`Shared::recorded`].
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Record {
-    /// The command as the history holds it: replayed, or issued live (but an activity call).
+    /// The command as the history holds it: replayed, or issued live (other than an activity
+    /// call).
     Command(Event),
     /// An activity call issued live, by position and the activity definition's name. What is
     /// read back at its position is its kind and name (does an outcome fit it, does the
