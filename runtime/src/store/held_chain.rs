@@ -82,8 +82,6 @@ struct State {
     changed: Vec<(i64, u64)>,
     /// Counts stagings and changes, to order them.
     stamp: u64,
-    /// Owners of chains, so that each is allocated once.
-    owners: Vec<Arc<str>>,
     /// The rowid of the `instances` row the last statement changed.
     last_row: Option<i64>,
     /// `PRAGMA data_version` when the last batch began.
@@ -193,20 +191,6 @@ impl HeldChains {
         let rowid = s.rows.get(id)?;
         let entry = s.chains.get(rowid)?;
         (*entry.id == *id).then(|| entry.chain.clone())
-    }
-
-    /// `owner` as chains keep it.
-    pub(crate) fn owner(&self, owner: &str) -> Arc<str> {
-        let mut s = self.lock();
-        if let Some(o) = s.owners.iter().find(|o| ***o == *owner) {
-            return Arc::clone(o);
-        }
-        let o: Arc<str> = owner.into();
-        if s.owners.len() >= 64 {
-            s.owners.clear();
-        }
-        s.owners.push(Arc::clone(&o));
-        o
     }
 
     /// The rowid of the `instances` row the last statement changed, taken.

@@ -3160,7 +3160,8 @@ fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64
             generation: c.generation,
             next_pos,
             held_seq: seq,
-            owner: chains.owner(&c.owner),
+            // The commit's own: a worker shares one id with every commit it plans.
+            owner: Arc::clone(&c.owner),
             held_until: now.saturating_add(c.lease_ms),
             row_next_pos: next_pos,
             row_held_seq: seq,
