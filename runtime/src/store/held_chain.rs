@@ -236,6 +236,8 @@ struct Tail {
 
 /// `id`'s last history row, if it goes past `next_pos` (the row's). Reads only.
 fn tail(conn: &Connection, id: &str, next_pos: i64) -> Result<Option<Tail>, StoreError> {
+    // Rows the write connection keeps aside for the end of its batch are part of the history.
+    super::deferred_rows::flush_for(conn, id).map_err(db("read history tail"))?;
     let tail = conn
         .prepare_cached(
             "SELECT pos, len, activation, recorded_at, kind, body FROM events

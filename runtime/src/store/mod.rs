@@ -22,6 +22,7 @@
 
 mod checkpoint;
 mod codec;
+mod deferred_rows;
 mod held_chain;
 pub mod migrate;
 pub mod postgres;

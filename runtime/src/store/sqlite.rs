@@ -22,6 +22,7 @@ use super::codec::{
     child_id_refusal, decode_event_json, decode_json, encode_error, end_columns, event_json,
     existing_child, final_result, lock_map, to_json, ExistingChild,
 };
+use super::deferred_rows::{self, DeferredRow};
 use super::held_chain::{catch_up, lag, settle_info, Chain, HeldChains};
 use super::transaction::Tx;
 use super::{
@@ -1281,9 +1282,18 @@ fn run_begun_batch(conn: &Connection, chains: &HeldChains, batch: &mut Vec<Job>)
     // common case), the batch commits as it is. Savepoints cost a copy of every page an
     // operation touches (13% of the writer's time in W1).
     let optimistic = batch.iter().all(|job| job.reruns());
-    if optimistic && run_all(conn, batch) {
-        finish_batch(conn, chains, batch.drain(..));
-        return;
+    if optimistic {
+        // Held-chain rows go in together, last (see `deferred_rows`).
+        let keeping = deferred_rows::keep(conn);
+        let done = run_all(conn, batch)
+            && deferred_rows::flush_at_commit(conn).is_ok()
+            && !deferred_rows::failed()
+            && !conn.is_autocommit();
+        drop(keeping);
+        if done {
+            finish_batch(conn, chains, batch.drain(..));
+            return;
+        }
     }
     chains.undone();
     // One failed (or panicked, or SQLite gave the transaction up): undo everything and run
@@ -1776,6 +1786,7 @@ pub(crate) fn read_held(conn: &Connection, id: &str) -> Result<Option<HeldCall>,
     if let Some(lag) = lag(conn, id, next_pos)? {
         (seq, pos, started_at) = (lag.held_seq, lag.held_pos, lag.end.recorded_at);
     }
+    deferred_rows::flush_for(conn, id).map_err(db("read held call"))?;
     let row: Option<(i64, i64, String)> = conn
         .prepare_cached(
             "SELECT pos, len, body FROM events
@@ -2028,7 +2039,7 @@ fn existing_instance(conn: &Tx<'_>, id: &str) -> Result<CreateOutcome, StoreErro
 fn insert_stepped_instance(
     conn: &Tx<'_>,
     new: &NewInstance,
-    c: &PreparedCommit,
+    c: &Arc<PreparedCommit>,
     now: u64,
 ) -> Result<Option<CreateOutcome>, StoreError> {
     if !is_plain_step(c) || c.generation != 0 || c.expected_position != 0 {
@@ -2073,7 +2084,8 @@ fn insert_stepped_instance(
         let fresh = new.parent.is_none() && c.tasks.len() == 1 && c.timers.is_empty();
         stage_chain(conn, c, now, h.0, key, fresh);
     }
-    write_step(conn, c, now, held.map(|h| h.0), Some(key))?;
+    append_kept(conn, Some(key), c, now)?;
+    insert_tasks_and_timers(conn, c, now, held.map(|h| h.0))?;
     Ok(Some(CreateOutcome::Created))
 }
 
@@ -2197,15 +2209,33 @@ fn append_events(
 /// to the writer, so that the writer thread, which every commit waits for, spends its time
 /// on the database only (the JSON was 7 % of its instructions in W1).
 #[derive(Debug)]
-struct HistoryRow {
+pub(super) struct HistoryRow {
     kind: Cow<'static, str>,
-    body: String,
+    pub(super) body: String,
     len: usize,
+}
+
+impl HistoryRow {
+    /// The row's `kind` column.
+    pub(super) fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// How many events the row holds.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// A sequential step's row (an outcome and the next call), whose kind and length the
+    /// `INSERT` can have as literals.
+    pub(super) fn is_step(&self) -> bool {
+        self.len == 2 && self.kind == STEP_KINDS
+    }
 }
 
 /// The `kind` column of a sequential step's row: an outcome and the next call. Its `INSERT`
 /// has it as a literal (`insert_row`).
-const STEP_KINDS: &str = "activity_completed,activity_scheduled";
+pub(super) const STEP_KINDS: &str = "activity_completed,activity_scheduled";
 
 /// The `kind` column of the commonest rows, without building it: a sequential step's, the
 /// last step's of a run that completes, and a lone event's.
@@ -2247,9 +2277,9 @@ impl HistoryRow {
 
 /// An activation ready for the writer: the commit and its history row, encoded.
 #[derive(Debug)]
-struct PreparedCommit {
+pub(super) struct PreparedCommit {
     commit: ActivationCommit,
-    row: HistoryRow,
+    pub(super) row: HistoryRow,
 }
 
 impl PreparedCommit {
@@ -2284,6 +2314,34 @@ fn append_row(
     Ok(())
 }
 
+/// [`append_row`] for `c`'s row, kept aside for the end of the batch when the instance's key
+/// is known and the batch keeps rows (see `deferred_rows`).
+fn append_kept(
+    conn: &Tx<'_>,
+    key: Option<i64>,
+    c: &Arc<PreparedCommit>,
+    now: u64,
+) -> Result<(), StoreError> {
+    if let (Some(key), true) = (key, c.row.len > 0) {
+        let row = DeferredRow {
+            key,
+            recorded_at: now as i64,
+            commit: Arc::clone(c),
+        };
+        if deferred_rows::defer(conn, row).is_ok() {
+            return Ok(());
+        }
+    }
+    append_row(
+        conn,
+        InstanceRef::of(key, &c.instance_id),
+        c.expected_position,
+        c.activation,
+        &c.row,
+        now,
+    )
+}
+
 /// The `INSERT` of one history row, its error left for the caller to read (a held chain takes
 /// a row already at its position as its cue to step aside). The commonest row, a sequential
 /// step's (an outcome and the next call), has its kind and length in the statement when the
@@ -2298,7 +2356,7 @@ fn insert_row(
     now: u64,
 ) -> rusqlite::Result<usize> {
     if let InstanceRef::Key(key) = instance {
-        if row.len == 2 && row.kind == STEP_KINDS {
+        if row.is_step() {
             return conn
                 .prepare_cached(
                     "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
@@ -2674,6 +2732,7 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
         }
         Some(RunEnd::ContinueAsNew(input)) => {
             journal_derived_attempts(conn, &c.instance_id, c.generation)?;
+            deferred_rows::flush_for(conn, &c.instance_id).map_err(db("continue as new"))?;
             conn.prepare_cached(
                 "DELETE FROM events
                  WHERE instance_key = (SELECT key FROM instances WHERE id = ?1)",
@@ -2769,7 +2828,7 @@ fn commit_in_tx(conn: &Tx<'_>, c: &PreparedCommit, now: u64) -> Result<CommitRec
 fn finish_and_activate_in_tx(
     conn: &Tx<'_>,
     task: AttemptKey<'_>,
-    c: &PreparedCommit,
+    c: &Arc<PreparedCommit>,
     now: u64,
     watched: bool,
 ) -> Result<(DirectFinish, Option<EndedRow>), StoreError> {
@@ -2912,7 +2971,7 @@ fn finish_and_activate_in_tx(
 /// `None`, having written nothing, when the step does not apply.
 fn step_ending_held(
     conn: &Tx<'_>,
-    c: &PreparedCommit,
+    c: &Arc<PreparedCommit>,
     now: u64,
     seq: u32,
     chain: Option<&Chain>,
@@ -2972,14 +3031,7 @@ fn step_ending_held(
     if ended == 0 {
         return Ok(None);
     }
-    append_row(
-        conn,
-        InstanceRef::of(chain.map(|chain| chain.rowid), &c.instance_id),
-        c.expected_position,
-        c.activation,
-        &c.row,
-        now,
-    )?;
+    append_kept(conn, chain.map(|chain| chain.rowid), c, now)?;
     let mut receipt = CommitReceipt::default();
     // A chain that began with the instance's creation has left no call but the held one, no
     // timer and no parent (anything else would have written the row and ended the chain):
@@ -3176,7 +3228,7 @@ fn stage_chain(conn: &Tx<'_>, c: &PreparedCommit, now: u64, seq: u32, rowid: i64
 /// writes the row renews it). `None`, having written nothing, otherwise.
 fn step_in_chain(
     conn: &Tx<'_>,
-    c: &PreparedCommit,
+    c: &Arc<PreparedCommit>,
     now: u64,
     chain: &Chain,
 ) -> Result<Option<CommitReceipt>, StoreError> {
@@ -3198,15 +3250,26 @@ fn step_in_chain(
         return Ok(None);
     }
     // The position is the last safeguard: a history row there already means the chain was
-    // wrong; the ordinary path then decides.
-    let inserted = insert_row(
-        conn,
-        InstanceRef::Key(chain.rowid),
-        c.expected_position,
-        c.activation,
-        &c.row,
-        now,
-    );
+    // wrong; the ordinary path then decides. Kept aside for the batch's end, the row meets
+    // such a collision there, and the batch runs again without keeping any (`deferred_rows`).
+    let inserted = {
+        let row = DeferredRow {
+            key: chain.rowid,
+            recorded_at: now as i64,
+            commit: Arc::clone(c),
+        };
+        match deferred_rows::defer(conn, row) {
+            Ok(()) => Ok(1),
+            Err(_) => insert_row(
+                conn,
+                InstanceRef::Key(chain.rowid),
+                c.expected_position,
+                c.activation,
+                &c.row,
+                now,
+            ),
+        }
+    };
     match inserted {
         Ok(_) => {}
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
@@ -3399,6 +3462,7 @@ fn read_events_into<S: HistorySink>(
     from: u64,
     mut sink: S,
 ) -> Result<S, StoreError> {
+    deferred_rows::flush_for(conn, id).map_err(db("read events"))?;
     // From the row that holds position `from` (a row holds one activation's events).
     let mut stmt = conn
         .prepare_cached(
@@ -5085,6 +5149,201 @@ mod tests {
         scan.note_lease(60_000);
         assert!(!scan.due(11_060), "the shortest lease seen counts");
         assert!(scan.due(11_100));
+    }
+
+    const LEASE: u64 = 60_000;
+
+    /// `x` created, activated by `w1` with call 0 in its held slot, and taken one step on (a
+    /// held chain from then on). Returns the held call and the history's length.
+    async fn chained_instance(store: &SqliteStore) -> (ActivityTask, u64) {
+        let new = NewInstance {
+            id: "x".into(),
+            coordinator: "c".into(),
+            input: serde_json::json!(0),
+            parent: None,
+        };
+        store.create_instance(new).await.unwrap();
+        let claimed = store
+            .claim_ready("w1", &["c".into()], 1, LEASE)
+            .await
+            .unwrap();
+        assert_eq!(claimed, vec!["x".to_string()]);
+        let loaded = store.load("x", 0).await.unwrap();
+        let mut events: Vec<Event> = loaded.inbox.iter().map(|m| m.event.clone()).collect();
+        events.push(scheduled(0));
+        let consumed = loaded.inbox.iter().map(|m| m.id).collect();
+        let commit =
+            ActivationCommit::plan("x", "w1", 0, 0, 0, events, consumed, None, &|_| true, LEASE);
+        let mut receipt = store.commit_activation(commit).await.unwrap();
+        let task = receipt.claimed_tasks.remove(0);
+        let task = step(store, &task, 1).await;
+        let at = store.describe("x").await.unwrap().unwrap().next_position;
+        assert_eq!(at, 4);
+        (task, at)
+    }
+
+    fn scheduled(seq: u32) -> Event {
+        Event::ActivityScheduled {
+            seq,
+            name: "act".into(),
+            input: serde_json::json!(seq),
+            retry: RetrySpec::default(),
+        }
+    }
+
+    /// The sequential step that completes `task` and claims the next call, at `activation`.
+    fn step_commit(task: &ActivityTask, position: u64, activation: u32) -> ActivationCommit {
+        let events = vec![
+            Event::ActivityCompleted {
+                seq: task.seq,
+                output: serde_json::json!(task.seq),
+                attempt: task.attempt,
+            },
+            scheduled(task.seq + 1),
+        ];
+        ActivationCommit::plan(
+            "x",
+            "w1",
+            0,
+            position,
+            activation,
+            events,
+            vec![],
+            None,
+            &|_| true,
+            LEASE,
+        )
+    }
+
+    async fn step(store: &SqliteStore, task: &ActivityTask, activation: u32) -> ActivityTask {
+        let info = store.describe("x").await.unwrap().unwrap();
+        let commit = step_commit(task, info.next_position, activation);
+        match store.finish_and_activate(task, commit).await.unwrap() {
+            DirectFinish::Activated(mut r) => r.claimed_tasks.remove(0),
+            other => panic!("step not applied: {other:?}"),
+        }
+    }
+
+    /// Holds the writer thread for a while, so that what is submitted meanwhile goes in one
+    /// batch. (Submitted from outside tokio, the operation goes to the writer's queue: it
+    /// cannot be committed on the caller's thread.)
+    fn hold_writer(store: &Arc<SqliteStore>) -> std::thread::JoinHandle<()> {
+        let store = Arc::clone(store);
+        let held = std::thread::spawn(move || {
+            futures::executor::block_on(store.write(|_: &Tx<'_>| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            }))
+            .unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        held
+    }
+
+    /// A held-chain step's row, kept aside for the end of its batch, is there for a later
+    /// operation of the same batch that reads the instance's history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_row_is_read_by_the_batch_that_keeps_it() {
+        let (dir, store) = scratch_store("kept-read");
+        let store = Arc::new(store);
+        let (task, at) = chained_instance(&store).await;
+        let held = hold_writer(&store);
+        let stepping = {
+            let (store, commit) = (Arc::clone(&store), step_commit(&task, at, 2));
+            tokio::spawn(async move { store.finish_and_activate(&task, commit).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let read = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .write(|conn: &Tx<'_>| read_events(conn, "x", 0).map(|e| e.len()))
+                    .await
+            })
+        };
+        held.join().unwrap();
+        assert!(matches!(
+            stepping.await.unwrap().unwrap(),
+            DirectFinish::Activated(_)
+        ));
+        assert_eq!(read.await.unwrap().unwrap() as u64, at + 2);
+        assert_eq!(store.history("x").await.unwrap().len() as u64, at + 2);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A kept row that meets a row written at its position after it, in the same batch, runs
+    /// the batch again without keeping rows: the step, first, keeps its position, and the
+    /// later write fails alone, as when every row went in at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_row_that_collides_runs_the_batch_again_first_come_first_served() {
+        collide("kept-collide", false).await;
+    }
+
+    /// The same, the collision met when a third operation of the batch reads the history
+    /// (the kept row goes in then, in the middle of the batch): that read, run again, sees
+    /// the step's row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_row_that_collides_on_a_read_runs_the_batch_again() {
+        collide("kept-collide-read", true).await;
+    }
+
+    async fn collide(name: &str, read_after: bool) {
+        let (dir, store) = scratch_store(name);
+        let store = Arc::new(store);
+        let (task, at) = chained_instance(&store).await;
+        let held = hold_writer(&store);
+        let stepping = {
+            let (store, commit) = (Arc::clone(&store), step_commit(&task, at, 2));
+            tokio::spawn(async move { store.finish_and_activate(&task, commit).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let forged = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .write(move |conn: &Tx<'_>| {
+                        conn.execute(
+                            "INSERT INTO events (instance_key, pos, activation, kind, recorded_at, body, len)
+                             VALUES ((SELECT key FROM instances WHERE id = 'x'), ?1, 9,
+                                     'signal_received', 0, '{}', 1)",
+                            [at as i64],
+                        )
+                        .map_err(db("forge"))
+                    })
+                    .await
+            })
+        };
+        let read = read_after.then(|| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                store
+                    .write(|conn: &Tx<'_>| read_events(conn, "x", 0).map(|e| e.len()))
+                    .await
+            })
+        });
+        held.join().unwrap();
+        if let Some(read) = read {
+            assert_eq!(read.await.unwrap().unwrap() as u64, at + 2);
+        }
+        let mut receipt = match stepping.await.unwrap().unwrap() {
+            DirectFinish::Activated(r) => r,
+            other => panic!("step not applied: {other:?}"),
+        };
+        assert!(forged.await.unwrap().is_err(), "the forged row went in");
+        let history = store.history("x").await.unwrap();
+        assert_eq!(history.len() as u64, at + 2);
+        assert!(matches!(
+            history[at as usize].event,
+            Event::ActivityCompleted { .. }
+        ));
+        // The instance goes on from there.
+        let task = receipt.claimed_tasks.remove(0);
+        assert_eq!(step(&store, &task, 3).await.seq, 3);
+        assert_eq!(store.history("x").await.unwrap().len() as u64, at + 4);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A store on a fresh file in a directory of its own (removed by the caller).
