@@ -18,6 +18,8 @@
 //!
 //! Each workload prints its result line last, in exactly the form `BENCH.md` gives; `all` runs
 //! `baseline` first, then W1 to W6, in one invocation, and writes a ratio summary to stderr.
+//! Between two workloads `all` waits [`SETTLE`], so that one workload's file cleanup does not
+//! land in the next one's figures (see BENCHMARKS.md, "How to reproduce").
 //!
 //! Activities are no-ops returning their input plus one, run by the same process. W4 and W5 run
 //! their workers in child processes (this binary re-executed with a hidden subcommand): W4
@@ -80,6 +82,13 @@ async fn waiter(ctx: Context, _input: ()) -> Result<u64, Error> {
 }
 
 // ----- options ---------------------------------------------------------------------------------
+
+/// The pause between two workloads of `all`. Closing a store's last connection makes SQLite
+/// checkpoint and delete its WAL, and the kernel's work for that (on this project's machines,
+/// ext4 mounted with online `discard` turns the deletion into TRIM requests) went on into the
+/// next workload: W1 right after the baseline ran at ~190,000 steps/s against ~240,000 with the
+/// baseline's connection left open, and a pause of 100 ms was enough.
+const SETTLE: Duration = Duration::from_millis(250);
 
 const USAGE: &str = "usage: bench <W1|W2|W3|W4|W5|W6|baseline|all> [--activities N] [--db PATH] \
                      [--store sqlite://PATH|postgres://…] [--durability full|normal] \
@@ -1123,12 +1132,22 @@ async fn run(opts: Options) -> Res<()> {
             "W5" => w5(&opts, all, &mut figures).await,
             "W6" => w6(&opts, all, &mut figures).await,
             "all" => {
+                println!(
+                    "all: {} ms between workloads (a settling pause, see the bench's docs)",
+                    SETTLE.as_millis()
+                );
                 baseline(&opts, all, &mut figures)?;
+                tokio::time::sleep(SETTLE).await;
                 w1(&opts, all, &mut figures).await?;
+                tokio::time::sleep(SETTLE).await;
                 w2(&opts, all, &mut figures).await?;
+                tokio::time::sleep(SETTLE).await;
                 w3(&opts, all, &mut figures).await?;
+                tokio::time::sleep(SETTLE).await;
                 w4(&opts, all, &mut figures).await?;
+                tokio::time::sleep(SETTLE).await;
                 w5(&opts, all, &mut figures).await?;
+                tokio::time::sleep(SETTLE).await;
                 w6(&opts, all, &mut figures).await?;
                 summary(&figures);
                 Ok(())
