@@ -133,6 +133,12 @@ impl HeldChains {
         ));
     }
 
+    /// Removes the update hook [`HeldChains::watch`] installed on `conn`, for statements that
+    /// change no `instances` row and no inbox message (history rows only).
+    pub(crate) fn unwatch(conn: &Connection) {
+        conn.update_hook(None::<fn(rusqlite::hooks::Action, &str, &str, i64)>);
+    }
+
     /// When a batch begins (the write lock held): forgets everything if another connection
     /// committed since the last batch.
     pub(crate) fn begin(&self, conn: &Connection) {
