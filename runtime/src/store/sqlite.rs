@@ -2339,6 +2339,16 @@ fn append_kept(
             return Ok(());
         }
     }
+    append_commit_row(conn, key, c, now)
+}
+
+/// [`append_row`] for `c`'s row, at once (`key`: the instance's, if known).
+fn append_commit_row(
+    conn: &Tx<'_>,
+    key: Option<i64>,
+    c: &PreparedCommit,
+    now: u64,
+) -> Result<(), StoreError> {
     append_row(
         conn,
         InstanceRef::of(key, &c.instance_id),
@@ -3307,14 +3317,7 @@ fn write_step(
     held: Option<u32>,
     key: Option<i64>,
 ) -> Result<CommitReceipt, StoreError> {
-    append_row(
-        conn,
-        InstanceRef::of(key, &c.instance_id),
-        c.expected_position,
-        c.activation,
-        &c.row,
-        now,
-    )?;
+    append_commit_row(conn, key, c, now)?;
     insert_tasks_and_timers(conn, c, now, held)?;
     Ok(CommitReceipt::default())
 }
@@ -5247,11 +5250,19 @@ mod tests {
         held
     }
 
-    /// A held-chain step's row, kept aside for the end of its batch, is there for a later
-    /// operation of the same batch that reads the instance's history.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_kept_row_is_read_by_the_batch_that_keeps_it() {
-        let (dir, store) = scratch_store("kept-read");
+    /// A store with `x` in a held chain, its writer held, and `x`'s next step submitted (the
+    /// first operation of the next batch). Returns the scratch directory, the store, the
+    /// step's position, the writer's holder, and the step's answer.
+    async fn step_waiting_for_the_writer(
+        name: &str,
+    ) -> (
+        PathBuf,
+        Arc<SqliteStore>,
+        u64,
+        std::thread::JoinHandle<()>,
+        tokio::task::JoinHandle<Result<DirectFinish, StoreError>>,
+    ) {
+        let (dir, store) = scratch_store(name);
         let store = Arc::new(store);
         let (task, at) = chained_instance(&store).await;
         let held = hold_writer(&store);
@@ -5260,14 +5271,28 @@ mod tests {
             tokio::spawn(async move { store.finish_and_activate(&task, commit).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let read = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                store
-                    .write(|conn: &Tx<'_>| read_events(conn, "x", 0).map(|e| e.len()))
-                    .await
-            })
-        };
+        (dir, store, at, held, stepping)
+    }
+
+    /// Submits, behind what is queued, an operation that reads `x`'s history; answers its
+    /// length.
+    fn read_history_length(
+        store: &Arc<SqliteStore>,
+    ) -> tokio::task::JoinHandle<Result<usize, StoreError>> {
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            store
+                .write(|conn: &Tx<'_>| read_events(conn, "x", 0).map(|e| e.len()))
+                .await
+        })
+    }
+
+    /// A held-chain step's row, kept aside for the end of its batch, is there for a later
+    /// operation of the same batch that reads the instance's history.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_row_is_read_by_the_batch_that_keeps_it() {
+        let (dir, store, at, held, stepping) = step_waiting_for_the_writer("kept-read").await;
+        let read = read_history_length(&store);
         held.join().unwrap();
         assert!(matches!(
             stepping.await.unwrap().unwrap(),
@@ -5296,15 +5321,7 @@ mod tests {
     }
 
     async fn collide(name: &str, read_after: bool) {
-        let (dir, store) = scratch_store(name);
-        let store = Arc::new(store);
-        let (task, at) = chained_instance(&store).await;
-        let held = hold_writer(&store);
-        let stepping = {
-            let (store, commit) = (Arc::clone(&store), step_commit(&task, at, 2));
-            tokio::spawn(async move { store.finish_and_activate(&task, commit).await })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (dir, store, at, held, stepping) = step_waiting_for_the_writer(name).await;
         let forged = {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
@@ -5321,15 +5338,12 @@ mod tests {
                     .await
             })
         };
-        let read = read_after.then(|| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                store
-                    .write(|conn: &Tx<'_>| read_events(conn, "x", 0).map(|e| e.len()))
-                    .await
-            })
-        });
+        let read = if read_after {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some(read_history_length(&store))
+        } else {
+            None
+        };
         held.join().unwrap();
         if let Some(read) = read {
             assert_eq!(read.await.unwrap().unwrap() as u64, at + 2);
