@@ -1283,7 +1283,7 @@ fn run_begun_batch(conn: &Connection, chains: &Arc<HeldChains>, batch: &mut Vec<
     // operation touches (13% of the writer's time in W1).
     let optimistic = batch.iter().all(|job| job.reruns());
     if optimistic {
-        // Held-chain rows go in together, last (see `deferred_rows`).
+        // The history rows the batch keeps aside go in together, last (see `deferred_rows`).
         let keeping = deferred_rows::keep(conn);
         let done = run_all(conn, batch)
             && {
@@ -2329,17 +2329,23 @@ fn append_kept(
     c: &Arc<PreparedCommit>,
     now: u64,
 ) -> Result<(), StoreError> {
-    if let (Some(key), true) = (key, c.row.len > 0) {
-        let row = DeferredRow {
-            key,
-            recorded_at: now as i64,
-            commit: Arc::clone(c),
-        };
-        if deferred_rows::defer(conn, row).is_ok() {
+    if let Some(key) = key.filter(|_| c.row.len > 0) {
+        if keep_row(conn, key, c, now) {
             return Ok(());
         }
     }
     append_commit_row(conn, key, c, now)
+}
+
+/// Keeps `c`'s row (instance `key`) aside for the end of the batch, if the batch keeps rows;
+/// returns whether it did.
+fn keep_row(conn: &Tx<'_>, key: i64, c: &Arc<PreparedCommit>, now: u64) -> bool {
+    let row = DeferredRow {
+        key,
+        recorded_at: now as i64,
+        commit: Arc::clone(c),
+    };
+    deferred_rows::defer(conn, row).is_ok()
 }
 
 /// [`append_row`] for `c`'s row, at once (`key`: the instance's, if known).
@@ -3269,23 +3275,17 @@ fn step_in_chain(
     // The position is the last safeguard: a history row there already means the chain was
     // wrong; the ordinary path then decides. Kept aside for the batch's end, the row meets
     // such a collision there, and the batch runs again without keeping any (`deferred_rows`).
-    let inserted = {
-        let row = DeferredRow {
-            key: chain.rowid,
-            recorded_at: now as i64,
-            commit: Arc::clone(c),
-        };
-        match deferred_rows::defer(conn, row) {
-            Ok(()) => Ok(1),
-            Err(_) => insert_row(
-                conn,
-                InstanceRef::Key(chain.rowid),
-                c.expected_position,
-                c.activation,
-                &c.row,
-                now,
-            ),
-        }
+    let inserted = if keep_row(conn, chain.rowid, c, now) {
+        Ok(1)
+    } else {
+        insert_row(
+            conn,
+            InstanceRef::Key(chain.rowid),
+            c.expected_position,
+            c.activation,
+            &c.row,
+            now,
+        )
     };
     match inserted {
         Ok(_) => {}
