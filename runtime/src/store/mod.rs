@@ -30,6 +30,7 @@ pub mod sqlite;
 mod transaction;
 pub mod transfer;
 pub mod url;
+mod wal_writes;
 
 pub use transfer::{ForkOutcome, ImportedInstance};
 
