@@ -20,11 +20,15 @@
 //! connection can read a frame that is still in memory: until a commit is published, nobody but
 //! the writing connection looks past the last published frame, and its own reads of the WAL
 //! write the gathered frames first. A crash loses only what was gathered since the last commit,
-//! which SQLite discards at recovery anyway (frames after the last commit frame).
+//! which SQLite discards at recovery anyway (frames after the last commit frame). When writing
+//! the gathered frames fails outside `xWrite`, the call fails with an I/O error, which makes
+//! SQLite roll the whole transaction back (see `flushed!`).
 //!
 //! Only stores with [`Durability::Full`](super::sqlite::Durability::Full) use it: with
 //! `synchronous=NORMAL` SQLite publishes a commit without syncing the WAL first, so gathered
-//! frames could be published before they were written.
+//! frames could be published before they were written. Nor are a WAL file's writes gathered
+//! without SQLite's "powersafe overwrite" (see `may_gather`), where a commit's last bytes come
+//! after its sync.
 //!
 //! Every other file (the database, its journals) is the default VFS's own file, untouched: the
 //! VFS only wraps the WAL. This is the project's only `unsafe` code: SQLite's VFS interface is
@@ -45,8 +49,8 @@ const VFS_NAME_C: &CStr = c"retrace-gathered-wal";
 /// disk). A W1 group commit, ~170 KiB of frames, goes out in two writes.
 const WRITE_MAX: usize = 0x1ffff;
 
-/// The VFS's name, once registered; `None` if it cannot be (no default VFS): the store then
-/// opens its write connection on the default VFS, as every other connection.
+/// The VFS's name, once registered; `None` if it cannot be (no `unix` VFS: not a Unix build):
+/// the store then opens its write connection on the default VFS, as every other connection.
 pub(super) fn vfs() -> Option<&'static str> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     // SAFETY: `register` runs once; it reads SQLite's default VFS and registers a copy of it.
@@ -54,7 +58,7 @@ pub(super) fn vfs() -> Option<&'static str> {
     registered.then_some(VFS_NAME)
 }
 
-/// SQLite's default VFS, which does all the work.
+/// SQLite's `unix` VFS (the default one on Unix), which does all the work.
 struct Parent(*mut ffi::sqlite3_vfs);
 // SAFETY: a registered VFS is immutable and lives as long as the process; SQLite calls it from
 // any thread.
@@ -67,8 +71,9 @@ static PARENT: OnceLock<Parent> = OnceLock::new();
 /// other methods may read) whose files have room for a header of ours before the default
 /// VFS's own, and whose `xOpen` wraps WAL files.
 unsafe fn register() -> bool {
-    // SAFETY: `sqlite3_vfs_find` initializes SQLite if needed; a null name is the default.
-    let parent = unsafe { ffi::sqlite3_vfs_find(ptr::null()) };
+    // SAFETY: `sqlite3_vfs_find` initializes SQLite if needed. The `unix` VFS by name: what
+    // this module relies on (its write length limit, its file methods) is that VFS's.
+    let parent = unsafe { ffi::sqlite3_vfs_find(c"unix".as_ptr()) };
     if parent.is_null() || PARENT.set(Parent(parent)).is_err() {
         return false;
     }
@@ -95,14 +100,43 @@ struct WalFile {
     gathered: *mut Gathered,
 }
 
+/// Whether a WAL file opened as `name` may gather its writes: only when the file system
+/// overwrites safely on power loss (SQLite's "powersafe overwrite", its default). Without it,
+/// SQLite pads a commit to a sector boundary and syncs in the middle of the last padding frame,
+/// writing the rest after the sync and before it publishes the commit: gathered, that rest
+/// would be read before it is in the file. It is off when the database was opened with the URI
+/// parameter `psow=0` or SQLite was built with `SQLITE_POWERSAFE_OVERWRITE=0` (the WAL file's
+/// own characteristics show the latter).
+///
+/// # Safety
+/// `real` is the default VFS's WAL file, just opened; `name` the name it was opened with.
+unsafe fn may_gather(real: *mut ffi::sqlite3_file, name: *const c_char) -> bool {
+    // SAFETY: see the function's contract; SQLite's URI functions accept the name a VFS is
+    // given for a WAL file (or null).
+    unsafe {
+        let characteristics = match (*real)
+            .pMethods
+            .as_ref()
+            .and_then(|m| m.xDeviceCharacteristics)
+        {
+            Some(f) => f(real),
+            None => 0,
+        };
+        characteristics & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE != 0
+            && ffi::sqlite3_uri_boolean(name, c"psow".as_ptr(), 1) != 0
+    }
+}
+
 /// Where the default VFS's file starts in ours (8-byte aligned, as SQLite aligns files).
 const HEADER: usize = (std::mem::size_of::<WalFile>() + 7) & !7;
 
-/// WAL writes not yet handed to the file: `bytes`, to go at offset `at`.
+/// WAL writes not yet handed to the file: `bytes`, to go at offset `at`. With `pass` set (see
+/// [`may_gather`]) every write is handed on as it comes.
 #[derive(Default)]
 struct Gathered {
     bytes: Vec<u8>,
     at: i64,
+    pass: bool,
 }
 
 /// `xOpen`: the default VFS opens every file; a WAL file is opened in the room after our
@@ -140,7 +174,11 @@ unsafe extern "C" fn open(
             }
             return rc;
         }
-        (*file.cast::<WalFile>()).gathered = Box::into_raw(Box::default());
+        let gathered = Gathered {
+            pass: !may_gather(real, name),
+            ..Gathered::default()
+        };
+        (*file.cast::<WalFile>()).gathered = Box::into_raw(Box::new(gathered));
         (*file).pMethods = &METHODS;
     }
     ffi::SQLITE_OK
@@ -199,7 +237,13 @@ unsafe fn flush_gathered(g: &mut Gathered, file: *mut ffi::sqlite3_file) -> c_in
         return ffi::SQLITE_IOERR_WRITE;
     };
     #[cfg(test)]
-    tests::count_write();
+    {
+        tests::count_write();
+        if tests::fail_this_write() {
+            g.bytes.clear();
+            return ffi::SQLITE_FULL;
+        }
+    }
     // SAFETY: the bytes are valid for `len` bytes; the default VFS writes them at `at`.
     let rc = unsafe { write(real_file(file), g.bytes.as_ptr().cast(), len, g.at) };
     // Written or not, they are no longer ours to write: on an error SQLite rolls the
@@ -245,13 +289,16 @@ macro_rules! pass_on {
     }};
 }
 
-/// First writes what is gathered: returns its error from the calling method if that fails.
+/// First writes what is gathered; if that fails, the calling method fails with
+/// `SQLITE_IOERR_WRITE`, whatever the write's own error. The gathered frames are gone, and an
+/// I/O error is what makes SQLite roll the whole transaction back: an `SQLITE_FULL` returned
+/// by a read (say) rolls back only the statement, and the transaction would go on to commit
+/// frames that were never written (the review of this module reproduced it).
 macro_rules! flushed {
     ($file:expr) => {{
         // SAFETY: as in `pass_on!`.
-        let rc = unsafe { flush($file) };
-        if rc != ffi::SQLITE_OK {
-            return rc;
+        if unsafe { flush($file) } != ffi::SQLITE_OK {
+            return ffi::SQLITE_IOERR_WRITE;
         }
     }};
 }
@@ -267,6 +314,9 @@ unsafe extern "C" fn write(
     };
     // SAFETY: SQLite calls this on an open WAL file of ours, one call at a time.
     let g = unsafe { gathered(file) };
+    if g.pass {
+        return pass_on!(file, xWrite, ffi::SQLITE_IOERR_WRITE, data, amount, offset);
+    }
     let follows = g.at + g.bytes.len() as i64 == offset;
     if !g.bytes.is_empty() && (!follows || g.bytes.len() + len > WRITE_MAX) {
         // SAFETY: `g` is `file`'s.
@@ -298,7 +348,7 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
         (*file).pMethods = ptr::null();
     }
     if flushed != ffi::SQLITE_OK {
-        flushed
+        ffi::SQLITE_IOERR_WRITE
     } else {
         closed
     }
@@ -434,6 +484,15 @@ mod tests {
         WRITES.with(|w| w.set(w.get() + 1));
     }
 
+    thread_local! {
+        /// Makes the next gathered write on this thread fail as if the disk were full.
+        static FAIL_NEXT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn fail_this_write() -> bool {
+        FAIL_NEXT.with(|f| f.replace(false))
+    }
+
     fn writes() -> u64 {
         WRITES.with(|w| w.get())
     }
@@ -554,5 +613,103 @@ mod tests {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap();
         assert_eq!(ok, "ok");
+    }
+
+    #[test]
+    fn writes_that_go_back_land_where_they_belong() {
+        let dir = scratch("wal-writes-rewrite");
+        let path = dir.join("db.sqlite");
+        {
+            let (ours, plain) = pair(&dir);
+            ours.pragma_update(None, "cache_size", 10).unwrap();
+            // Spilled frames, then a rollback: the next transaction writes from the same
+            // place again.
+            ours.execute_batch("BEGIN").unwrap();
+            for n in 0..300i64 {
+                ours.execute("INSERT INTO t VALUES (?1, randomblob(2000))", [n])
+                    .unwrap();
+            }
+            ours.execute_batch("ROLLBACK").unwrap();
+            // Spilled pages changed again in the same transaction: SQLite rewrites their
+            // frames in place, far behind the end of the WAL.
+            ours.execute_batch("BEGIN").unwrap();
+            for n in 0..300i64 {
+                ours.execute("INSERT INTO t VALUES (?1, zeroblob(2000))", [n])
+                    .unwrap();
+            }
+            for n in (0..300i64).step_by(7) {
+                ours.execute("UPDATE t SET body = zeroblob(1000) WHERE n = ?1", [n])
+                    .unwrap();
+            }
+            ours.execute_batch("COMMIT").unwrap();
+            let expected = 300 * 2000 - 43 * 1000;
+            let sum: i64 = plain
+                .query_row("SELECT sum(length(body)) FROM t", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(sum, expected);
+            let ok: String = plain
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(ok, "ok");
+        }
+        let again = Connection::open(&path).unwrap();
+        assert_eq!(rows(&again), 300);
+    }
+
+    #[test]
+    fn a_write_that_fails_late_rolls_the_whole_transaction_back() {
+        let dir = scratch("wal-writes-late-failure");
+        let (ours, plain) = pair(&dir);
+        ours.execute("INSERT INTO t VALUES (-1, x'00')", [])
+            .unwrap();
+        ours.pragma_update(None, "cache_size", 10).unwrap();
+        ours.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for n in 0..400i64 {
+            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
+                .unwrap();
+        }
+        // As the store's batches do: an operation in a savepoint. Its statement reads pages
+        // spilled to the WAL, so what is gathered is written first, and that write fails.
+        ours.execute_batch("SAVEPOINT op").unwrap();
+        FAIL_NEXT.with(|f| f.set(true));
+        let failed = ours.execute("UPDATE t SET body = x'01' WHERE n BETWEEN 0 AND 5", []);
+        assert!(failed.is_err());
+        assert!(
+            ours.is_autocommit(),
+            "the transaction must be gone, not just the statement"
+        );
+        assert_eq!(rows(&plain), 1);
+        assert_eq!(rows(&ours), 1);
+        let ok: String = plain
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        // And the connection goes on.
+        ours.execute("INSERT INTO t VALUES (1, x'00')", []).unwrap();
+        assert_eq!(rows(&plain), 2);
+    }
+
+    #[test]
+    fn without_powersafe_overwrite_writes_are_not_gathered() {
+        let dir = scratch("wal-writes-psow");
+        let path = dir.join("db.sqlite");
+        let uri = format!("file:{}?psow=0", path.display());
+        let ours = Connection::open_with_flags_and_vfs(&uri, OpenFlags::default(), vfs().unwrap())
+            .unwrap();
+        ours.pragma_update(None, "journal_mode", "WAL").unwrap();
+        ours.pragma_update(None, "synchronous", "FULL").unwrap();
+        ours.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+            .unwrap();
+        let plain = Connection::open(&path).unwrap();
+        for n in 0..50i64 {
+            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
+                .unwrap();
+            let (count, bytes): (i64, i64) = plain
+                .query_row("SELECT count(*), sum(length(body)) FROM t", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .unwrap();
+            assert_eq!((count, bytes), (n + 1, (n + 1) * 3000));
+        }
     }
 }
