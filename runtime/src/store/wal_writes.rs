@@ -510,8 +510,13 @@ mod tests {
 
     /// A WAL database written through the VFS (`synchronous=FULL`), and a plain connection.
     fn pair(dir: &std::path::Path) -> (Connection, Connection) {
+        pair_opened_as(dir, &dir.join("db.sqlite").display().to_string())
+    }
+
+    /// [`pair`], the VFS's connection opened as `name` (the file's path, or a URI naming it).
+    fn pair_opened_as(dir: &std::path::Path, name: &str) -> (Connection, Connection) {
         let path = dir.join("db.sqlite");
-        let ours = Connection::open_with_flags_and_vfs(&path, OpenFlags::default(), vfs().unwrap())
+        let ours = Connection::open_with_flags_and_vfs(name, OpenFlags::default(), vfs().unwrap())
             .unwrap();
         ours.pragma_update(None, "journal_mode", "WAL").unwrap();
         ours.pragma_update(None, "synchronous", "FULL").unwrap();
@@ -519,6 +524,21 @@ mod tests {
             .unwrap();
         let plain = Connection::open(&path).unwrap();
         (ours, plain)
+    }
+
+    /// Inserts rows `numbers` into `t`, each with the body `body` (an SQL expression).
+    fn insert(conn: &Connection, numbers: impl IntoIterator<Item = i64>, body: &str) {
+        let sql = format!("INSERT INTO t VALUES (?1, {body})");
+        for n in numbers {
+            conn.execute(&sql, [n]).unwrap();
+        }
+    }
+
+    fn assert_intact(conn: &Connection) {
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
     }
 
     fn rows(conn: &Connection) -> i64 {
@@ -535,10 +555,7 @@ mod tests {
                 .unwrap();
             assert_eq!(rows(&plain), n + 1);
         }
-        let ok: String = plain
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_intact(&plain);
     }
 
     #[test]
@@ -547,10 +564,7 @@ mod tests {
         let (ours, plain) = pair(&dir);
         let before = writes();
         ours.execute_batch("BEGIN").unwrap();
-        for n in 1..=40 {
-            ours.execute("INSERT INTO t VALUES (?1, zeroblob(2000))", [n])
-                .unwrap();
-        }
+        insert(&ours, 1..=40, "zeroblob(2000)");
         ours.execute_batch("COMMIT").unwrap();
         assert_eq!(rows(&plain), 40);
         // ~22 pages and their frame headers (~90 KiB): one write, before the commit's sync.
@@ -563,10 +577,7 @@ mod tests {
         let (ours, plain) = pair(&dir);
         ours.pragma_update(None, "cache_size", 10).unwrap();
         ours.execute_batch("BEGIN").unwrap();
-        for n in 0..400i64 {
-            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
-                .unwrap();
-        }
+        insert(&ours, 0..400i64, "randomblob(3000)");
         // The pages spilled to the WAL are read back (through the VFS) by this count.
         let sum: i64 = ours
             .query_row("SELECT sum(length(body)) FROM t", [], |r| r.get(0))
@@ -577,10 +588,7 @@ mod tests {
         assert_eq!(rows(&ours), 0);
         assert_eq!(rows(&plain), 0);
         ours.execute_batch("BEGIN").unwrap();
-        for n in 0..400i64 {
-            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
-                .unwrap();
-        }
+        insert(&ours, 0..400i64, "randomblob(3000)");
         ours.execute_batch("COMMIT").unwrap();
         assert_eq!(rows(&plain), 400);
     }
@@ -609,10 +617,7 @@ mod tests {
         }
         let again = Connection::open(&path).unwrap();
         assert_eq!(rows(&again), 301);
-        let ok: String = again
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_intact(&again);
     }
 
     #[test]
@@ -625,18 +630,12 @@ mod tests {
             // Spilled frames, then a rollback: the next transaction writes from the same
             // place again.
             ours.execute_batch("BEGIN").unwrap();
-            for n in 0..300i64 {
-                ours.execute("INSERT INTO t VALUES (?1, randomblob(2000))", [n])
-                    .unwrap();
-            }
+            insert(&ours, 0..300i64, "randomblob(2000)");
             ours.execute_batch("ROLLBACK").unwrap();
             // Spilled pages changed again in the same transaction: SQLite rewrites their
             // frames in place, far behind the end of the WAL.
             ours.execute_batch("BEGIN").unwrap();
-            for n in 0..300i64 {
-                ours.execute("INSERT INTO t VALUES (?1, zeroblob(2000))", [n])
-                    .unwrap();
-            }
+            insert(&ours, 0..300i64, "zeroblob(2000)");
             for n in (0..300i64).step_by(7) {
                 ours.execute("UPDATE t SET body = zeroblob(1000) WHERE n = ?1", [n])
                     .unwrap();
@@ -647,10 +646,7 @@ mod tests {
                 .query_row("SELECT sum(length(body)) FROM t", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(sum, expected);
-            let ok: String = plain
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(ok, "ok");
+            assert_intact(&plain);
         }
         let again = Connection::open(&path).unwrap();
         assert_eq!(rows(&again), 300);
@@ -664,10 +660,7 @@ mod tests {
             .unwrap();
         ours.pragma_update(None, "cache_size", 10).unwrap();
         ours.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for n in 0..400i64 {
-            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
-                .unwrap();
-        }
+        insert(&ours, 0..400i64, "randomblob(3000)");
         // As the store's batches do: an operation in a savepoint. Its statement reads pages
         // spilled to the WAL, so what is gathered is written first, and that write fails.
         ours.execute_batch("SAVEPOINT op").unwrap();
@@ -680,10 +673,7 @@ mod tests {
         );
         assert_eq!(rows(&plain), 1);
         assert_eq!(rows(&ours), 1);
-        let ok: String = plain
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(ok, "ok");
+        assert_intact(&plain);
         // And the connection goes on.
         ours.execute("INSERT INTO t VALUES (1, x'00')", []).unwrap();
         assert_eq!(rows(&plain), 2);
@@ -692,18 +682,10 @@ mod tests {
     #[test]
     fn without_powersafe_overwrite_writes_are_not_gathered() {
         let dir = scratch("wal-writes-psow");
-        let path = dir.join("db.sqlite");
-        let uri = format!("file:{}?psow=0", path.display());
-        let ours = Connection::open_with_flags_and_vfs(&uri, OpenFlags::default(), vfs().unwrap())
-            .unwrap();
-        ours.pragma_update(None, "journal_mode", "WAL").unwrap();
-        ours.pragma_update(None, "synchronous", "FULL").unwrap();
-        ours.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-            .unwrap();
-        let plain = Connection::open(&path).unwrap();
+        let uri = format!("file:{}?psow=0", dir.join("db.sqlite").display());
+        let (ours, plain) = pair_opened_as(&dir, &uri);
         for n in 0..50i64 {
-            ours.execute("INSERT INTO t VALUES (?1, randomblob(3000))", [n])
-                .unwrap();
+            insert(&ours, [n], "randomblob(3000)");
             let (count, bytes): (i64, i64) = plain
                 .query_row("SELECT count(*), sum(length(body)) FROM t", [], |r| {
                     Ok((r.get(0)?, r.get(1)?))
