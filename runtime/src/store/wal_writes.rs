@@ -5,7 +5,7 @@
 //! and then its page. A W1 group commit writes ~40 pages, so ~80 `pwrite`s into the page cache,
 //! each with its own trip through the file system (~78 µs on this project's machine, against
 //! ~25 µs for the same bytes in one call). This module registers a VFS, [`VFS_NAME`], that is
-//! SQLite's default VFS with one difference: the writes to a WAL file that follow each other
+//! SQLite's `unix` VFS (the default on Unix) with one difference: the writes to a WAL file that follow each other
 //! are gathered in memory and go to the file together, as one write,
 //!
 //! - before the WAL file is synced, which with `synchronous=FULL` SQLite does at every commit
@@ -30,7 +30,7 @@
 //! without SQLite's "powersafe overwrite" (see `may_gather`), where a commit's last bytes come
 //! after its sync.
 //!
-//! Every other file (the database, its journals) is the default VFS's own file, untouched: the
+//! Every other file (the database, its journals) is the `unix` VFS's own file, untouched: the
 //! VFS only wraps the WAL. This is the project's only `unsafe` code: SQLite's VFS interface is
 //! a C interface of raw pointers. Each function says what it relies on.
 
@@ -43,7 +43,7 @@ use std::sync::OnceLock;
 pub(super) const VFS_NAME: &str = "retrace-gathered-wal";
 const VFS_NAME_C: &CStr = c"retrace-gathered-wal";
 
-/// The most bytes handed to the default VFS in one write: its `unix` VFS takes at most
+/// The most bytes handed to the `unix` VFS in one write: its `unix` VFS takes at most
 /// 128 KiB - 1 in a call (it masks the length with `0x1ffff`, since SQLite itself never writes
 /// more than a page and its frame header: a 256 KiB write wrote nothing and reported a full
 /// disk). A W1 group commit, ~170 KiB of frames, goes out in two writes.
@@ -53,7 +53,7 @@ const WRITE_MAX: usize = 0x1ffff;
 /// the store then opens its write connection on the default VFS, as every other connection.
 pub(super) fn vfs() -> Option<&'static str> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    // SAFETY: `register` runs once; it reads SQLite's default VFS and registers a copy of it.
+    // SAFETY: `register` runs once; it reads SQLite's `unix` VFS and registers a copy of it.
     let registered = *REGISTERED.get_or_init(|| unsafe { register() });
     registered.then_some(VFS_NAME)
 }
@@ -67,8 +67,8 @@ unsafe impl Sync for Parent {}
 
 static PARENT: OnceLock<Parent> = OnceLock::new();
 
-/// Registers the VFS: a copy of the default VFS (same methods, same `pAppData`, which its
-/// other methods may read) whose files have room for a header of ours before the default
+/// Registers the VFS: a copy of the `unix` VFS (same methods, same `pAppData`, which its
+/// other methods may read) whose files have room for a header of ours before the `unix`
 /// VFS's own, and whose `xOpen` wraps WAL files.
 unsafe fn register() -> bool {
     // SAFETY: `sqlite3_vfs_find` initializes SQLite if needed. The `unix` VFS by name: what
@@ -93,7 +93,7 @@ unsafe fn register() -> bool {
 }
 
 /// The head of a wrapped WAL file: SQLite's file (its methods are ours) and what is gathered.
-/// The default VFS's file follows, [`HEADER`] bytes from the start.
+/// The `unix` VFS's file follows, [`HEADER`] bytes from the start.
 #[repr(C)]
 struct WalFile {
     base: ffi::sqlite3_file,
@@ -109,7 +109,7 @@ struct WalFile {
 /// own characteristics show the latter).
 ///
 /// # Safety
-/// `real` is the default VFS's WAL file, just opened; `name` the name it was opened with.
+/// `real` is the `unix` VFS's WAL file, just opened; `name` the name it was opened with.
 unsafe fn may_gather(real: *mut ffi::sqlite3_file, name: *const c_char) -> bool {
     // SAFETY: see the function's contract; SQLite's URI functions accept the name a VFS is
     // given for a WAL file (or null).
@@ -127,7 +127,7 @@ unsafe fn may_gather(real: *mut ffi::sqlite3_file, name: *const c_char) -> bool 
     }
 }
 
-/// Where the default VFS's file starts in ours (8-byte aligned, as SQLite aligns files).
+/// Where the `unix` VFS's file starts in ours (8-byte aligned, as SQLite aligns files).
 const HEADER: usize = (std::mem::size_of::<WalFile>() + 7) & !7;
 
 /// WAL writes not yet handed to the file: `bytes`, to go at offset `at`. With `pass` set (see
@@ -139,7 +139,7 @@ struct Gathered {
     pass: bool,
 }
 
-/// `xOpen`: the default VFS opens every file; a WAL file is opened in the room after our
+/// `xOpen`: the `unix` VFS opens every file; a WAL file is opened in the room after our
 /// header and gets our methods, any other file is opened in the whole room and keeps its own.
 unsafe extern "C" fn open(
     _vfs: *mut ffi::sqlite3_vfs,
@@ -152,15 +152,15 @@ unsafe extern "C" fn open(
         return ffi::SQLITE_ERROR;
     };
     let parent = *parent;
-    // SAFETY: `parent` is the registered default VFS; `register` checked its `xOpen`.
+    // SAFETY: `parent` is the registered `unix` VFS; `register` checked its `xOpen`.
     let Some(parent_open) = (unsafe { (*parent).xOpen }) else {
         return ffi::SQLITE_ERROR;
     };
     if flags & ffi::SQLITE_OPEN_WAL == 0 {
-        // SAFETY: `file` has room for `szOsFile` bytes, more than the default VFS's file.
+        // SAFETY: `file` has room for `szOsFile` bytes, more than the `unix` VFS's file.
         return unsafe { parent_open(parent, name, file, flags, out_flags) };
     }
-    // SAFETY: `file` has room for our header and the default VFS's file after it.
+    // SAFETY: `file` has room for our header and the `unix` VFS's file after it.
     unsafe {
         (*file).pMethods = ptr::null();
         let real = real_file(file);
@@ -168,7 +168,7 @@ unsafe extern "C" fn open(
         let rc = parent_open(parent, name, real, flags, out_flags);
         if rc != ffi::SQLITE_OK {
             // SQLite closes a failed file only through the methods it was left with (none
-            // here): the default VFS's, if it set them, must be closed now.
+            // here): the `unix` VFS's, if it set them, must be closed now.
             if let Some(close) = (*real).pMethods.as_ref().and_then(|m| m.xClose) {
                 close(real);
             }
@@ -184,21 +184,21 @@ unsafe extern "C" fn open(
     ffi::SQLITE_OK
 }
 
-/// The default VFS's file inside one of our WAL files.
+/// The `unix` VFS's file inside one of our WAL files.
 ///
 /// # Safety
-/// `file` is a file of this VFS with room for `HEADER` bytes before the default VFS's file.
+/// `file` is a file of this VFS with room for `HEADER` bytes before the `unix` VFS's file.
 unsafe fn real_file(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
     // SAFETY: within the room SQLite allocated (`szOsFile`).
     unsafe { file.cast::<u8>().add(HEADER).cast() }
 }
 
-/// The default VFS's methods of an open WAL file of ours.
+/// The `unix` VFS's methods of an open WAL file of ours.
 ///
 /// # Safety
-/// `file` is an open WAL file of this VFS (its default-VFS file was opened successfully).
+/// `file` is an open WAL file of this VFS (its `unix` file was opened successfully).
 unsafe fn real_methods(file: *mut ffi::sqlite3_file) -> &'static ffi::sqlite3_io_methods {
-    // SAFETY: an open file's methods are set and live as long as the default VFS.
+    // SAFETY: an open file's methods are set and live as long as the `unix` VFS.
     unsafe { &*(*real_file(file)).pMethods }
 }
 
@@ -244,7 +244,7 @@ unsafe fn flush_gathered(g: &mut Gathered, file: *mut ffi::sqlite3_file) -> c_in
             return ffi::SQLITE_FULL;
         }
     }
-    // SAFETY: the bytes are valid for `len` bytes; the default VFS writes them at `at`.
+    // SAFETY: the bytes are valid for `len` bytes; the `unix` VFS writes them at `at`.
     let rc = unsafe { write(real_file(file), g.bytes.as_ptr().cast(), len, g.at) };
     // Written or not, they are no longer ours to write: on an error SQLite rolls the
     // transaction back, and its frames are never read.
@@ -277,7 +277,7 @@ static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xUnfetch: Some(unfetch),
 };
 
-/// Calls the default VFS's method `$m` on the file inside `$file` with `$args`, or returns
+/// Calls the `unix` VFS's method `$m` on the file inside `$file` with `$args`, or returns
 /// `$missing` when it has none.
 macro_rules! pass_on {
     ($file:expr, $m:ident, $missing:expr $(, $arg:expr)*) => {{
@@ -476,7 +476,7 @@ mod tests {
     use std::cell::Cell;
 
     thread_local! {
-        /// Writes this thread handed to the default VFS through gathered WAL files.
+        /// Writes this thread handed to the `unix` VFS through gathered WAL files.
         static WRITES: Cell<u64> = const { Cell::new(0) };
     }
 
