@@ -5380,6 +5380,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn the_write_connection_gathers_its_wal_writes_only_with_full_durability() {
+        let (dir, store) = scratch_store("writer-vfs");
+        drop(store);
+        let path = dir.join("store.db");
+        let commit_on = |durability| {
+            let options = SqliteOptions {
+                durability,
+                ..SqliteOptions::default()
+            };
+            let conn = open_writer(&path, &options).unwrap();
+            configure(&conn, &options, "test").unwrap();
+            let before = crate::store::wal_writes::tests::writes();
+            conn.execute_batch("CREATE TABLE IF NOT EXISTS t (x); INSERT INTO t VALUES (1)")
+                .unwrap();
+            crate::store::wal_writes::tests::writes() - before
+        };
+        // Each commit's frames in one write (and the WAL's header, when it starts again).
+        assert!(commit_on(Durability::Full) > 0);
+        assert_eq!(commit_on(Durability::Normal), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A store on a fresh file in a directory of its own (removed by the caller).
     fn scratch_store(name: &str) -> (PathBuf, SqliteStore) {
         let dir = std::env::temp_dir().join(format!(

@@ -470,7 +470,7 @@ unsafe extern "C" fn unfetch(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rusqlite::{Connection, OpenFlags};
     use std::cell::Cell;
@@ -493,7 +493,8 @@ mod tests {
         FAIL_NEXT.with(|f| f.replace(false))
     }
 
-    fn writes() -> u64 {
+    /// Gathered writes this thread has handed to the `unix` VFS so far.
+    pub(in crate::store) fn writes() -> u64 {
         WRITES.with(|w| w.get())
     }
 
