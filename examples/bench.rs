@@ -713,7 +713,7 @@ const W4_KILL_AT: u64 = 5_000;
 const W4_LATE_KILL: u64 = 7_500;
 /// How many times W4 starts again before it gives up.
 const W4_ATTEMPTS: u32 = 3;
-/// How often W4 counts the first process's journaled steps: it journals ~100 per millisecond
+/// How often W4 counts the first process's journaled steps: it journals ~350 per millisecond
 /// on a fast machine, so a longer pause let it run well past half-way before the kill.
 const W4_POLL: Duration = Duration::from_micros(500);
 /// The nice value of W4's first process (see `w4_kill_half_way`).

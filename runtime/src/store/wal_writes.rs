@@ -252,7 +252,7 @@ unsafe fn flush_gathered(g: &mut Gathered, file: *mut ffi::sqlite3_file) -> c_in
     rc
 }
 
-/// Our methods for WAL files: every one writes what is gathered first, then calls the default
+/// Our methods for WAL files: every one writes what is gathered first, then calls the `unix`
 /// VFS's, except `xWrite` (gathers) and the locks (a WAL file takes none; passed on as they
 /// are).
 static METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
